@@ -1,0 +1,25 @@
+"""Registry of model families: adding one is a file in this folder plus a line here."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.config import ModelSection
+    from trainer.models.base import ModelFamily
+
+# name -> "module:Class", imported lazily so `vidlora --help` does not import diffusers.
+FAMILIES: dict[str, str] = {
+    "wan": "trainer.models.wan:Wan",
+}
+
+
+def family_class(name: str) -> type[ModelFamily]:
+    import importlib
+
+    module, cls = FAMILIES[name].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def get_family(cfg: ModelSection) -> ModelFamily:
+    return family_class(cfg.family)(cfg)

@@ -1,0 +1,293 @@
+"""The recipe schema: the one place where a setting is declared, with its default, type and meaning.
+
+A recipe is a TOML file with the sections below. `load_recipe` validates it and turns any mistake into a
+`RecipeError` whose message names the key and what is allowed, so the CLI can print one line instead of a
+traceback. `docs/recipes.md` is generated from these classes (`python scripts/gen_recipe_docs.py`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class RecipeError(ValueError):
+    """A recipe (or a --set override) is wrong; the message says which key and why."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    family: str = Field("wan", description="Model family: one of the registry in trainer/models (wan, ...).")
+    path: str = Field(
+        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        description="Hugging Face hub id or local folder of the model in diffusers layout.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `path`.")
+    transformer_file: str | None = Field(
+        None,
+        description="Original single-file transformer checkpoint (.safetensors) to use instead of the one in "
+        "`path`; `path` then supplies the config and the other components.",
+    )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Dtype of the frozen weights: auto = bf16 on a GPU, fp32 on the CPU."
+    )
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        from trainer.models import FAMILIES
+
+        if value not in FAMILIES:
+            raise ValueError(f"unknown family {value!r}; allowed: {', '.join(sorted(FAMILIES))}")
+        return value
+
+
+class DatasetSection(Section):
+    path: str = Field(description="Folder of clips/images with sidecar captions, or a .jsonl/.csv metadata file.")
+    name: str | None = Field(None, description="Name in reports and cache; default: the folder or file name.")
+    caption_extension: str = Field(".txt", description="Extension of sidecar caption files.")
+    missing_caption: Literal["error", "skip", "use_default"] = Field(
+        "error", description="What a file with a missing or empty caption gets."
+    )
+    default_caption: str | None = Field(None, description="Caption used when missing_caption = 'use_default'.")
+    trigger: str | None = Field(
+        None, description="Trigger word put in front of every caption (or replacing '[trigger]' in it)."
+    )
+    repeats: int = Field(1, ge=1, description="How many times each sample of this dataset is seen per epoch.")
+    resolutions: list[int] = Field(
+        [480], min_length=1, description="Bucket areas as sides (480 = about 480x480 pixels); sides snap to 16."
+    )
+    max_aspect_ratio: float = Field(2.0, ge=1.0, description="Longest bucket side over shortest; wider is cropped.")
+    target_frames: list[int] = Field(
+        [81], min_length=1, description="Allowed clip lengths in frames, each 4k+1 (1 = a still image)."
+    )
+    frame_window: Literal["head", "chunk", "slide", "uniform", "full"] = Field(
+        "head", description="How windows of target_frames are cut from a clip (see docs/data.md)."
+    )
+    frame_stride: int | None = Field(None, ge=1, description="Step between window starts for frame_window = 'slide'.")
+    window_count: int = Field(1, ge=1, description="Windows per clip for frame_window = 'uniform'.")
+    max_frames: int = Field(129, ge=1, description="Longest window for frame_window = 'full'.")
+    target_fps: float | None = Field(
+        None, gt=0, description="Resample clips to this frame rate; default: the family's native rate."
+    )
+    keep_source_fps: bool = Field(False, description="Keep every source frame (no resampling at all).")
+
+    @field_validator("target_frames")
+    @classmethod
+    def _four_k_plus_one(cls, value: list[int]) -> list[int]:
+        bad = [f for f in value if f < 1 or (f - 1) % 4]
+        if bad:
+            raise ValueError(f"each must be 4k+1 (1, 5, 9, ..., 81); got {bad}")
+        return value
+
+    @field_validator("resolutions")
+    @classmethod
+    def _positive_sides(cls, value: list[int]) -> list[int]:
+        if any(r < 16 for r in value):
+            raise ValueError(f"each must be >= 16; got {value}")
+        return value
+
+
+class DataSection(Section):
+    cache_dir: str = Field("cache", description="Where prepare writes latent and text-embedding caches.")
+    datasets: list[DatasetSection] = Field(
+        default_factory=list, description="One [[data.datasets]] table per source folder or metadata file."
+    )
+    cache_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of cached latents/embeddings.")
+    decode_workers: int = Field(2, ge=0, description="Processes decoding clips while the VAE encodes (0: inline).")
+    vae_tiling: bool = Field(False, description="Encode large frames in tiles to save VAE memory.")
+    validation_prompts: list[str] = Field(
+        default_factory=list, description="Prompts embedded at prepare time for validation samples."
+    )
+
+
+class LoraSection(Section):
+    rank: int = Field(32, ge=1, description="LoRA rank r.")
+    alpha: float | None = Field(None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank. Default: rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    targets: str | list[str] = Field(
+        "default",
+        description="A preset of the family (default, attention, ...), a list of module names, or a regex.",
+    )
+
+
+class TrainSection(Section):
+    output_dir: str = Field("runs/vidlora", description="Run folder: checkpoints, metrics, final adapter.")
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps to train.")
+    batch_size: int = Field(1, ge=1, description="Samples per micro-batch per process (one bucket per batch).")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate of AdamW.")
+    lr_scheduler: Literal[
+        "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+    ] = Field("constant_with_warmup", description="Learning-rate schedule (diffusers.optimization names).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables clipping).")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on a GPU that supports it, fp32 ('no') on the CPU."
+    )
+    seed: int = Field(42, description="Seed of data order, noise and timesteps.")
+    timestep_sampling: Literal["uniform", "logit_normal", "sigmoid"] = Field(
+        "logit_normal", description="Distribution of the flow-matching time t in (0, 1) before the shift."
+    )
+    shift: float | None = Field(None, gt=0, description="Timestep shift (higher = noisier); default: the family's.")
+    logit_mean: float = Field(0.0, description="Mean of the normal for logit_normal sampling.")
+    logit_std: float = Field(1.0, gt=0, description="Std of the normal for logit_normal sampling.")
+    sigmoid_scale: float = Field(1.0, gt=0, description="Scale of the normal for sigmoid sampling.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    checkpoint_every: int = Field(250, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    checkpoints_keep: int = Field(3, ge=1, description="How many recent checkpoints to keep.")
+    log_every: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
+    dataloader_workers: int = Field(2, ge=0, description="DataLoader worker processes reading the cache.")
+
+
+class LoggingSection(Section):
+    wandb: bool = Field(True, description="Log to Weights & Biases (offline when no API key is configured).")
+    wandb_mode: Literal["auto", "online", "offline"] = Field(
+        "auto", description="auto = online when WANDB_API_KEY or a wandb login exists, else offline."
+    )
+    project: str = Field("vidlora", description="wandb project.")
+    run_name: str | None = Field(None, description="wandb run name; default: the run folder's name.")
+
+
+class ExportSection(Section):
+    dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of exported adapter tensors.")
+
+
+class Recipe(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    export: ExportSection = Field(default_factory=ExportSection)
+
+    @model_validator(mode="after")
+    def _lengths_fit(self) -> Recipe:
+        return self
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value); the value is read as TOML when it parses, else as a string."""
+    if "=" not in item:
+        raise RecipeError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `--set` overrides to a raw recipe dict; list items are addressed by index (data.datasets.0.path)."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node: Any = raw
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                node = _list_item(node, part, path[: i + 1])
+            else:
+                node = node.setdefault(part, {})
+        if isinstance(node, list):
+            idx = _index(node, path[-1], path)
+            if idx == len(node):
+                node.append(value)
+            else:
+                node[idx] = value
+        elif isinstance(node, dict):
+            node[path[-1]] = value
+        else:
+            raise RecipeError(f"--set {item!r}: {'.'.join(path[:-1])} is not a section")
+    return raw
+
+
+def _index(node: list, part: str, path: list[str]) -> int:
+    if not part.isdigit() or int(part) > len(node):
+        raise RecipeError(f"--set {'.'.join(path)}: {part!r} is not an index 0..{len(node)}")
+    return int(part)
+
+
+def _list_item(node: list, part: str, path: list[str]) -> Any:
+    idx = _index(node, part, path)
+    if idx == len(node):
+        node.append({})
+    return node[idx]
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; every problem becomes a one-line RecipeError."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"{path}: recipe file not found")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise RecipeError(f"{path}: not valid TOML: {e}") from None
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as e:
+        where = f"{path}: " if path else ""
+        raise RecipeError(where + "; ".join(_describe(err) for err in e.errors())) from None
+
+
+def _describe(err: dict) -> str:
+    """One readable phrase per pydantic error: the dotted key, what is wrong, what is allowed."""
+    key = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        *parent, name = [str(p) for p in err["loc"]]
+        known = _known_keys(parent)
+        hint = difflib.get_close_matches(name, known, n=1)
+        suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+        return f"unknown key {key!r}{suggestion} (allowed: {', '.join(known)})"
+    msg = err["msg"]
+    if err["type"] == "literal_error":
+        msg = f"got {err['input']!r}; {msg[0].lower() + msg[1:]}"
+    elif err["type"] == "missing":
+        msg = "is required"
+    elif "input" in err and not isinstance(err["input"], dict):
+        msg = f"{msg} (got {err['input']!r})"
+    return f"{key}: {msg}"
+
+
+def _known_keys(parent: list[str]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in parent:
+        if part.isdigit():
+            continue
+        annotation = model.model_fields[part].annotation
+        model = getattr(annotation, "__args__", [annotation])[0] if part == "datasets" else annotation
+    return list(model.model_fields)
+
+
+def resolve_device_precision(mixed_precision: str, dtype: str) -> tuple[str, str]:
+    """Pick (mixed_precision, weight dtype) for this machine: bf16 on a capable GPU, fp32 on the CPU."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if bf16_ok else ("fp16" if cuda else "no")
+    if dtype == "auto":
+        dtype = {"bf16": "bf16", "fp16": "fp16"}.get(mixed_precision, "fp32")
+    return mixed_precision, dtype

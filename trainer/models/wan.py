@@ -1,0 +1,98 @@
+"""Wan 2.1 text-to-video (1.3B, 14B) in diffusers layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+from torch import nn
+
+from trainer.models.base import ModelFamily, pad_stack
+
+WAN_ATTENTION = r".*blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
+WAN_FFN = r".*blocks\.\d+\.ffn\.net\.(0\.proj|2)"
+
+
+class Wan(ModelFamily):
+    name = "wan"
+    pipeline_class = WanPipeline
+    transformer_class = WanTransformer3DModel
+    vae_class = AutoencoderKLWan
+    default_shift = 3.0  # Wan's own scheduler shift for 480p; musubi-tuner's default too
+    native_fps = 16.0
+    # Every Linear of the attention blocks (self- and cross-attention, FFN), as musubi-tuner and
+    # diffusion-pipe train Wan; FFN keys also keep kohya exports readable by diffusers' converter.
+    lora_presets = {"default": f"({WAN_ATTENTION}|{WAN_FFN})", "attention": WAN_ATTENTION}
+    text_keys = ("prompt_embeds",)
+    text_length = 512  # umT5 tokens the pipeline pads to; the padding is attended (no mask), so keep it
+    sample_defaults = {"guidance_scale": 5.0}
+
+    def encode_video(self, vae: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"latents": self.normalise(vae, vae.encode(pixels.to(vae.dtype)).latent_dist.mode())}
+
+    @staticmethod
+    def normalise(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """Per-channel (x - mean) / std, the inverse of what WanPipeline does before decoding."""
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents)
+        std = torch.tensor(vae.config.latents_std).view(shape).to(latents)
+        return (latents - mean) / std
+
+    def encode_prompts(self, text_pipe: WanPipeline, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
+        with torch.no_grad():
+            embeds, _ = text_pipe.encode_prompt(
+                prompts, do_classifier_free_guidance=False, max_sequence_length=self.text_length,
+                device=text_pipe.text_encoder.device,
+            )
+        mask = text_pipe.tokenizer(
+            [prompt_clean(p) for p in prompts], padding="max_length", max_length=self.text_length,
+            truncation=True, add_special_tokens=True, return_tensors="pt",
+        ).attention_mask
+        return [{"prompt_embeds": e[:n].cpu()} for e, n in zip(embeds, mask.sum(1).tolist())]
+
+    def collate_text(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {"prompt_embeds": pad_stack([i["prompt_embeds"] for i in items], self.text_length)}
+
+    def predict(self, transformer, noisy, sigmas, batch):
+        return transformer(
+            hidden_states=noisy,
+            timestep=sigmas * 1000,
+            encoder_hidden_states=batch["prompt_embeds"].to(noisy.dtype),
+            return_dict=False,
+        )[0]
+
+    @classmethod
+    def make_tiny(cls, out_dir: Path, seed: int = 0) -> Path:
+        from transformers import UMT5Config, UMT5EncoderModel
+
+        from trainer.models.tiny import t5_like_tokenizer
+
+        tokenizer = t5_like_tokenizer()
+        torch.manual_seed(seed)
+        transformer = WanTransformer3DModel(**tiny_transformer_config())
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=tokenizer.eos_token_id,
+            )
+        )
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+        pipe = WanPipeline(
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
+        )
+        pipe.save_pretrained(out_dir)
+        return Path(out_dir)
+
+
+def tiny_transformer_config(**overrides) -> dict:
+    """diffusers' own test config for Wan: 2 blocks, 2 heads x 12, ~30k parameters."""
+    return {
+        "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 16,
+        "out_channels": 16, "text_dim": 32, "freq_dim": 256, "ffn_dim": 32, "num_layers": 2,
+        "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32, **overrides,
+    }
