@@ -1,8 +1,8 @@
 """Probe and decode videos and stills into displayed-orientation uint8 RGB frames.
 
-Two decoders, because neither is enough alone (measured, see docs in the tests): decord is fast and
-seeks well, but cannot open AV1 or truncated mp4s, and on rotated clips it can return a garbled
-4-channel array; PyAV reads everything its ffmpeg knows but leaves rotation to us. So `probe` counts the
+Two decoders, because neither is enough alone (measured with decord 0.6 and PyAV 18): decord is a little
+faster, but cannot open AV1 or truncated mp4s, and on some rotated clips (e.g. 64x48 at 90°) it returns a
+garbled 4-channel array; PyAV reads everything its ffmpeg knows but leaves rotation to us. So `probe` counts the
 frames that really decode, records which backend can read the file, and `read_frames` tries decord only
 where it was checked, falling back to PyAV on any failure.
 """
@@ -219,7 +219,7 @@ def _probe_video(path: Path) -> MediaInfo:
         if stream is None:
             raise MediaError(path, "audio only, no video stream" if container.streams.audio else "no video stream")
         if stream.codec_context is None:
-            raise MediaError(path, f"no decoder for video codec {stream.codec.name!r}")
+            raise MediaError(path, "no decoder for its video codec")
         codec, time_base, claimed = stream.codec_context.codec.canonical_name, stream.time_base, stream.frames
         # What the header promises, to flag files cut short: the stream's own duration, else the file's
         # (only when nothing else, such as a longer audio track, could account for it).
@@ -380,7 +380,10 @@ def _import_decord() -> ModuleType | None:
 
 @contextmanager
 def _quiet_stderr() -> Iterator[None]:
-    """decord's bundled ffmpeg logs straight to file descriptor 2; its exceptions carry the reason anyway."""
+    """decord's bundled ffmpeg logs straight to file descriptor 2; its exceptions carry the reason anyway.
+
+    Not thread-safe: another thread's stderr output is lost while this is active.
+    """
     sys.stderr.flush()
     saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)

@@ -157,6 +157,9 @@ def write_video(
     ):
         raise ValueError("timestamps must give one strictly increasing time per frame")
     encoder = _encoder(codec)
+    pix_fmt = pix_fmt or DEFAULT_PIX_FMT.get(encoder, "yuv420p")
+    if "420" in pix_fmt and (frames.shape[1] % 2 or frames.shape[2] % 2):
+        raise ValueError(f"{pix_fmt} needs even width and height, got {frames.shape[2]}x{frames.shape[1]}")
     if encoder == "libx265":
         options.setdefault("x265-params", "log-level=error")  # x265 otherwise prints a page per clip
     if encoder == "libsvtav1":
@@ -167,7 +170,7 @@ def write_video(
         stream = container.add_stream(encoder, rate=rate, options=dict(options))
         audio_stream = _audio_stream(container, path, None if audio is True else audio) if audio else None
         stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = pix_fmt or DEFAULT_PIX_FMT.get(encoder, "yuv420p")
+        stream.pix_fmt = pix_fmt
         time_base = Fraction(1, 90000) if timestamps is not None else 1 / rate
         stream.codec_context.time_base = time_base
         if rotation % 360:
