@@ -1,0 +1,94 @@
+import pytest
+
+from data.windows import check_target_frames, frame_windows, longest_valid, resample, source_windows
+
+
+def spans(windows):
+    """(start, length) per window, after checking each is consecutive."""
+    for w in windows:
+        assert w == list(range(w[0], w[0] + len(w)))
+    return [(w[0], len(w)) for w in windows]
+
+
+def test_longest_valid():
+    assert [longest_valid(n) for n in (1, 2, 4, 5, 8, 9, 80, 81, 82)] == [1, 1, 1, 5, 5, 9, 77, 81, 81]
+
+
+@pytest.mark.parametrize("bad", [[0], [4], [80], [1, 33, 50], []])
+def test_target_frames_must_be_4k_plus_1(bad):
+    with pytest.raises(ValueError, match="4k\\+1|empty"):
+        check_target_frames(bad)
+
+
+def test_bad_target_error_suggests_neighbours():
+    with pytest.raises(ValueError, match="got 80: use 77 or 81"):
+        frame_windows(100, [80], "head")
+
+
+def test_head_every_fitting_target():
+    assert spans(frame_windows(50, [45, 1, 25, 81], "head")) == [(0, 1), (0, 25), (0, 45)]
+
+
+def test_chunk():
+    assert spans(frame_windows(100, [25], "chunk")) == [(0, 25), (25, 25), (50, 25), (75, 25)]
+    assert spans(frame_windows(60, [25, 33], "chunk")) == [(0, 25), (25, 25), (0, 33)]
+
+
+def test_slide():
+    assert spans(frame_windows(40, [17], "slide", stride=10)) == [(0, 17), (10, 17), (20, 17)]
+    assert len(frame_windows(40, [17], "slide", stride=1)) == 24
+    with pytest.raises(ValueError, match="stride"):
+        frame_windows(40, [17], "slide")
+
+
+def test_uniform():
+    assert spans(frame_windows(100, [25], "uniform", count=3)) == [(0, 25), (38, 25), (75, 25)]
+    assert spans(frame_windows(100, [25], "uniform", count=1)) == [(0, 25)]
+    # Fewer distinct starts than asked: no duplicates.
+    assert spans(frame_windows(27, [25], "uniform", count=5)) == [(0, 25), (1, 25), (2, 25)]
+    with pytest.raises(ValueError, match="count"):
+        frame_windows(100, [25], "uniform")
+
+
+def test_full():
+    assert spans(frame_windows(100, None, "full")) == [(0, 97)]
+    assert spans(frame_windows(100, [17], "full", max_frames=50)) == [(0, 49)]
+    assert spans(frame_windows(3, None, "full")) == [(0, 1)]
+
+
+@pytest.mark.parametrize("mode", ["head", "chunk", "slide", "uniform", "full"])
+@pytest.mark.parametrize(("num_frames", "expected"), [(1, 1), (5, 5), (20, 17), (32, 29)])
+def test_short_clip_gives_one_window_in_every_mode(mode, num_frames, expected):
+    windows = frame_windows(num_frames, [33, 49], mode, stride=4, count=3, max_frames=200)
+    assert spans(windows) == [(0, expected)]
+
+
+def test_unknown_mode_and_empty_clip():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        frame_windows(10, [5], "random")
+    with pytest.raises(ValueError, match="num_frames"):
+        frame_windows(0, [5], "head")
+
+
+def test_resample_constant_rate():
+    t30 = [i / 30 for i in range(90)]  # 3 s at 30 fps
+    assert resample(t30) == list(range(90))
+    assert resample(t30, 30) == list(range(90))
+    picks = resample(t30, 16)
+    assert len(picks) == 48 and picks[:5] == [0, 1, 3, 5, 7]
+    assert resample([i / 8 for i in range(8)], 16) == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7]  # repeats
+    assert resample([i / 16 for i in range(33)], 8) == list(range(0, 33, 2))
+
+
+def test_resample_offset_and_vfr():
+    # Timestamps need not start at zero (MPEG-TS); a long gap holds the last frame on screen.
+    assert resample([10.0, 10.1, 10.2, 10.9, 11.0], 10) == [0, 1, 2, 2, 2, 2, 2, 2, 2, 3, 4]
+    assert resample([5.0], 16) == [0]
+    with pytest.raises(ValueError):
+        resample([0, 1], 0)
+
+
+def test_source_windows_maps_to_source_indices():
+    t30 = [i / 30 for i in range(90)]
+    windows = source_windows(t30, [17], "chunk", target_fps=15)
+    assert len(windows) == 2 and windows[0] == list(range(0, 34, 2)) and windows[1][0] == 34
