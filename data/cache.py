@@ -1,0 +1,83 @@
+"""Cache files: safetensors with a JSON header, written atomically, checked by fingerprint.
+
+A crash (even SIGKILL) at any moment leaves either the old file or the new one, never a torn one: every
+write goes to a temp file in the same folder, is fsynced, then `os.replace`d into place. A re-run trusts
+an entry only when its stored fingerprint equals the one it would write now.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = 1
+META_KEY = "vidlora"
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Run `write(tmp_path)`, fsync, then rename onto `path`; the folder is fsynced so the rename sticks."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    text = json.dumps(data, indent=1, ensure_ascii=False)
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def save_entry(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+    """One cache entry: tensors plus vidlora's metadata as JSON under one header key."""
+    header = {META_KEY: json.dumps(meta, ensure_ascii=False), "format_version": str(FORMAT_VERSION)}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def read_meta(path: str | Path) -> dict[str, Any] | None:
+    """The entry's metadata, or None when the file is missing or unreadable (then it is simply redone)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})[META_KEY])
+    except Exception:
+        return None
+
+
+def load_entry(path: str | Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hash of JSON-serialisable parts (sorted keys), for deciding whether an entry is current."""
+    blob = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def file_identity(path: str | Path) -> dict[str, Any]:
+    """What says a source file changed without reading it: resolved path, size and modification time."""
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
