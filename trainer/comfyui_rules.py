@@ -1,7 +1,7 @@
 """A stand-in for ComfyUI's LoRA loader, to check which keys of a LoRA file ComfyUI would apply.
 
 ComfyUI is not installed here, so this re-derives its rules (comfy/lora.py ``model_lora_keys_unet`` and
-``load_lora``, as described in docs/reference lora_formats.md) from the model's own weight names. It deliberately
+``load_lora``, as described in shared/reference/lora_formats.md) from the model's own weight names. It deliberately
 shares nothing with trainer/formats.py's export maps: a test that checks our exports against it proves something
 only because the two were written from different sources.
 

@@ -18,7 +18,17 @@ Formats written by :func:`export_lora`:
 
 HunyuanVideo's fused original layers (``img_attn_qkv``, ``txt_attn_qkv``, single-block ``linear1`` = q, k, v and
 proj_mlp) are written exactly: lora_A is the concatenation of the parts' A, lora_B is block-diagonal, so the rank grows
-3x (4x for ``linear1``) and the product equals the trained updates stacked in the fused row layout.
+3x (4x for ``linear1``) and the product equals the trained updates stacked in the fused row layout. Reading them
+back, a block-diagonal B gives each part exactly its own A rows and B columns; any other (dense) B is split the way
+diffusers does it (A copied into every part, B cut by rows), which is exact only as a product.
+
+Round trips between formats are exact as tensors, except through a format that bakes alpha (diffusers; comfyui for
+HunyuanVideo): there an alpha != rank survives as the product ``B @ A * alpha / rank`` only.
+
+Readers' quirks (diffusers 0.42.1; :func:`detect_format` notes them): diffusers reads Wan kohya files only when every
+block 0..N-1 has attention q,k,v,o and ffn_0/ffn_2; it recognises HunyuanVideo's original layout only when some key
+contains ``img_attn_qkv`` (otherwise it silently loads nothing) and splits ``linear1`` assuming hidden size 3072; it
+has no reader for HunyuanVideo kohya files. ComfyUI never loads diffusers-named Wan keys.
 """
 
 from __future__ import annotations
@@ -348,24 +358,15 @@ def _parse(sd: Mapping[str, torch.Tensor], family: str | None = None) -> _Parsed
                 raise LoraFormatError(f"module {n!r} appears under two prefixes: {modules[n].keys + lora.keys}")
             modules[n] = lora
     # Score every (family, layout) reading of the names; the one that explains the most modules wins.
-    best: tuple[int, str, str] | None = None
-    tied: list[tuple[str, str]] = []
     layouts = ("kohya",) if "lora_unet_" in groups else ("diffusers", "original")
-    for f in families:
-        for layout in layouts:
-            index = _index(f)
-            hits = sum(index.find(layout, n) is not None for n in modules)
-            if best is None or hits > best[0]:
-                best, tied = (hits, f, layout), []
-            elif hits == best[0] and hits:
-                tied.append((f, layout))
-    if best is None or best[0] == 0:
+    scores = {(f, lay): sum(_index(f).find(lay, n) is not None for n in modules) for f in families for lay in layouts}
+    (fam, layout), hits = max(scores.items(), key=lambda item: item[1])
+    if hits == 0:
         raise LoraFormatError(f"cannot tell the LoRA format or model family; module names seen: {_sample(modules)}")
-    hits, fam, layout = best
-    if tied and any(t[0] != fam for t in tied) and hits:
+    rivals = sorted({f for (f, _), h in scores.items() if h == hits and f != fam})
+    if rivals:
         raise LoraFormatError(
-            f"ambiguous model family ({[fam, *(t[0] for t in tied)]}) for module names {_sample(modules)}; "
-            "pass family= explicitly"
+            f"ambiguous model family ({[fam, *rivals]}) for module names {_sample(modules)}; pass family= explicitly"
         )
     index = _index(fam)
     unresolved = sorted(k for n, lora in modules.items() if index.find(layout, n) is None for k in lora.keys)
@@ -384,11 +385,37 @@ def _parse(sd: Mapping[str, torch.Tensor], family: str | None = None) -> _Parsed
         notes.append("per-module .alpha present")
     elif layout != "diffusers":
         notes.append("no .alpha: scale 1 (alpha = rank)")
-    if fam == "wan":
+    if fam == "wan" and not _is_wan_i2v(modules, layout):
         notes.append("no image cross-attention keys: T2V LoRA (also loads into I2V)")
+    notes += _diffusers_reader_notes(fmt, fam, modules)
     if unresolved:
         notes.append(f"{len(unresolved)} key(s) do not map to any {fam} module: {', '.join(unresolved[:10])}")
     return _Parsed(fmt, fam, layout, modules, unresolved, notes)
+
+
+_MUSUBI_WAN_BLOCK = [f"{a}_{p}" for a in ("self_attn", "cross_attn") for p in "qkvo"] + ["ffn_0", "ffn_2"]
+
+
+def _diffusers_reader_notes(fmt: str, family: str, modules: Mapping[str, _Lora]) -> list[str]:
+    """Files diffusers' loaders will not read (or will silently ignore) although ComfyUI reads them."""
+    if family == "hunyuan_video" and fmt == "kohya":
+        return ["diffusers has no reader for HunyuanVideo kohya files"]
+    if family == "hunyuan_video" and fmt == "comfyui" and not any("img_attn_qkv" in n for n in modules):
+        return [
+            "no img_attn_qkv key: diffusers' HunyuanVideo loader does not recognise the original layout and "
+            "silently loads nothing; use the diffusers format for diffusers"
+        ]
+    if family.startswith("wan") and fmt == "comfyui" and not any(n.startswith("blocks.") for n in modules):
+        return ["no block keys: diffusers' Wan converter fails on original-layout files without blocks.N keys"]
+    if family.startswith("wan") and fmt == "kohya":
+        blocks = {n.split("_")[1] for n in modules if n.startswith("blocks_")}
+        full = {f"blocks_{b}_{m}" for b in blocks for m in _MUSUBI_WAN_BLOCK}
+        if not blocks or not full <= set(modules) or sorted(map(int, blocks)) != list(range(len(blocks))):
+            return [
+                "diffusers reads Wan kohya files only when blocks 0..N-1 each have self_attn and cross_attn "
+                "q,k,v,o and ffn_0, ffn_2 (its converter raises KeyError otherwise)"
+            ]
+    return []
 
 
 def _is_wan_i2v(modules: Mapping[str, _Lora], layout: str) -> bool:
@@ -650,7 +677,7 @@ def alphas_from_model(model: torch.nn.Module, adapter_name: str = "default") -> 
     from peft.tuners.lora import LoraLayer
 
     return {
-        name: float(module.scaling[adapter_name] * module.r[adapter_name])
+        name.removeprefix("base_model.model."): float(module.scaling[adapter_name] * module.r[adapter_name])
         for name, module in model.named_modules()
         if isinstance(module, LoraLayer) and adapter_name in module.r
     }
