@@ -1,0 +1,190 @@
+"""A stand-in for ComfyUI's LoRA loader, to check which keys of a LoRA file ComfyUI would apply.
+
+ComfyUI is not installed here, so this re-derives its rules (comfy/lora.py ``model_lora_keys_unet`` and
+``load_lora``, as described in shared/reference/lora_formats.md) from the model's own weight names. It deliberately
+shares nothing with trainer/formats.py's export maps: a test that checks our exports against it proves something
+only because the two were written from different sources.
+
+- The model's weight names come from the documented original architectures (Wan-Video/Wan2.1 ``model.py``,
+  Tencent/HunyuanVideo ``models.py``); tests check them against diffusers' own single-file converters.
+- ComfyUI's internal names: Wan uses the original names. HunyuanVideo uses flux-style names (``img_mod.lin``,
+  ``img_attn.qkv``, ``img_attn.proj``, ``img_mlp.0/.2``, ``modulation.lin``; embedders as ``MLPEmbedder``
+  ``in_layer/out_layer``). The token refiner (``txt_in``) is left out: its internal names are not documented, so a key
+  there is reported as not loaded (a possible false alarm, never a false pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+_LINEAR = (".weight", ".bias")
+
+
+def _linear(name: str) -> list[str]:
+    return [name + s for s in _LINEAR]
+
+
+def wan_original_weights(num_layers: int, i2v: bool = False, cross_attn_norm: bool = True) -> list[str]:
+    """Parameter names of a Wan 2.1 checkpoint (Wan-Video/Wan2.1 wan/modules/model.py)."""
+    names = [*_linear("patch_embedding"), *_linear("head.head"), "head.modulation"]
+    for layer in ("text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2", "time_projection.1"):
+        names += _linear(layer)
+    for i in range(num_layers):
+        b = f"blocks.{i}"
+        names.append(f"{b}.modulation")
+        for attn in ("self_attn", "cross_attn"):
+            for proj in "qkvo":
+                names += _linear(f"{b}.{attn}.{proj}")
+            names += [f"{b}.{attn}.norm_q.weight", f"{b}.{attn}.norm_k.weight"]
+        if i2v:
+            names += [*_linear(f"{b}.cross_attn.k_img"), *_linear(f"{b}.cross_attn.v_img")]
+            names.append(f"{b}.cross_attn.norm_k_img.weight")
+        if cross_attn_norm:
+            names += _linear(f"{b}.norm3")
+        names += [*_linear(f"{b}.ffn.0"), *_linear(f"{b}.ffn.2")]
+    if i2v:
+        for k in (0, 1, 3, 4):  # LayerNorm, Linear, GELU (no weights), Linear, LayerNorm
+            names += _linear(f"img_emb.proj.{k}")
+    return names
+
+
+def hunyuan_video_original_weights(
+    num_double: int, num_single: int, num_refiner: int, guidance: bool = True
+) -> list[str]:
+    """Parameter names of a HunyuanVideo checkpoint (Tencent/HunyuanVideo hyvideo/modules/models.py)."""
+    names = [*_linear("img_in.proj"), *_linear("final_layer.linear"), *_linear("final_layer.adaLN_modulation.1")]
+    for layer in ("time_in.mlp.0", "time_in.mlp.2", "vector_in.in_layer", "vector_in.out_layer"):
+        names += _linear(layer)
+    if guidance:
+        names += [*_linear("guidance_in.mlp.0"), *_linear("guidance_in.mlp.2")]
+    t = "txt_in"
+    for layer in (
+        "input_embedder",
+        "t_embedder.mlp.0",
+        "t_embedder.mlp.2",
+        "c_embedder.linear_1",
+        "c_embedder.linear_2",
+    ):
+        names += _linear(f"{t}.{layer}")
+    for i in range(num_refiner):
+        b = f"{t}.individual_token_refiner.blocks.{i}"
+        for layer in ("norm1", "self_attn_qkv", "self_attn_proj", "norm2", "mlp.fc1", "mlp.fc2", "adaLN_modulation.1"):
+            names += _linear(f"{b}.{layer}")
+    for i in range(num_double):
+        b = f"double_blocks.{i}"
+        for s in ("img", "txt"):
+            for layer in ("mod.linear", "attn_qkv", "attn_proj", "mlp.fc1", "mlp.fc2"):
+                names += _linear(f"{b}.{s}_{layer}")
+            names += [f"{b}.{s}_attn_q_norm.weight", f"{b}.{s}_attn_k_norm.weight"]
+    for i in range(num_single):
+        b = f"single_blocks.{i}"
+        names += [*_linear(f"{b}.linear1"), *_linear(f"{b}.linear2"), *_linear(f"{b}.modulation.linear")]
+        names += [f"{b}.q_norm.weight", f"{b}.k_norm.weight"]
+    return names
+
+
+# Original HunyuanVideo spelling -> ComfyUI's internal flux-style spelling (dots included so only whole parts match).
+_HV_INTERNAL = (
+    ("_mod.linear.", "_mod.lin."),
+    ("_attn_qkv.", "_attn.qkv."),
+    ("_attn_proj.", "_attn.proj."),
+    ("_mlp.fc1.", "_mlp.0."),
+    ("_mlp.fc2.", "_mlp.2."),
+    (".modulation.linear.", ".modulation.lin."),
+    ("time_in.mlp.0.", "time_in.in_layer."),
+    ("time_in.mlp.2.", "time_in.out_layer."),
+    ("guidance_in.mlp.0.", "guidance_in.in_layer."),
+    ("guidance_in.mlp.2.", "guidance_in.out_layer."),
+)
+
+
+def comfyui_internal_weights(family: str, original_weights: Iterable[str]) -> list[str]:
+    """ComfyUI's own weight names for a model given its original checkpoint weight names (see module docstring)."""
+    if family in ("wan", "wan_i2v"):
+        return list(original_weights)
+    if family != "hunyuan_video":
+        raise ValueError(f"no ComfyUI rules for family {family!r}")
+    out = []
+    for name in original_weights:
+        if name.startswith("txt_in.") or name.endswith(("q_norm.weight", "k_norm.weight")):
+            continue  # undocumented internal names (refiner) / flux norms hold `.scale`, not `.weight`
+        for old, new in _HV_INTERNAL:
+            name = name.replace(old, new)
+        out.append(name)
+    return out
+
+
+# ComfyUI's HunyuanVideo branch ("diffusion-pipe lora format"): internal spelling -> original spelling.
+_HV_ORIGINAL_SPELLING = (
+    ("_mod.lin.", "_mod.linear."),
+    ("_attn.qkv.", "_attn_qkv."),
+    ("_attn.proj.", "_attn_proj."),
+    ("mlp.0.", "mlp.fc1."),
+    ("mlp.2.", "mlp.fc2."),
+    (".modulation.lin.", ".modulation.linear."),
+)
+
+
+def hunyuan_original_spelling(internal_weight: str) -> str:
+    """The original HunyuanVideo spelling ComfyUI accepts for one of its internal weight names."""
+    name = f"{internal_weight.removesuffix('.weight')}."
+    for old, new in _HV_ORIGINAL_SPELLING:
+        name = name.replace(old, new)
+    suffix = ".weight" if internal_weight.endswith(".weight") else ""
+    return name.removesuffix(".") + suffix
+
+
+def comfyui_lora_key_map(family: str, internal_weights: Iterable[str]) -> dict[str, str]:
+    """LoRA key prefix -> internal weight, as ComfyUI's ``model_lora_keys_unet`` builds it."""
+    key_map = {}
+    for weight in internal_weights:
+        if not weight.endswith(".weight"):
+            continue
+        path = weight.removesuffix(".weight")
+        key_map[f"diffusion_model.{path}"] = weight
+        key_map[f"lora_unet_{path.replace('.', '_')}"] = weight
+        if family == "hunyuan_video":
+            original = hunyuan_original_spelling(path)
+            key_map[f"transformer.{original}"] = weight
+            key_map[f"diffusion_model.{original}"] = weight
+    return key_map
+
+
+# (up, down) suffix pairs ComfyUI's load_lora accepts, in the order it tries them.
+_PAIRS = (
+    (".lora_up.weight", ".lora_down.weight"),
+    ("_lora.up.weight", "_lora.down.weight"),
+    (".lora_B.weight", ".lora_A.weight"),
+    (".lora.up.weight", ".lora.down.weight"),
+    (".lora_B", ".lora_A"),
+    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+    (".lora_B.default.weight", ".lora_A.default.weight"),
+)
+
+
+def comfyui_patches(
+    sd: Mapping[str, torch.Tensor], key_map: Mapping[str, str]
+) -> tuple[dict[str, list[torch.Tensor]], list[str]]:
+    """(internal weight -> weight updates ComfyUI would add, keys ComfyUI would log as "lora key not loaded").
+
+    Each update is ``up @ down * alpha / rank`` (scale 1 without ``.alpha``), flattened like ComfyUI's
+    ``calculate_weight``; several LoRA keys landing on one weight give several updates.
+    """
+    loaded: set[str] = set()
+    patches: dict[str, list[torch.Tensor]] = {}
+    for prefix, weight in key_map.items():
+        alpha_key = f"{prefix}.alpha"
+        alpha = float(sd[alpha_key].item()) if alpha_key in sd else None
+        if alpha_key in sd:
+            loaded.add(alpha_key)
+        for up_suffix, down_suffix in _PAIRS:
+            up_key, down_key = prefix + up_suffix, prefix + down_suffix
+            if up_key in sd:
+                up, down = sd[up_key].float(), sd[down_key].float()
+                scale = alpha / down.shape[0] if alpha is not None else 1.0
+                patches.setdefault(weight, []).append(up.flatten(1) @ down.flatten(1) * scale)
+                loaded.update((up_key, down_key))
+                break
+    return patches, sorted(k for k in sd if k not in loaded)

@@ -1,0 +1,760 @@
+"""LoRA file formats: diffusers/peft, ComfyUI (original checkpoint names) and kohya/musubi-tuner.
+
+The canonical in-memory form is peft's: ``get_peft_model_state_dict(transformer)`` keys such as
+``blocks.0.attn1.to_q.lora_A.weight`` / ``.lora_B.weight`` (diffusers module names, no prefix) plus a per-module
+alpha. A module's update is ``B @ A * alpha / rank`` with ``rank = A.shape[0]``.
+
+Formats written by :func:`export_lora`:
+
+- ``diffusers``: ``transformer.<diffusers name>.lora_A/B.weight``. Files of this kind carry no alpha that every
+  reader honours (diffusers before 0.33, ai-toolkit, peft loaders assume alpha = rank), so alpha/rank is **baked into
+  lora_A** and the file is correct for any reader that assumes alpha = rank.
+- ``comfyui``: ``diffusion_model.<original name>.lora_A/B.weight``. Wan block modules keep a ``.alpha`` (ComfyUI and
+  diffusers' Wan converter apply it); other Wan modules and all HunyuanVideo modules get alpha baked into lora_A and no
+  ``.alpha``, because diffusers' loader leaves those ``.alpha`` keys unconverted and then fails.
+- ``kohya``: ``lora_unet_<name with . -> _>.lora_down/lora_up.weight`` + ``.alpha`` (musubi-tuner's layout). For
+  HunyuanVideo the names are ComfyUI's internal ones (``img_mlp_0``, ``img_mod_lin``), which ComfyUI maps;
+  musubi-tuner's own ``img_mlp_fc1`` / ``img_mod_linear`` are read but never written.
+
+HunyuanVideo's fused original layers (``img_attn_qkv``, ``txt_attn_qkv``, single-block ``linear1`` = q, k, v and
+proj_mlp) are written exactly: lora_A is the concatenation of the parts' A, lora_B is block-diagonal, so the rank grows
+3x (4x for ``linear1``) and the product equals the trained updates stacked in the fused row layout. Reading them
+back, a block-diagonal B gives each part exactly its own A rows and B columns; any other (dense) B is split the way
+diffusers does it (A copied into every part, B cut by rows), which is exact only as a product.
+
+Round trips between formats are exact as tensors, except through a format that bakes alpha (diffusers; comfyui for
+HunyuanVideo): there an alpha != rank survives as the product ``B @ A * alpha / rank`` only.
+
+Readers' quirks (diffusers 0.42.1; :func:`detect_format` notes them): diffusers reads Wan kohya files only when every
+block 0..N-1 has attention q,k,v,o and ffn_0/ffn_2; it recognises HunyuanVideo's original layout only when some key
+contains ``img_attn_qkv`` (otherwise it silently loads nothing) and splits ``linear1`` assuming hidden size 3072; it
+has no reader for HunyuanVideo kohya files. ComfyUI never loads diffusers-named Wan keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cache
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMATS = ("diffusers", "comfyui", "kohya")
+
+
+class LoraFormatError(ValueError):
+    """A LoRA we refuse to read or write; the message names the offending keys."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Module-name maps, one small table per family. Each row is (diffusers module name(s), original checkpoint module
+# name); `{i}` stands for a block index. A row with several diffusers names is one fused original layer whose output
+# rows are those parts, in that order. These tables are data so that each can move to trainer/models/<family>.py.
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Wan 2.1: Wan-Video/Wan2.1 wan/modules/model.py <-> diffusers transformer_wan.py. All renames are one-to-one.
+WAN_NAME_MAP: tuple[tuple[str | tuple[str, ...], str], ...] = (
+    ("blocks.{i}.attn1.to_q", "blocks.{i}.self_attn.q"),
+    ("blocks.{i}.attn1.to_k", "blocks.{i}.self_attn.k"),
+    ("blocks.{i}.attn1.to_v", "blocks.{i}.self_attn.v"),
+    ("blocks.{i}.attn1.to_out.0", "blocks.{i}.self_attn.o"),
+    ("blocks.{i}.attn2.to_q", "blocks.{i}.cross_attn.q"),
+    ("blocks.{i}.attn2.to_k", "blocks.{i}.cross_attn.k"),
+    ("blocks.{i}.attn2.to_v", "blocks.{i}.cross_attn.v"),
+    ("blocks.{i}.attn2.to_out.0", "blocks.{i}.cross_attn.o"),
+    ("blocks.{i}.attn2.add_k_proj", "blocks.{i}.cross_attn.k_img"),
+    ("blocks.{i}.attn2.add_v_proj", "blocks.{i}.cross_attn.v_img"),
+    ("blocks.{i}.ffn.net.0.proj", "blocks.{i}.ffn.0"),
+    ("blocks.{i}.ffn.net.2", "blocks.{i}.ffn.2"),
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"),
+    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+    ("proj_out", "head.head"),
+)
+
+# LoRA-able diffusers modules that have no safe original-layout export: refused with the reason.
+WAN_NOT_EXPORTABLE: dict[str, str] = {
+    "patch_embedding": "diffusers' Wan LoRA converter has no rule for patch_embedding in the original layout",
+}
+
+_HV_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
+_HV_ADD_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+_HV_REFINER = "context_embedder.token_refiner.refiner_blocks.{i}"
+_TXT_REFINER = "txt_in.individual_token_refiner.blocks.{i}"
+
+# HunyuanVideo: Tencent/HunyuanVideo hyvideo/modules/models.py <-> diffusers transformer_hunyuan_video.py
+# (same table as diffusers' lora_conversion_utils._convert_hunyuan_video_lora_to_diffusers).
+HUNYUAN_VIDEO_NAME_MAP: tuple[tuple[str | tuple[str, ...], str], ...] = (
+    (tuple(f"transformer_blocks.{{i}}.{p}" for p in _HV_QKV), "double_blocks.{i}.img_attn_qkv"),
+    (tuple(f"transformer_blocks.{{i}}.{p}" for p in _HV_ADD_QKV), "double_blocks.{i}.txt_attn_qkv"),
+    ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img_attn_proj"),
+    ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt_attn_proj"),
+    ("transformer_blocks.{i}.ff.net.0.proj", "double_blocks.{i}.img_mlp.fc1"),
+    ("transformer_blocks.{i}.ff.net.2", "double_blocks.{i}.img_mlp.fc2"),
+    ("transformer_blocks.{i}.ff_context.net.0.proj", "double_blocks.{i}.txt_mlp.fc1"),
+    ("transformer_blocks.{i}.ff_context.net.2", "double_blocks.{i}.txt_mlp.fc2"),
+    ("transformer_blocks.{i}.norm1.linear", "double_blocks.{i}.img_mod.linear"),
+    ("transformer_blocks.{i}.norm1_context.linear", "double_blocks.{i}.txt_mod.linear"),
+    (
+        (*(f"single_transformer_blocks.{{i}}.{p}" for p in _HV_QKV), "single_transformer_blocks.{i}.proj_mlp"),
+        "single_blocks.{i}.linear1",
+    ),
+    ("single_transformer_blocks.{i}.proj_out", "single_blocks.{i}.linear2"),
+    ("single_transformer_blocks.{i}.norm.linear", "single_blocks.{i}.modulation.linear"),
+    ("x_embedder.proj", "img_in.proj"),
+    ("time_text_embed.timestep_embedder.linear_1", "time_in.mlp.0"),
+    ("time_text_embed.timestep_embedder.linear_2", "time_in.mlp.2"),
+    ("time_text_embed.guidance_embedder.linear_1", "guidance_in.mlp.0"),
+    ("time_text_embed.guidance_embedder.linear_2", "guidance_in.mlp.2"),
+    ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+    ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+    ("context_embedder.proj_in", "txt_in.input_embedder"),
+    ("context_embedder.time_text_embed.timestep_embedder.linear_1", "txt_in.t_embedder.mlp.0"),
+    ("context_embedder.time_text_embed.timestep_embedder.linear_2", "txt_in.t_embedder.mlp.2"),
+    ("context_embedder.time_text_embed.text_embedder.linear_1", "txt_in.c_embedder.linear_1"),
+    ("context_embedder.time_text_embed.text_embedder.linear_2", "txt_in.c_embedder.linear_2"),
+    (f"{_HV_REFINER}.attn.to_out.0", f"{_TXT_REFINER}.self_attn_proj"),
+    (f"{_HV_REFINER}.ff.net.0.proj", f"{_TXT_REFINER}.mlp.fc1"),
+    (f"{_HV_REFINER}.ff.net.2", f"{_TXT_REFINER}.mlp.fc2"),
+    (f"{_HV_REFINER}.norm_out.linear", f"{_TXT_REFINER}.adaLN_modulation.1"),
+    ("proj_out", "final_layer.linear"),
+)
+
+# Fused layers whose last part takes the rows left after the square (hidden -> hidden) parts; the other fused layers
+# split into equal parts. This replaces diffusers' hard-coded hidden size 3072.
+HUNYUAN_VIDEO_FUSED_REST = frozenset({"single_blocks.{i}.linear1"})
+
+# kohya names (ComfyUI-internal names with . -> _) where they differ from the underscored original. The first name is
+# written; the others are read too (musubi-tuner writes them, ComfyUI does not load them).
+HUNYUAN_VIDEO_KOHYA_NAMES: dict[str, tuple[str, ...]] = {
+    "double_blocks.{i}.img_mod.linear": ("double_blocks_{i}_img_mod_lin", "double_blocks_{i}_img_mod_linear"),
+    "double_blocks.{i}.txt_mod.linear": ("double_blocks_{i}_txt_mod_lin", "double_blocks_{i}_txt_mod_linear"),
+    "double_blocks.{i}.img_mlp.fc1": ("double_blocks_{i}_img_mlp_0", "double_blocks_{i}_img_mlp_fc1"),
+    "double_blocks.{i}.img_mlp.fc2": ("double_blocks_{i}_img_mlp_2", "double_blocks_{i}_img_mlp_fc2"),
+    "double_blocks.{i}.txt_mlp.fc1": ("double_blocks_{i}_txt_mlp_0", "double_blocks_{i}_txt_mlp_fc1"),
+    "double_blocks.{i}.txt_mlp.fc2": ("double_blocks_{i}_txt_mlp_2", "double_blocks_{i}_txt_mlp_fc2"),
+    "single_blocks.{i}.modulation.linear": ("single_blocks_{i}_modulation_lin", "single_blocks_{i}_modulation_linear"),
+}
+
+HUNYUAN_VIDEO_NOT_EXPORTABLE: dict[str, str] = {
+    "norm_out.linear": "final_layer.adaLN_modulation.1 stores shift/scale swapped and diffusers' converter also "
+    "permutes lora_A's rows, so no original-layout file loads correctly",
+    **{
+        f"{_HV_REFINER}.{p}": "the token refiner's fused self_attn_qkv is split "
+        "by diffusers' converter as if lora_A were fused too"
+        for p in _HV_QKV
+    },
+}
+
+
+@dataclass(frozen=True)
+class FamilyNames:
+    """Everything format conversion needs to know about one model family's module names."""
+
+    name_map: tuple[tuple[str | tuple[str, ...], str], ...]
+    kohya_names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    not_exportable: Mapping[str, str] = field(default_factory=dict)
+    fused_rest: frozenset[str] = frozenset()
+    # Original names whose `.alpha` both ComfyUI and diffusers' original-layout loader apply; others get alpha baked.
+    alpha_in_original: str | None = None
+
+
+WAN_NAMES = FamilyNames(
+    WAN_NAME_MAP, not_exportable=WAN_NOT_EXPORTABLE, alpha_in_original=r"blocks\.\d+\.(self_attn|cross_attn|ffn)\."
+)
+HUNYUAN_VIDEO_NAMES = FamilyNames(
+    HUNYUAN_VIDEO_NAME_MAP,
+    kohya_names=HUNYUAN_VIDEO_KOHYA_NAMES,
+    not_exportable=HUNYUAN_VIDEO_NOT_EXPORTABLE,
+    fused_rest=HUNYUAN_VIDEO_FUSED_REST,
+)
+FAMILY_NAMES: dict[str, FamilyNames] = {"wan": WAN_NAMES, "wan_i2v": WAN_NAMES, "hunyuan_video": HUNYUAN_VIDEO_NAMES}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Name resolution over the tables.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    diffusers: tuple[str, ...]
+    original: str | None
+    kohya: tuple[str, ...]
+    split_rest: bool = False
+    refused: str | None = None
+
+
+def _fill(template: str, i: str | None) -> str:
+    return template if i is None else template.replace("{i}", i)
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(re.escape("{i}"), r"(\d+)"))
+
+
+@dataclass(frozen=True)
+class _Index:
+    rules: tuple[_Rule, ...]
+    diffusers: tuple[tuple[re.Pattern[str], _Rule, int], ...]
+    original: tuple[tuple[re.Pattern[str], _Rule], ...]
+    kohya: tuple[tuple[re.Pattern[str], _Rule], ...]
+
+    def find(self, layout: str, name: str) -> tuple[_Rule, int, str | None] | None:
+        """(rule, part, block index) for a module name in a layout ("diffusers", "original" or "kohya")."""
+        table = self.diffusers if layout == "diffusers" else [(p, r, 0) for p, r in getattr(self, layout)]
+        for pattern, rule, part in table:
+            m = pattern.fullmatch(name)
+            if m:
+                return rule, part, (m.group(1) if m.groups() else None)
+        return None
+
+
+@cache
+def _index(family: str) -> _Index:
+    names = _family_names(family)
+    rules = []
+    for diffusers, original in names.name_map:
+        parts = (diffusers,) if isinstance(diffusers, str) else tuple(diffusers)
+        kohya = names.kohya_names.get(original, (original.replace(".", "_"),))
+        rules.append(_Rule(parts, original, kohya, split_rest=original in names.fused_rest))
+    rules += [_Rule((name,), None, (), refused=why) for name, why in names.not_exportable.items()]
+    return _Index(
+        rules=tuple(rules),
+        diffusers=tuple((_pattern(t), r, k) for r in rules for k, t in enumerate(r.diffusers)),
+        original=tuple((_pattern(r.original), r) for r in rules if r.original),
+        kohya=tuple((_pattern(t), r) for r in rules for t in r.kohya),
+    )
+
+
+def _family_names(family: str) -> FamilyNames:
+    if family not in FAMILY_NAMES:
+        raise LoraFormatError(f"unknown model family {family!r}; known: {sorted(FAMILY_NAMES)}")
+    return FAMILY_NAMES[family]
+
+
+def to_original_name(family: str, diffusers_name: str) -> tuple[str, int]:
+    """Original checkpoint module name of a diffusers module, and which part of a fused layer it is (0 if unfused)."""
+    hit = _index(family).find("diffusers", diffusers_name)
+    if hit is None or hit[0].original is None:
+        why = hit[0].refused if hit else "not in the name map"
+        raise LoraFormatError(f"{family}: {diffusers_name!r} has no original-layout name ({why})")
+    rule, part, i = hit
+    return _fill(rule.original, i), part
+
+
+def to_diffusers_names(family: str, original_name: str) -> tuple[str, ...]:
+    """Diffusers module name(s) of an original checkpoint module (several for a fused layer, in row order)."""
+    hit = _index(family).find("original", original_name)
+    if hit is None:
+        raise LoraFormatError(f"{family}: original module {original_name!r} is not in the name map")
+    rule, _, i = hit
+    return tuple(_fill(t, i) for t in rule.diffusers)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parsing keys of any layout.
+# ---------------------------------------------------------------------------------------------------------------------
+
+_SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_down.weight": "A",
+    ".lora_up.weight": "B",
+    ".alpha": "alpha",
+}
+_ADAPTER_INFIX = re.compile(r"(.+\.lora_[AB])\.([^.]+)(\.weight)")
+
+
+@dataclass
+class _Lora:
+    A: torch.Tensor | None = None
+    B: torch.Tensor | None = None
+    alpha: float | None = None
+    keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Parsed:
+    fmt: str
+    family: str
+    layout: str  # "diffusers", "original" or "kohya"
+    modules: dict[str, _Lora]
+    unresolved: list[str]
+    notes: list[str]
+
+
+def _check_finite(sd: Mapping[str, torch.Tensor]) -> None:
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise LoraFormatError(f"non-finite values (NaN/inf) in {len(bad)} tensor(s): {', '.join(sorted(bad)[:10])}")
+
+
+def _group(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, _Lora]], list[str]]:
+    """Group keys by (prefix, module), tolerating peft's adapter infix and `base_model.model.` prefix."""
+    notes: set[str] = set()
+    unknown, adapters = [], set()
+    groups: dict[str, dict[str, _Lora]] = {}
+    for key, value in sd.items():
+        k = key
+        if k.startswith("base_model.model."):
+            k = k.removeprefix("base_model.model.")
+            notes.add("stripped peft's 'base_model.model.' prefix")
+        m = _ADAPTER_INFIX.fullmatch(k)
+        if m:
+            adapters.add(m.group(2))
+            k = m.group(1) + m.group(3)
+        suffix = next((s for s in _SUFFIXES if k.endswith(s)), None)
+        if suffix is None:
+            unknown.append(key)
+            continue
+        name = k.removesuffix(suffix)
+        prefix = next((p for p in ("lora_unet_", "diffusion_model.", "transformer.") if name.startswith(p)), "")
+        lora = groups.setdefault(prefix, {}).setdefault(name.removeprefix(prefix), _Lora())
+        kind = _SUFFIXES[suffix]
+        if kind == "alpha":
+            lora.alpha = float(value.float().item())
+        elif getattr(lora, kind) is not None:
+            raise LoraFormatError(f"two tensors for {prefix}{name} lora_{kind}: {[*lora.keys, key]}")
+        else:
+            setattr(lora, kind, value)
+        lora.keys.append(key)
+    if unknown:
+        raise LoraFormatError(
+            f"{len(unknown)} key(s) are not LoRA A/B/alpha tensors (DoRA, lora_bias, .diff and LoKr are not "
+            f"supported): {', '.join(sorted(unknown)[:10])}"
+        )
+    if len(adapters) > 1:
+        raise LoraFormatError(f"several peft adapters in one file: {sorted(adapters)}; save one adapter per file")
+    if adapters:
+        notes.add(f"stripped peft adapter infix '.{adapters.pop()}'")
+    if not groups:
+        raise LoraFormatError("no LoRA tensors found (empty state dict)")
+    if "lora_unet_" in groups and len(groups) > 1:
+        raise LoraFormatError(f"mixed kohya (lora_unet_) and other prefixes: {sorted(groups)}")
+    return groups, sorted(notes)
+
+
+def _parse(sd: Mapping[str, torch.Tensor], family: str | None = None) -> _Parsed:
+    groups, notes = _group(sd)
+    families = [family] if family else [f for f in FAMILY_NAMES if f != "wan_i2v"]
+    for f in families:
+        _family_names(f)
+    modules: dict[str, _Lora] = {}
+    for g in groups.values():
+        for n, lora in g.items():
+            if n in modules:
+                raise LoraFormatError(f"module {n!r} appears under two prefixes: {modules[n].keys + lora.keys}")
+            modules[n] = lora
+    # Score every (family, layout) reading of the names; the one that explains the most modules wins.
+    layouts = ("kohya",) if "lora_unet_" in groups else ("diffusers", "original")
+    scores = {(f, lay): sum(_index(f).find(lay, n) is not None for n in modules) for f in families for lay in layouts}
+    (fam, layout), hits = max(scores.items(), key=lambda item: item[1])
+    if hits == 0:
+        raise LoraFormatError(f"cannot tell the LoRA format or model family; module names seen: {_sample(modules)}")
+    rivals = sorted({f for (f, _), h in scores.items() if h == hits and f != fam})
+    if rivals:
+        raise LoraFormatError(
+            f"ambiguous model family ({[fam, *rivals]}) for module names {_sample(modules)}; pass family= explicitly"
+        )
+    index = _index(fam)
+    unresolved = sorted(k for n, lora in modules.items() if index.find(layout, n) is None for k in lora.keys)
+    if family is None and fam == "wan" and _is_wan_i2v(modules, layout):
+        fam = "wan_i2v"
+    prefixes = sorted(p or "(none)" for p in groups)
+    notes.append(f"prefix {', '.join(prefixes)}")
+    fmt = {"diffusers": "diffusers", "original": "comfyui", "kohya": "kohya"}[layout]
+    if layout == "original" and "transformer." in groups:
+        notes.append(
+            "original names under 'transformer.' (diffusion-pipe style); ComfyUI reads this for HunyuanVideo only"
+        )
+    if layout == "diffusers" and "diffusion_model." in groups:
+        notes.append("diffusers names under 'diffusion_model.': ComfyUI will not load these")
+    if any(lora.alpha is not None for lora in modules.values()):
+        notes.append("per-module .alpha present")
+    elif layout != "diffusers":
+        notes.append("no .alpha: scale 1 (alpha = rank)")
+    if fam == "wan" and not _is_wan_i2v(modules, layout):
+        notes.append("no image cross-attention keys: T2V LoRA (also loads into I2V)")
+    notes += _diffusers_reader_notes(fmt, fam, modules)
+    if unresolved:
+        notes.append(f"{len(unresolved)} key(s) do not map to any {fam} module: {', '.join(unresolved[:10])}")
+    return _Parsed(fmt, fam, layout, modules, unresolved, notes)
+
+
+_MUSUBI_WAN_BLOCK = [f"{a}_{p}" for a in ("self_attn", "cross_attn") for p in "qkvo"] + ["ffn_0", "ffn_2"]
+
+
+def _diffusers_reader_notes(fmt: str, family: str, modules: Mapping[str, _Lora]) -> list[str]:
+    """Files diffusers' loaders will not read (or will silently ignore) although ComfyUI reads them."""
+    if family == "hunyuan_video" and fmt == "kohya":
+        return ["diffusers has no reader for HunyuanVideo kohya files"]
+    if family == "hunyuan_video" and fmt == "comfyui" and not any("img_attn_qkv" in n for n in modules):
+        return [
+            "no img_attn_qkv key: diffusers' HunyuanVideo loader does not recognise the original layout and "
+            "silently loads nothing; use the diffusers format for diffusers"
+        ]
+    if family.startswith("wan") and fmt == "comfyui" and not any(n.startswith("blocks.") for n in modules):
+        return ["no block keys: diffusers' Wan converter fails on original-layout files without blocks.N keys"]
+    if family.startswith("wan") and fmt == "kohya":
+        blocks = {n.split("_")[1] for n in modules if n.startswith("blocks_")}
+        full = {f"blocks_{b}_{m}" for b in blocks for m in _MUSUBI_WAN_BLOCK}
+        if not blocks or not full <= set(modules) or sorted(map(int, blocks)) != list(range(len(blocks))):
+            return [
+                "diffusers reads Wan kohya files only when blocks 0..N-1 each have self_attn and cross_attn "
+                "q,k,v,o and ffn_0, ffn_2 (its converter raises KeyError otherwise)"
+            ]
+    return []
+
+
+def _is_wan_i2v(modules: Mapping[str, _Lora], layout: str) -> bool:
+    marks = ("add_k_proj", "add_v_proj") if layout == "diffusers" else ("k_img", "v_img")
+    return any(m in n for n in modules for m in marks)
+
+
+def _sample(modules: Mapping[str, object], n: int = 8) -> str:
+    names = sorted(modules)
+    return ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def detect_format(sd: Mapping[str, torch.Tensor], family: str | None = None) -> tuple[str, str, list[str]]:
+    """(format, family, notes) from the keys alone; raises LoraFormatError when the keys do not tell.
+
+    Unmapped keys do not make detection fail; they are listed in the notes (and :func:`import_lora` refuses them).
+    """
+    parsed = _parse(sd, family)
+    return parsed.fmt, parsed.family, parsed.notes
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Import: any layout -> canonical peft state dict + alphas.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _adapter_alphas(metadata: Mapping[str, str] | None) -> dict | None:
+    """diffusers' `lora_adapter_metadata` header (LoraConfig kwargs), with its `transformer.` prefix removed."""
+    raw = (metadata or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    config = json.loads(raw) if isinstance(raw, str) else dict(raw)
+    return {k.removeprefix("transformer."): v for k, v in config.items()}
+
+
+def _pattern_value(patterns: Mapping[str, float], name: str) -> float | None:
+    for key, value in patterns.items():  # peft's get_pattern_key rule
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return None
+
+
+def _alpha_from_config(config: Mapping, name: str, rank: int) -> float:
+    alpha = _pattern_value(config.get("alpha_pattern") or {}, name)
+    alpha = float(config.get("lora_alpha", rank) if alpha is None else alpha)
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
+
+
+def _complete(name: str, lora: _Lora) -> tuple[torch.Tensor, torch.Tensor]:
+    if lora.A is None or lora.B is None:
+        raise LoraFormatError(f"{name}: lora_A/lora_down and lora_B/lora_up must both be present; got {lora.keys}")
+    if lora.B.shape[1] != lora.A.shape[0]:
+        raise LoraFormatError(f"{name}: rank mismatch, A {tuple(lora.A.shape)} vs B {tuple(lora.B.shape)}")
+    return lora.A, lora.B
+
+
+def _split_rows(rule: _Rule, B: torch.Tensor, in_features: int, name: str) -> list[torch.Tensor]:
+    n = len(rule.diffusers)
+    rows = B.shape[0]
+    if rule.split_rest:
+        sizes = [in_features] * (n - 1) + [rows - in_features * (n - 1)]
+    elif rows % n == 0:
+        sizes = [rows // n] * n
+    else:
+        sizes = [0]
+    if min(sizes) <= 0:
+        raise LoraFormatError(f"{name}: lora_B has {rows} rows, which do not split into the {n} fused parts")
+    return list(B.split(sizes, dim=0))
+
+
+def _unfuse(rule: _Rule, A: torch.Tensor, B: torch.Tensor, alpha: float, name: str):
+    """Split a fused original layer into its diffusers parts: [(part index, A, B, alpha)].
+
+    The general split (diffusers' and finetrainers') copies A into every part and cuts B by rows: exact as a product
+    but each part keeps the fused rank. When B is block-diagonal (each rank column feeds one part only, as in files
+    fused by :func:`export_lora`), each part gets back exactly its own rows of A and columns of B, so the split is
+    exact as tensors too; a part whose B is entirely zero contributes nothing and is left out.
+    """
+    parts = _split_rows(rule, B, A.shape[1], name)
+    used = [(p != 0).any(dim=0) for p in parts]
+    disjoint = bool((torch.stack(used).sum(dim=0) <= 1).all()) and any(bool(u.any()) for u in used)
+    rank = A.shape[0]
+    if not disjoint:
+        return [(k, A.clone(), p, alpha) for k, p in enumerate(parts)]
+    out = []
+    for k, (p, u) in enumerate(zip(parts, used)):
+        idx = u.nonzero().squeeze(1)
+        if len(idx):
+            out.append((k, A[idx], p[:, idx], alpha * len(idx) / rank))
+    return out
+
+
+def import_lora(
+    sd: Mapping[str, torch.Tensor], family: str | None = None, metadata: Mapping[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, float], str]:
+    """Read a LoRA of any supported layout into (peft state dict, alphas, family).
+
+    ``metadata`` is the safetensors header (from :func:`load_lora`): a diffusers-format file whose weights were not
+    baked may state its alphas there (``lora_adapter_metadata``); without it, alpha = rank. Refuses non-finite
+    values, unmapped keys, half pairs and shape mismatches, naming the keys.
+    """
+    _check_finite(sd)
+    parsed = _parse(sd, family)
+    if parsed.unresolved:
+        raise LoraFormatError(
+            f"{len(parsed.unresolved)} key(s) do not map to any {parsed.family} module "
+            f"(read as {parsed.fmt}): {', '.join(parsed.unresolved[:20])}"
+        )
+    index = _index(parsed.family)
+    config = _adapter_alphas(metadata) if parsed.layout == "diffusers" else None
+    peft_sd: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}
+    for name, lora in parsed.modules.items():
+        A, B = _complete(name, lora)
+        rule, part, i = index.find(parsed.layout, name)
+        rank = A.shape[0]
+        if lora.alpha is not None:
+            alpha = lora.alpha
+        elif config is not None:
+            alpha = _alpha_from_config(config, name, rank)
+        else:
+            alpha = float(rank)
+        if parsed.layout == "diffusers":
+            pieces = [(part, A, B, alpha)]
+        elif len(rule.diffusers) == 1:
+            pieces = [(0, A, B, alpha)]
+        else:
+            pieces = _unfuse(rule, A, B, alpha, name)
+        for k, a, b, al in pieces:
+            module = _fill(rule.diffusers[k], i)
+            if module in alphas:
+                raise LoraFormatError(f"two keys map to the same module {module!r}: {lora.keys}")
+            peft_sd[f"{module}.lora_A.weight"] = a.clone()
+            peft_sd[f"{module}.lora_B.weight"] = b.clone()
+            alphas[module] = al
+    return peft_sd, alphas, parsed.family
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Export: canonical -> diffusers / comfyui / kohya.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _canonical(
+    peft_sd: Mapping[str, torch.Tensor], alphas: Mapping[str, float] | float
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{module: (A, B, alpha)} from a peft state dict; every module needs both matrices and an alpha."""
+    _check_finite(peft_sd)
+    groups, _ = _group(peft_sd)
+    if set(groups) != {""}:
+        raise LoraFormatError(f"expected un-prefixed peft keys (module.lora_A.weight), got prefixes {sorted(groups)}")
+    out = {}
+    for name, lora in groups[""].items():
+        A, B = _complete(name, lora)
+        alpha = alphas if isinstance(alphas, (int, float)) else alphas.get(name)
+        if alpha is None:
+            raise LoraFormatError(f"no alpha for module {name!r}")
+        if not math.isfinite(float(alpha)):
+            raise LoraFormatError(f"non-finite alpha for module {name!r}: {alpha}")
+        out[name] = (A, B, float(alpha))
+    return out
+
+
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    return t.clone() if scale == 1.0 else (t.float() * scale).to(t.dtype)
+
+
+def _fuse(
+    parts: dict[int, tuple[torch.Tensor, torch.Tensor, float]], rule: _Rule, keep_alpha: bool, name: str
+) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """One original-layout LoRA from its diffusers parts: A stacked, B block-diagonal, same product.
+
+    With ``keep_alpha`` the fused alpha is the first part's scale times the fused rank (other parts' scale ratios go
+    into their A rows); otherwise every scale is baked into A and no alpha is returned.
+    """
+    n = len(rule.diffusers)
+    if n == 1:
+        A, B, alpha = parts[0]
+        return (A.clone(), B.clone(), alpha) if keep_alpha else (_scaled(A, alpha / A.shape[0]), B.clone(), None)
+    present = [parts[k] for k in sorted(parts)]
+    in_features = present[0][0].shape[1]
+    missing = [k for k in range(n) if k not in parts]
+    if rule.split_rest and n - 1 in missing:
+        raise LoraFormatError(
+            f"{name}: fused layer needs its last part {_fill(rule.diffusers[-1], None)!r} targeted too "
+            "(its row count is not known from the LoRA alone)"
+        )
+    if any(a.shape[1] != in_features or a.dim() != 2 for a, _, _ in present):
+        raise LoraFormatError(f"{name}: fused parts have different input sizes")
+    base = present[0][2] / present[0][0].shape[0] if keep_alpha else 1.0
+    A_rows, blocks = [], []
+    for k in range(n):
+        if k in parts:
+            A, B, alpha = parts[k]
+            A_rows.append(_scaled(A, alpha / A.shape[0] / base))
+            blocks.append(B)
+        else:  # untargeted square part: zero rows of the fused update
+            blocks.append(torch.zeros(in_features, 0, dtype=present[0][1].dtype))
+    A = torch.cat(A_rows, dim=0)
+    B = torch.block_diag(*blocks)
+    return A, B, (base * A.shape[0] if keep_alpha else None)
+
+
+def export_lora(
+    peft_sd: Mapping[str, torch.Tensor], alphas: Mapping[str, float] | float, family: str, fmt: str
+) -> dict[str, torch.Tensor]:
+    """Write a canonical LoRA (peft keys + per-module alpha, or one alpha for all) as ``fmt`` for ``family``."""
+    if fmt not in FORMATS:
+        raise LoraFormatError(f"unknown format {fmt!r}; known: {FORMATS}")
+    index = _index(family)
+    modules = _canonical(peft_sd, alphas)
+    unknown = sorted(m for m in modules if index.find("diffusers", m) is None)
+    if unknown:
+        raise LoraFormatError(f"{len(unknown)} module(s) are not {family} LoRA targets we map: {', '.join(unknown)}")
+    out: dict[str, torch.Tensor] = {}
+    if fmt == "diffusers":
+        for name, (A, B, alpha) in modules.items():
+            out[f"transformer.{name}.lora_A.weight"] = _scaled(A, alpha / A.shape[0])
+            out[f"transformer.{name}.lora_B.weight"] = B.clone()
+        return out
+    grouped: dict[str, tuple[_Rule, str | None, dict]] = {}
+    for name, lora in modules.items():
+        rule, part, i = index.find("diffusers", name)
+        if rule.original is None:
+            raise LoraFormatError(f"{name}: cannot be written in the original layout: {rule.refused}")
+        original = _fill(rule.original, i)
+        grouped.setdefault(original, (rule, i, {}))[2][part] = lora
+    alpha_rule = _family_names(family).alpha_in_original
+    for original, (rule, i, parts) in sorted(grouped.items()):
+        keep_alpha = fmt == "kohya" or bool(alpha_rule and re.match(alpha_rule, original))
+        A, B, alpha = _fuse(parts, rule, keep_alpha, original)
+        if fmt == "comfyui":
+            base, down, up = f"diffusion_model.{original}", "lora_A", "lora_B"
+        else:
+            base, down, up = f"lora_unet_{_fill(rule.kohya[0], i)}", "lora_down", "lora_up"
+        out[f"{base}.{down}.weight"] = A
+        out[f"{base}.{up}.weight"] = B
+        if alpha is not None:
+            out[f"{base}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return out
+
+
+def convert(sd: Mapping[str, torch.Tensor], to_fmt: str, family: str | None = None) -> dict[str, torch.Tensor]:
+    """Any supported layout -> ``to_fmt``, through the canonical form."""
+    peft_sd, alphas, family = import_lora(sd, family)
+    return export_lora(peft_sd, alphas, family, to_fmt)
+
+
+def check_lora(sd: Mapping[str, torch.Tensor], family: str | None = None) -> tuple[str, str, list[str]]:
+    """Refuse a LoRA with a non-finite value or a key that maps to no module; else (format, family, notes)."""
+    _check_finite(sd)
+    parsed = _parse(sd, family)
+    import_lora(sd, parsed.family)
+    return parsed.fmt, parsed.family, parsed.notes
+
+
+def alphas_from_model(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, float]:
+    """Per-module alpha of a peft-adapted model, as the alpha that gives its scaling with alpha/rank (rsLoRA too)."""
+    from peft.tuners.lora import LoraLayer
+
+    return {
+        name.removeprefix("base_model.model."): float(module.scaling[adapter_name] * module.r[adapter_name])
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.r
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Files.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def save_lora(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> None:
+    """Write a checked LoRA as safetensors with string metadata, atomically (temp file, fsync, os.replace).
+
+    Non-string metadata values are JSON-encoded. A crash leaves either the old file or the new one, never half.
+    """
+    metadata = {str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()}
+    family = metadata.get("family")
+    check_lora(sd, family if family in FAMILY_NAMES else None)
+    tensors, seen = {}, set()
+    for k, v in sd.items():  # safetensors refuses shared storage: give each tensor its own
+        v = v.detach().contiguous()
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset())
+        tensors[k] = v.clone() if ptr in seen or v.untyped_storage().nbytes() != v.nbytes else v
+        seen.add(ptr)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata as strings) of a safetensors LoRA; no pickle is ever read."""
+    with safe_open(os.fspath(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        return tensors, dict(f.metadata() or {})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Merge.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _base_state_dict(base: torch.nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = base.state_dict() if isinstance(base, torch.nn.Module) else dict(base)
+    return {k.replace(".base_layer.", "."): v for k, v in state.items() if ".lora_" not in k}
+
+
+def merge_lora(
+    base: torch.nn.Module | Mapping[str, torch.Tensor],
+    peft_sd: Mapping[str, torch.Tensor],
+    alphas: Mapping[str, float] | float,
+    strength: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Base weights with ``strength * alpha/rank * B @ A`` added (what diffusers' ``fuse_lora(lora_scale=strength)``
+    does). Accepts a transformer (peft-wrapped or not) or its state dict; returns a new state dict."""
+    state = _base_state_dict(base)
+    for name, (A, B, alpha) in _canonical(peft_sd, alphas).items():
+        key = f"{name}.weight"
+        if key not in state:
+            raise LoraFormatError(f"LoRA module {name!r} has no base weight {key!r}")
+        W = state[key]
+        delta = (B.float().flatten(1) @ A.float().flatten(1)) * (alpha / A.shape[0] * strength)
+        if delta.numel() != W.numel():
+            raise LoraFormatError(f"{name}: update {tuple(delta.shape)} does not fit weight {tuple(W.shape)}")
+        state[key] = (W.float() + delta.reshape(W.shape)).to(W.dtype)
+    return state
