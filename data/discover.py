@@ -197,7 +197,7 @@ def discover(
     stems: set[tuple[Path, str]] = set()
     sidecars = []
     for path in files:
-        if path in claimed:
+        if path.resolve() in claimed:
             continue
         if path.suffix.lower() == caption_ext.lower():
             sidecars.append(path)
