@@ -68,6 +68,8 @@ def sniff(path: str | Path) -> str | None:
     kind = _magic(head)
     if kind is not None:
         return kind
+    if _plainly_not_media(head):
+        return None  # skip PyAV, which may read megabytes of a large file while guessing its format
     try:
         with av.open(str(path)) as container:
             if any(not s.disposition & av.stream.Disposition.attached_pic for s in container.streams.video):
@@ -78,8 +80,8 @@ def sniff(path: str | Path) -> str | None:
 
 
 def _magic(head: bytes) -> str | None:
-    if head.startswith(b"\x1aE\xdf\xa3") or head.startswith(b"FLV") or head.startswith(b"DKIF"):
-        return "video"  # Matroska/WebM, Flash video, IVF
+    if head.startswith((b"\x1aE\xdf\xa3", b"FLV", b"DKIF", b"YUV4MPEG2")):
+        return "video"  # Matroska/WebM, Flash video, IVF, raw y4m
     if head[4:8] == b"ftyp":  # mp4, mov, m4v, 3gp, heic, avif, m4a
         brand = head[8:12]
         return "image" if brand in _IMAGE_BRANDS else "audio" if brand in _AUDIO_BRANDS else "video"
@@ -102,6 +104,16 @@ def _magic(head: bytes) -> str | None:
     if head.startswith((b"ID3", b"fLaC", b"\xff\xfb", b"\xff\xf3", b"\xff\xf1", b"\xff\xf9")):
         return "audio"
     return None  # includes Ogg, which holds video or audio: PyAV decides
+
+
+def _plainly_not_media(head: bytes) -> bool:
+    """Text, or a common non-media binary (zip, numpy, pickle, PDF, safetensors such as a latent cache)."""
+    if head.startswith((b"PK\x03\x04", b"\x93NUMPY", b"\x80\x04", b"\x80\x05", b"%PDF")) or head[8:10] == b'{"':
+        return True
+    try:
+        return b"\x00" not in head and bool(head.decode("utf-8"))
+    except UnicodeDecodeError as e:  # a multi-byte character cut at the end of the sample is still text
+        return e.start >= len(head) - 3 and b"\x00" not in head
 
 
 def read_captions(path: str | Path) -> list[str]:
@@ -185,7 +197,7 @@ def discover(
     stems: set[tuple[Path, str]] = set()
     sidecars = []
     for path in files:
-        if path in claimed:
+        if path.resolve() in claimed:
             continue
         if path.suffix.lower() == caption_ext.lower():
             sidecars.append(path)

@@ -296,7 +296,10 @@ def _decode_pts(path: Path, seek: int | None = None) -> tuple[av.VideoFrame | No
         stream = _video_stream(container)
         stream.thread_type = "AUTO"
         if seek is not None:
-            container.seek(seek, stream=stream, backward=True)
+            try:
+                container.seek(seek, stream=stream, backward=True)
+            except av.FFmpegError:  # unseekable (e.g. a raw .h264 stream): the caller decodes everything
+                return None, []
         for frame in _decode(container, stream):
             first = first or frame
             pts.append(frame.pts)
@@ -358,7 +361,10 @@ def _frames_from(
     container: av.container.InputContainer, stream: av.VideoStream, seconds: float, by_time: dict[float, int]
 ) -> Iterator[tuple[int, av.VideoFrame]]:
     """(index, frame) pairs from the keyframe at or before `seconds`, indexed by their timestamps."""
-    container.seek(max(0, round(Fraction(seconds) / stream.time_base)), stream=stream, backward=True)
+    try:
+        container.seek(max(0, round(Fraction(seconds) / stream.time_base)), stream=stream, backward=True)
+    except av.FFmpegError:  # unseekable stream: the caller falls back to counting from the start
+        return
     for frame in _decode(container, stream):
         index = by_time.get(_seconds(frame.pts, stream.time_base))
         if index is None:

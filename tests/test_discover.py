@@ -24,6 +24,9 @@ def sources(tmp_path_factory):
         "webp": synth.write_image(d / "a.webp", FRAMES[0]),
         "gif": synth.write_image(d / "a.gif", FRAMES[0]),
         "bmp": synth.write_image(d / "a.bmp", FRAMES[0]),
+        "y4m": synth.write_video(d / "a.y4m", FRAMES, codec="rawvideo", pix_fmt="yuv420p"),
+        "h264": synth.write_video(d / "a.h264", FRAMES),  # Annex B elementary stream: no container magic
+        "ivf": synth.write_video(d / "a.ivf", FRAMES, codec="vp9"),
         "m4a": synth.write_audio(d / "a.m4a"),
         "mp3": synth.write_audio(d / "a.mp3"),
         "ogg": synth.write_audio(d / "a.ogg"),
@@ -47,6 +50,9 @@ def put(sources, kind, dest, caption=None):
         ("ts", "video"),
         ("avi", "video"),
         ("mov", "video"),
+        ("y4m", "video"),
+        ("h264", "video"),
+        ("ivf", "video"),
         ("png", "image"),
         ("jpg", "image"),
         ("webp", "image"),
@@ -67,6 +73,9 @@ def test_sniff_rejects_non_media(tmp_path):
     assert sniff(synth.write_random_bytes(tmp_path / "x.mkv")) is None
     assert sniff(synth.write_empty(tmp_path / "x.webm")) is None
     assert sniff(synth.write_text(tmp_path / "x.json", '{"a": 1}')) is None
+    assert sniff(synth.write_text(tmp_path / "x.srt", "1\n00:00:00,000 --> 00:00:01,000\nhé\n")) is None
+    (tmp_path / "x.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00" + b'{"a":{}}' + bytes(4096))
+    assert sniff(tmp_path / "x.safetensors") is None
 
 
 def test_read_captions_cleans_text(tmp_path):

@@ -47,6 +47,7 @@ def clips(tmp_path_factory):
     out["portrait"] = synth.write_video(d / "portrait.mp4", synth.pattern_frames(N, H, W, seed=2))
     out["vfr"] = synth.write_video(d / "vfr.mkv", synth.pattern_frames(10, W, H, seed=3), timestamps=VFR_TIMES)
     out["long"] = synth.write_video(d / "long.mp4", synth.pattern_frames(300, W, H, seed=4), g="24")
+    out["raw_h264"] = synth.write_video(d / "raw.h264", f)  # no container: no timestamps, cannot seek
     out["one"] = synth.write_video(d / "one.mp4", f[:1])
     out["five"] = synth.write_video(d / "five.mp4", f[:5])
     out["grey"] = synth.write_video(d / "grey.mp4", f[..., 1], codec="hevc", pix_fmt="gray")
@@ -164,6 +165,12 @@ def test_long_clip_seeking_matches_sequential(clips):
     picks = [250, 3, 120, 121, 299, 0, 60, 200, 23, 24, 25, 47, 48]
     assert np.array_equal(read_frames(pyav, picks), full[picks])
     assert mean_diff(read_frames(info, picks), full[picks]) < 0.01
+
+
+def test_raw_stream_without_timestamps(clips):
+    info = probe(clips["raw_h264"])
+    assert info.num_frames == N and "constant frame rate assumed" in info.note
+    assert mean_diff(read_frames(info, [8, 0]), clips["frames"][[8, 0]]) < 12
 
 
 def test_short_clips(clips):
