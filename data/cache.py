@@ -68,7 +68,7 @@ def read_meta(path: str | Path) -> dict[str, Any] | None:
 
 def load_entry(path: str | Path) -> dict[str, torch.Tensor]:
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
 
 
 def fingerprint(*parts: Any) -> str:

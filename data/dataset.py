@@ -51,7 +51,9 @@ class CachedDataset(Dataset):
         return item
 
     def text(self, text_ids: list[str]) -> list[dict[str, torch.Tensor]]:
-        return [{k: v.float() for k, v in load_entry(self.root / "text" / f"{t}.safetensors").items()} for t in text_ids]
+        return [
+            {k: v.float() for k, v in load_entry(self.root / "text" / f"{t}.safetensors").items()} for t in text_ids
+        ]
 
 
 class BucketBatchSampler(Sampler[list[int]]):

@@ -27,7 +27,7 @@ from data.cache import file_identity, fingerprint, read_meta, save_entry, write_
 from data.discover import Discovery, discover
 from data.media import MediaError, probe, read_frames
 from data.windows import source_windows
-from trainer.config import DatasetSection, Recipe
+from trainer.config import DatasetSection, Recipe, UserError
 from trainer.models import get_family
 from trainer.models.base import DTYPES, ModelFamily
 
@@ -89,23 +89,39 @@ def plan_dataset(ds: DatasetSection, family: ModelFamily, vae_ident: dict, cache
             row.update(status="failed", reason=e.reason)
             continue
         windows = source_windows(
-            info.timestamps, ds.target_frames, ds.frame_window, fps,
-            stride=ds.frame_stride, count=ds.window_count, max_frames=ds.max_frames,
+            info.timestamps,
+            ds.target_frames,
+            ds.frame_window,
+            fps,
+            stride=ds.frame_stride,
+            count=ds.window_count,
+            max_frames=ds.max_frames,
         )
         source_id = file_identity(item.path)
-        row.update(status="ok", width=info.width, height=info.height, frames=info.num_frames, fps=info.fps,
-                   backend=info.backend, samples=[])
+        row.update(
+            status="ok",
+            width=info.width,
+            height=info.height,
+            frames=info.num_frames,
+            fps=info.fps,
+            backend=info.backend,
+            samples=[],
+        )
         if info.note:
             row["note"] = info.note
         for res in ds.resolutions:
             bucket = choose_bucket(info.width, info.height, bucket_sizes(res, max_ratio=ds.max_aspect_ratio))
             for window in windows:
                 fp = fingerprint(source_id, window, bucket, vae_ident, cache_dtype)
-                file = f"samples/{name}/{_safe_stem(item.path)}_{window[0]}+{len(window)}_{bucket[0]}x{bucket[1]}_{fp[:8]}"
-                samples.append(Sample(f"{file}.safetensors", name, item.path, window, bucket, item.captions,
-                                      ds.repeats, fp))
-                row["samples"].append({"file": samples[-1].file, "frames": [window[0], len(window)],
-                                       "bucket": list(bucket)})
+                file = (
+                    f"samples/{name}/{_safe_stem(item.path)}_{window[0]}+{len(window)}_{bucket[0]}x{bucket[1]}_{fp[:8]}"
+                )
+                samples.append(
+                    Sample(f"{file}.safetensors", name, item.path, window, bucket, item.captions, ds.repeats, fp)
+                )
+                row["samples"].append(
+                    {"file": samples[-1].file, "frames": [window[0], len(window)], "bucket": list(bucket)}
+                )
     return Plan(samples, inputs)
 
 
@@ -133,7 +149,9 @@ def encode_latents(todo: list[Sample], family: ModelFamily, root: Path, recipe: 
     if not todo:
         return errors
     workers = recipe.data.decode_workers
-    loader = iter(DataLoader(_Decode(todo), batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None))
+    loader = iter(
+        DataLoader(_Decode(todo), batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
+    )
     vae = family.load_vae(torch.float32 if device.type == "cpu" else torch.bfloat16).to(device).eval()
     if recipe.data.vae_tiling and hasattr(vae, "enable_tiling"):
         vae.enable_tiling()
@@ -148,15 +166,23 @@ def encode_latents(todo: list[Sample], family: ModelFamily, root: Path, recipe: 
                 continue
             pixels = frames.permute(3, 0, 1, 2)[None].to(device, torch.float32) / 127.5 - 1
             encoded = family.encode_video(vae, pixels)
-            meta = {"source": s.source, "dataset": s.dataset, "frames": s.frames, "bucket": s.bucket,
-                    "fingerprint": s.fingerprint, "family": family.name}
+            meta = {
+                "source": s.source,
+                "dataset": s.dataset,
+                "frames": s.frames,
+                "bucket": s.bucket,
+                "fingerprint": s.fingerprint,
+                "family": family.name,
+            }
             save_entry(root / s.file, {k: v[0].to(dtype) for k, v in encoded.items()}, meta)
     bar.close()
     del vae
     return errors
 
 
-def encode_texts(captions: dict[str, str], family: ModelFamily, root: Path, recipe: Recipe, device: torch.device) -> None:
+def encode_texts(
+    captions: dict[str, str], family: ModelFamily, root: Path, recipe: Recipe, device: torch.device
+) -> None:
     """Text pass: every caption (and validation prompt) not cached yet, in batches."""
     todo = {tid: c for tid, c in captions.items() if read_meta(root / "text" / f"{tid}.safetensors") is None}
     if not todo:
@@ -168,8 +194,11 @@ def encode_texts(captions: dict[str, str], family: ModelFamily, root: Path, reci
         for start in range(0, len(items), 16):
             chunk = items[start : start + 16]
             for (tid, caption), tensors in zip(chunk, family.encode_prompts(pipe, [c for _, c in chunk])):
-                save_entry(root / "text" / f"{tid}.safetensors", {k: v.to(dtype) for k, v in tensors.items()},
-                           {"caption": caption, "family": family.name})
+                save_entry(
+                    root / "text" / f"{tid}.safetensors",
+                    {k: v.to(dtype) for k, v in tensors.items()},
+                    {"caption": caption, "family": family.name},
+                )
             bar.update(len(chunk))
     del pipe
 
@@ -180,7 +209,7 @@ def prepare(recipe: Recipe, strict: bool = False) -> int:
     family = get_family(recipe.model)
     root = Path(recipe.data.cache_dir)
     if not recipe.data.datasets:
-        raise ValueError("the recipe has no [[data.datasets]]: nothing to prepare")
+        raise UserError("the recipe has no [[data.datasets]]: nothing to prepare")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae_ident, te_ident = model_identity(family, "vae"), model_identity(family, "text_encoder")
     samples, inputs = [], []
@@ -205,7 +234,9 @@ def prepare(recipe: Recipe, strict: bool = False) -> int:
         elif bad:
             row["note"] = f"{len(bad)} of {len(row['samples'])} windows failed: {bad[0]}"
     index = {
-        "format_version": 1, "family": family.name, "model": recipe.model.path,
+        "format_version": 1,
+        "family": family.name,
+        "model": recipe.model.path,
         "samples": [{k: v for k, v in asdict(s).items() if k != "captions"} for s in good],
         "validation": list(validation),
     }
@@ -226,8 +257,14 @@ def summarise(inputs: list[dict], good: list[Sample], encoded: int, seconds: flo
     for s in good:
         key = f"{s.bucket[0]}x{s.bucket[1]}x{len(s.frames)}"
         buckets[key] = buckets.get(key, 0) + 1
-    return {"counts": counts, "samples": len(good), "encoded_now": encoded, "buckets": buckets,
-            "seconds": round(seconds, 2), "inputs": inputs}
+    return {
+        "counts": counts,
+        "samples": len(good),
+        "encoded_now": encoded,
+        "buckets": buckets,
+        "seconds": round(seconds, 2),
+        "inputs": inputs,
+    }
 
 
 def format_summary(report: dict, root: Path) -> str:

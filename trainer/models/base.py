@@ -38,13 +38,13 @@ class ModelFamily:
 
     # --- loading -------------------------------------------------------------------------------------
     def _from_pretrained(self, cls: Any, subfolder: str, dtype: torch.dtype) -> Any:
-        return cls.from_pretrained(self.cfg.path, subfolder=subfolder, revision=self.cfg.revision, torch_dtype=dtype)
+        return cls.from_pretrained(self.cfg.path, subfolder=subfolder, revision=self.cfg.revision, dtype=dtype)
 
     def load_transformer(self, dtype: torch.dtype) -> nn.Module:
         """The transformer from the diffusers folder, or from an original single-file checkpoint."""
         if self.cfg.transformer_file:
             return self.transformer_class.from_single_file(
-                self.cfg.transformer_file, config=self.cfg.path, subfolder="transformer", torch_dtype=dtype
+                self.cfg.transformer_file, config=self.cfg.path, subfolder="transformer", dtype=dtype
             )
         return self._from_pretrained(self.transformer_class, "transformer", dtype)
 
@@ -54,13 +54,13 @@ class ModelFamily:
     def load_text_pipeline(self, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
         """The family's pipeline with tokenizers and text encoders only (no transformer, no VAE)."""
         return self.pipeline_class.from_pretrained(
-            self.cfg.path, revision=self.cfg.revision, transformer=None, vae=None, torch_dtype=dtype
+            self.cfg.path, revision=self.cfg.revision, transformer=None, vae=None, dtype=dtype
         )
 
     def load_pipeline(self, transformer: nn.Module, dtype: torch.dtype) -> DiffusionPipeline:
         """A full pipeline around a given (LoRA-wrapped) transformer, for validation samples."""
         return self.pipeline_class.from_pretrained(
-            self.cfg.path, revision=self.cfg.revision, transformer=transformer, torch_dtype=dtype
+            self.cfg.path, revision=self.cfg.revision, transformer=transformer, dtype=dtype
         )
 
     # --- caching -------------------------------------------------------------------------------------

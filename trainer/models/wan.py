@@ -43,12 +43,18 @@ class Wan(ModelFamily):
     def encode_prompts(self, text_pipe: WanPipeline, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         with torch.no_grad():
             embeds, _ = text_pipe.encode_prompt(
-                prompts, do_classifier_free_guidance=False, max_sequence_length=self.text_length,
+                prompts,
+                do_classifier_free_guidance=False,
+                max_sequence_length=self.text_length,
                 device=text_pipe.text_encoder.device,
             )
         mask = text_pipe.tokenizer(
-            [prompt_clean(p) for p in prompts], padding="max_length", max_length=self.text_length,
-            truncation=True, add_special_tokens=True, return_tensors="pt",
+            [prompt_clean(p) for p in prompts],
+            padding="max_length",
+            max_length=self.text_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
         ).attention_mask
         return [{"prompt_embeds": e[:n].cpu()} for e, n in zip(embeds, mask.sum(1).tolist())]
 
@@ -77,8 +83,15 @@ class Wan(ModelFamily):
         )
         text_encoder = UMT5EncoderModel(
             UMT5Config(
-                vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=tokenizer.eos_token_id,
+                vocab_size=1000,
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                pad_token_id=0,
+                eos_token_id=tokenizer.eos_token_id,
             )
         )
         scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
@@ -92,7 +105,17 @@ class Wan(ModelFamily):
 def tiny_transformer_config(**overrides) -> dict:
     """diffusers' own test config for Wan: 2 blocks, 2 heads x 12, ~30k parameters."""
     return {
-        "patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 16,
-        "out_channels": 16, "text_dim": 32, "freq_dim": 256, "ffn_dim": 32, "num_layers": 2,
-        "cross_attn_norm": True, "qk_norm": "rms_norm_across_heads", "rope_max_seq_len": 32, **overrides,
+        "patch_size": (1, 2, 2),
+        "num_attention_heads": 2,
+        "attention_head_dim": 12,
+        "in_channels": 16,
+        "out_channels": 16,
+        "text_dim": 32,
+        "freq_dim": 256,
+        "ffn_dim": 32,
+        "num_layers": 2,
+        "cross_attn_norm": True,
+        "qk_norm": "rms_norm_across_heads",
+        "rope_max_seq_len": 32,
+        **overrides,
     }

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The whole test suite (slow and multi-process tests included) on a fresh or existing .venv.
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh -m "not slow" -x`.
+set -euo pipefail
+source "$(dirname "$0")/setup_env.sh"
+ruff check .
+ruff format --check .
+python -m pytest "$@"

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny Wan model folder and helpers that run the real `vidlora` CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+    return env
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`vidlora ARGS` exactly as a user runs it (python -m trainer.cli), output captured."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *map(str, args)],
+        cwd=cwd or ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"vidlora {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory) -> Path:
+    """A tiny Wan 2.1 T2V folder, written by the real `vidlora make-tiny wan`."""
+    out = tmp_path_factory.mktemp("models") / "wan"
+    run_cli("make-tiny", "wan", out)
+    return out
+
+
+def write_recipe(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path

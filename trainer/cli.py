@@ -1,0 +1,140 @@
+"""The `vidlora` command: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+EPILOG = "Recipes: recipes/*/*.toml; every key is documented in docs/recipes.md."
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe TOML file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a recipe value (repeatable), e.g. --set train.max_steps=200 --set data.datasets.0.path=clips",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vidlora", description="LoRA fine-tuning for Wan 2.1 and HunyuanVideo.", epilog=EPILOG
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("make-tiny", help="write a tiny random model folder (diffusers layout) for demos and tests")
+    p.add_argument("family", help="model family, e.g. wan")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("make-clips", help="write a few small captioned sample clips (PyAV, no ffmpeg needed)")
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--count", type=int, default=4)
+
+    p = sub.add_parser("prepare", help="decode clips and captions into latent and text-embedding caches")
+    _recipe_args(p)
+    p.add_argument("--strict", action="store_true", help="exit non-zero when any input was skipped or failed")
+
+    p = sub.add_parser("train", help="train a LoRA on prepared caches (works under `accelerate launch`)")
+    _recipe_args(p)
+    p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest checkpoint, or from PATH")
+
+    p = sub.add_parser("export", help="write a run's or checkpoint's adapter in a loader's format")
+    p.add_argument("source", help="run folder, checkpoint folder or adapter file")
+    p.add_argument("--out", required=True, type=Path, help="output .safetensors file")
+    p.add_argument("--format", default="diffusers", choices=["diffusers", "comfyui", "kohya"])
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+
+    p = sub.add_parser("sample", help="generate a video with the diffusers pipeline, optionally with a LoRA")
+    _recipe_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, type=Path, help="output .mp4")
+    p.add_argument("--lora", help="adapter file to load with load_lora_weights")
+    p.add_argument("--frames", type=int, default=17)
+    p.add_argument("--height", type=int, default=480)
+    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from trainer.config import load_recipe
+
+    if args.command == "make-tiny":
+        from trainer.models import FAMILIES, family_class
+
+        if args.family not in FAMILIES:
+            raise SystemExit(f"vidlora: error: unknown family {args.family!r}; allowed: {', '.join(FAMILIES)}")
+        print(f"tiny {args.family} model: {family_class(args.family).make_tiny(args.out_dir, seed=args.seed)}")
+    elif args.command == "make-clips":
+        from data.synth import make_sample_clips
+
+        paths = make_sample_clips(args.out_dir, n=args.count)
+        print(f"{len(paths)} sample files with captions in {args.out_dir}")
+    elif args.command == "prepare":
+        from data.prepare import prepare
+
+        return prepare(load_recipe(args.recipe, args.overrides), strict=args.strict)
+    elif args.command == "train":
+        from trainer.train import train
+
+        print(f"run: {train(load_recipe(args.recipe, args.overrides), resume=args.resume)}")
+    elif args.command == "export":
+        from trainer.export import export_adapter
+
+        print(f"exported: {export_adapter(args.source, args.out, args.format, args.dtype)}")
+    elif args.command == "sample":
+        from trainer.sample import sample
+
+        out = sample(
+            load_recipe(args.recipe, args.overrides),
+            args.prompt,
+            args.out,
+            args.lora,
+            args.frames,
+            args.height,
+            args.width,
+            args.steps,
+            args.seed,
+        )
+        print(f"sample: {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in (
+        "bitsandbytes",
+        "DeepSpeed",
+        "deepspeed",
+        "httpx",
+        "accelerate.checkpointing",
+        "accelerate.accelerator",
+    ):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from data.discover import DiscoveryError
+    from trainer.config import UserError
+    from trainer.formats import LoraFormatError
+
+    try:
+        return run(args)
+    except (UserError, DiscoveryError, LoraFormatError, FileNotFoundError) as e:
+        print(f"vidlora: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vidlora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
