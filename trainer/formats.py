@@ -37,14 +37,15 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from data.cache import atomic_write
 
 FORMATS = ("diffusers", "comfyui", "kohya")
 
@@ -366,7 +367,7 @@ def _parse(sd: Mapping[str, torch.Tensor], family: str | None = None) -> _Parsed
     rivals = sorted({f for (f, _), h in scores.items() if h == hits and f != fam})
     if rivals:
         raise LoraFormatError(
-            f"ambiguous model family ({[fam, *rivals]}) for module names {_sample(modules)}; pass family= explicitly"
+            f"ambiguous model family ({[fam, *rivals]}) for module names {_sample(modules)}; name it (vidlora --family, or family=)"
         )
     index = _index(fam)
     unresolved = sorted(k for n, lora in modules.items() if index.find(layout, n) is None for k in lora.keys)
@@ -688,45 +689,33 @@ def alphas_from_model(model: torch.nn.Module, adapter_name: str = "default") -> 
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def save_lora(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> None:
-    """Write a checked LoRA as safetensors with string metadata, atomically (temp file, fsync, os.replace).
+def save_lora(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], metadata: Mapping | None = None) -> list[str]:
+    """Write a checked LoRA as safetensors with string metadata, atomically; return the reader notes of the check.
 
-    Non-string metadata values are JSON-encoded. A crash leaves either the old file or the new one, never half.
+    Non-string metadata values are JSON-encoded. The file is refused (nothing written) when :func:`check_lora` refuses
+    it; a crash leaves either the old file or the new one, never half (``data.cache.atomic_write``).
     """
     metadata = {str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()}
     family = metadata.get("family")
-    check_lora(sd, family if family in FAMILY_NAMES else None)
+    notes = check_lora(sd, family if family in FAMILY_NAMES else None)[2]
     tensors, seen = {}, set()
     for k, v in sd.items():  # safetensors refuses shared storage: give each tensor its own
         v = v.detach().contiguous()
         ptr = (v.untyped_storage().data_ptr(), v.storage_offset())
         tensors[k] = v.clone() if ptr in seen or v.untyped_storage().nbytes() != v.nbytes else v
         seen.add(ptr)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return notes
 
 
 def load_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, header metadata as strings) of a safetensors LoRA; no pickle is ever read."""
-    with safe_open(os.fspath(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-        return tensors, dict(f.metadata() or {})
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            return tensors, dict(f.metadata() or {})
+    except SafetensorError as e:  # a .pt/.ckpt pickle, a truncated download, an HTML error page...
+        raise LoraFormatError(f"{path}: not a readable .safetensors file ({e}); other formats are not read") from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
