@@ -23,6 +23,29 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _output_args(p: argparse.ArgumentParser, flag: str, help: str, required: bool = False) -> None:
+    p.add_argument(
+        flag,
+        dest="formats",
+        action="append",
+        required=required,
+        choices=["diffusers", "comfyui", "kohya", "all"],
+        help=help,
+    )
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--out", type=Path, help="output .safetensors file (one input, one format)")
+    out.add_argument(
+        "--out-dir", type=Path, help="output folder for NAME_FORMAT.safetensors files (default: next to the input)"
+    )
+
+
+def _print_written(written: list) -> None:
+    for w in written:
+        print(f"{w.fmt}: {w.path}  ({w.source.family}, from {w.source.fmt} {w.source.path})")
+        for note in w.notes:
+            print(f"  note: {note}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vidlora", description="LoRA fine-tuning for Wan 2.1 and HunyuanVideo.", epilog=EPILOG
@@ -46,11 +69,39 @@ def build_parser() -> argparse.ArgumentParser:
     _recipe_args(p)
     p.add_argument("--resume", nargs="?", const="latest", help="resume from the latest checkpoint, or from PATH")
 
-    p = sub.add_parser("export", help="write a run's or checkpoint's adapter in a loader's format")
+    p = sub.add_parser(
+        "export",
+        help="write a run's or checkpoint's adapter in the formats loaders read (diffusers, comfyui, kohya)",
+        description="Write an adapter for diffusers (diffusers), ComfyUI (comfyui) or kohya/musubi tools (kohya); "
+        "see docs/export.md. Each file is checked and carries its training metadata.",
+    )
     p.add_argument("source", help="run folder, checkpoint folder or adapter file")
-    p.add_argument("--out", required=True, type=Path, help="output .safetensors file")
-    p.add_argument("--format", default="diffusers", choices=["diffusers", "comfyui", "kohya"])
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    _output_args(p, "--format", "format (repeatable, or 'all'); default: the run's export.formats")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: the run's export.dtype")
+    p.add_argument("--name", help="file-name stem with --out-dir (default: the run's name)")
+
+    p = sub.add_parser(
+        "convert",
+        help="convert LoRA files made by any tool between diffusers, comfyui and kohya layouts",
+        description="Detect the format and model family of each input from its keys, check it, and write it in "
+        "the formats asked for. Unmappable keys and non-finite values are refused, naming them.",
+    )
+    p.add_argument("inputs", nargs="+", help="LoRA .safetensors files (or vidlora runs / checkpoints)")
+    _output_args(p, "--to", "target format (repeatable, or 'all')", required=True)
+    p.add_argument("--family", choices=["wan", "wan_i2v", "hunyuan_video"], help="model family, if detection fails")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: keep the input's")
+
+    p = sub.add_parser(
+        "merge",
+        help="bake an adapter into the base transformer weights (a diffusers transformer folder)",
+        description="Add strength x the LoRA update to the base weights, shard by shard, and write a diffusers "
+        "transformer folder that <TransformerClass>.from_pretrained loads (same as diffusers' fuse_lora).",
+    )
+    p.add_argument("base", help="diffusers model folder (with transformer/) or transformer folder")
+    p.add_argument("adapter", help="LoRA file in any format, or a vidlora run / checkpoint folder")
+    p.add_argument("--out", required=True, type=Path, help="output folder (must not exist, or be empty)")
+    p.add_argument("--strength", type=float, default=1.0, help="LoRA scale (default 1.0)")
+    p.add_argument("--family", choices=["wan", "wan_i2v", "hunyuan_video"], help="model family, if detection fails")
 
     p = sub.add_parser("sample", help="generate a video with the diffusers pipeline, optionally with a LoRA")
     _recipe_args(p)
@@ -87,10 +138,17 @@ def run(args: argparse.Namespace) -> int:
         from trainer.train import train
 
         print(f"run: {train(load_recipe(args.recipe, args.overrides), resume=args.resume)}")
-    elif args.command == "export":
-        from trainer.export import export_adapter
+    elif args.command in ("export", "convert"):
+        from trainer.export import export_files
 
-        print(f"exported: {export_adapter(args.source, args.out, args.format, args.dtype)}")
+        sources = [args.source] if args.command == "export" else args.inputs
+        name = getattr(args, "name", None)
+        family = getattr(args, "family", None)
+        _print_written(export_files(sources, args.formats, args.out, args.out_dir, args.dtype, family, name))
+    elif args.command == "merge":
+        from trainer.export import merge_into_folder
+
+        print(f"merged: {merge_into_folder(args.base, args.adapter, args.out, args.strength, args.family)}")
     elif args.command == "sample":
         from trainer.sample import sample
 

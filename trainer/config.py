@@ -127,6 +127,13 @@ class LoraSection(Section):
         "default",
         description="A preset of the family (default, attention, ...), a list of module names, or a regex.",
     )
+    init_from: str | None = Field(
+        None,
+        description="Start from an existing adapter: a LoRA file in any format (vidlora, diffusers, ComfyUI, "
+        "kohya/musubi) or a run/checkpoint folder. Its rank, alpha and targets are adopted unless set here; "
+        "if set, the rank must match, another alpha rescales the weights (same update), and the targets must "
+        "include the file's modules (see docs/export.md).",
+    )
 
 
 class TrainSection(Section):
@@ -172,6 +179,11 @@ class LoggingSection(Section):
 
 class ExportSection(Section):
     dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of exported adapter tensors.")
+    formats: list[Literal["diffusers", "comfyui", "kohya"]] = Field(
+        ["diffusers"],
+        min_length=1,
+        description="Formats `vidlora export RUN` writes when no --format is given (see docs/export.md).",
+    )
 
 
 class Recipe(Section):

@@ -1,30 +1,440 @@
-"""`vidlora export`: an adapter from a run or checkpoint, written in the format a tool loads."""
+"""Adapters in and out of vidlora: `vidlora export`, `convert`, `merge`, and `lora.init_from`.
+
+trainer/formats.py knows the key layouts and the name maps; this module works on files, folders and models:
+
+- :func:`read_adapter_file`: a LoRA made by any tool, or a vidlora run / checkpoint / adapter, as canonical peft keys
+  plus per-module alphas, with its format, model family and the readers' quirks that apply to it.
+- :func:`write_adapter`: one format, checked (finite, every key mapped) and self-describing: the safetensors header
+  carries family, variant, base model, rank, alpha, targets, steps, trigger words and the recipe.
+- :func:`export_files` (`export`, `convert`): several formats and several inputs in one call.
+- :func:`merge_into_folder` (`merge`): the adapter baked into a diffusers transformer folder, one shard at a time.
+- :func:`add_initial_adapter` (`lora.init_from`): the peft adapter a run starts from, loaded from any format.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from trainer.checkpoint import find_adapter, read_adapter
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from data.cache import atomic_write
+from trainer.checkpoint import ADAPTER, find_adapter, read_adapter
 from trainer.config import UserError
-from trainer.formats import check_lora, export_lora, save_lora
-from trainer.models.base import DTYPES
+from trainer.formats import (
+    FAMILY_NAMES,
+    FORMATS,
+    LoraFormatError,
+    detect_format,
+    export_lora,
+    import_lora,
+    merge_lora,
+    save_lora,
+)
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+
+    from trainer.config import LoraSection
+    from trainer.models.base import ModelFamily
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# Training metadata a vidlora adapter carries into every file exported from it.
+CARRIED = ("base_model", "rank", "alpha", "target_modules", "trigger_words", "steps", "recipe")
+# Header keys vidlora writes itself; anything else a source file carried goes under `source_metadata`.
+OWN_KEYS = frozenset(
+    {*CARRIED, "format", "family", "variant", "targets", "lora_modules", "export_format", "alpha_storage", "dtype"}
+    | {"source", "source_format", "source_metadata", "exported_by", "alphas"}
+)
+TRANSFORMER_CLASSES = {
+    "wan": "WanTransformer3DModel",
+    "wan_i2v": "WanTransformer3DModel",
+    "hunyuan_video": "HunyuanVideoTransformer3DModel",
+}
+# (family, hidden size) -> the released model it belongs to.
+VARIANTS = {
+    ("wan", 1536): "Wan2.1-T2V-1.3B",
+    ("wan", 5120): "Wan2.1-T2V-14B",
+    ("wan_i2v", 5120): "Wan2.1-I2V-14B",
+    ("hunyuan_video", 3072): "HunyuanVideo-13B",
+}
 
 
-def export_adapter(src: str | Path, out: str | Path, fmt: str = "diffusers", dtype: str = "bf16") -> Path:
-    """Read the adapter of `src` (run, checkpoint or adapter file) and write `out` in `fmt`, with its
-    training metadata in the safetensors header; the file is checked (finite, every key mapped)."""
+@dataclass
+class AdapterFile:
+    """A LoRA read from disk, in canonical form (diffusers module names, peft keys, alpha per module)."""
+
+    path: Path
+    peft_sd: dict[str, torch.Tensor]
+    alphas: dict[str, float]
+    family: str
+    fmt: str  # "vidlora" (a run's canonical adapter) or one of FORMATS
+    notes: list[str] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)  # the safetensors header, JSON values decoded
+
+
+def read_adapter_file(src: str | Path, family: str | None = None) -> AdapterFile:
+    """Read a LoRA of any supported format, or the adapter of a vidlora run or checkpoint folder.
+
+    ``family`` overrides what the keys (or a vidlora header) say. Every refusal names the file and the keys.
+    """
+    if not Path(src).exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
     path = find_adapter(src)
     sd, meta = read_adapter(path)
-    family = meta.get("family")
-    if not family:
-        raise UserError(f"{path}: not a vidlora adapter (no family in its header); use `vidlora convert`")
-    tensors = export_lora(sd, meta.get("alphas") or meta["alpha"], family, fmt)
-    tensors = {
-        k: v.to(DTYPES[dtype]) if v.is_floating_point() and not k.endswith(".alpha") else v for k, v in tensors.items()
-    }
-    check_lora(tensors, family)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {k: v for k, v in meta.items() if k != "alphas"}
-    save_lora(out, tensors, {**meta, "export_format": fmt, "dtype": dtype, "source": str(path)})
+    try:
+        if meta.get("format") == "vidlora":  # canonical adapter: bare peft keys, alphas in the header
+            own = meta.get("family")
+            if own not in FAMILY_NAMES:
+                raise LoraFormatError(f"vidlora header names no known family ({own!r})")
+            if family and FAMILY_NAMES.get(family) is not FAMILY_NAMES[own]:
+                raise LoraFormatError(f"the header says family {own!r}, not {family!r}")
+            peft_sd, _, fam = import_lora(sd, own)
+            raw = meta.get("alphas") or meta["alpha"]
+            alphas = {m: float(raw[m] if isinstance(raw, dict) else raw) for m in _modules(peft_sd)}
+            return AdapterFile(path, peft_sd, alphas, fam, "vidlora", ["vidlora adapter"], meta)
+        hint = family or (meta.get("family") if meta.get("family") in FAMILY_NAMES else None)
+        fmt, fam, notes = detect_format(sd, hint)
+        peft_sd, alphas, fam = import_lora(sd, fam, metadata=meta)
+        return AdapterFile(path, peft_sd, alphas, fam, fmt, notes, meta)
+    except (LoraFormatError, KeyError) as e:
+        raise LoraFormatError(f"{path}: {e}") from None
+
+
+def _modules(peft_sd: Mapping[str, torch.Tensor]) -> list[str]:
+    return sorted({k.rsplit(".lora_", 1)[0] for k in peft_sd})
+
+
+def _one_or_all(values: Iterable) -> Any:
+    distinct = sorted(set(values))
+    return distinct[0] if len(distinct) == 1 else distinct
+
+
+def variant(family: str, peft_sd: Mapping[str, torch.Tensor]) -> str:
+    """The released model an adapter fits, from its hidden size (attention input width); else the hidden size."""
+    widths = [v.shape[1] for k, v in peft_sd.items() if re.search(r"\.(to_q|net\.0\.proj)\.lora_A\.", k)]
+    widths += [v.shape[0] for k, v in peft_sd.items() if k.endswith("to_out.0.lora_B.weight")]
+    if not widths:
+        return f"{family} (hidden size unknown: no attention or FFN module)"
+    hidden = Counter(widths).most_common(1)[0][0]
+    return VARIANTS.get((family, hidden), f"{family} (hidden {hidden})")
+
+
+def adapter_metadata(lora: AdapterFile, fmt: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The header of a file written from ``lora`` as ``fmt`` (``tensors``: what is written)."""
+    ranks = [v.shape[0] for k, v in lora.peft_sd.items() if ".lora_A." in k]
+    meta: dict[str, Any] = {"rank": _one_or_all(ranks), "alpha": _one_or_all(lora.alphas.values())}
+    meta.update({k: lora.meta[k] for k in CARRIED if k in lora.meta})
+    has_alpha = any(k.endswith(".alpha") for k in tensors)
+    baked = len({k.rsplit(".", 2)[0] for k in tensors if not k.endswith(".alpha")}) > sum(
+        k.endswith(".alpha") for k in tensors
+    )
+    meta.update(
+        {
+            "format": "pt",  # the safetensors convention (diffusers and transformers write the same)
+            "family": lora.family,
+            "variant": variant(lora.family, lora.peft_sd),
+            "targets": sorted({re.sub(r"\.\d+\.", ".N.", m) for m in lora.alphas}),
+            "lora_modules": len(lora.alphas),
+            "export_format": fmt,
+            "alpha_storage": (
+                "per-module .alpha tensors, baked into lora_A where absent"
+                if has_alpha and baked
+                else "per-module .alpha tensors"
+                if has_alpha
+                else "baked into lora_A (read as alpha = rank)"
+            ),
+            "dtype": _one_or_all(DTYPE_NAMES.get(v.dtype, str(v.dtype)) for v in tensors.values() if v.dim() > 0),
+            "source": str(lora.path),
+            "source_format": lora.fmt,
+            "exported_by": "vidlora",
+        }
+    )
+    foreign = {k: v for k, v in lora.meta.items() if k not in OWN_KEYS}
+    if foreign:  # kept, but out of the way: e.g. a diffusers `lora_adapter_metadata` would re-apply a baked alpha
+        meta["source_metadata"] = foreign
+    return meta
+
+
+def write_adapter(out: str | Path, lora: AdapterFile, fmt: str, dtype: str | None = None) -> list[str]:
+    """Write ``lora`` as ``fmt`` (tensors cast to ``dtype``; None keeps them) and return the readers' notes.
+
+    The file is checked before it is written (no non-finite value, every key maps to a module) and written atomically.
+    """
+    tensors = export_lora(lora.peft_sd, lora.alphas, lora.family, fmt)
+    if dtype is not None:
+        tensors = {k: v if k.endswith(".alpha") else v.to(DTYPES[dtype]) for k, v in tensors.items()}
+    return save_lora(out, tensors, adapter_metadata(lora, fmt, tensors))
+
+
+def expand_formats(formats: Iterable[str] | None, default: Iterable[str] = ("diffusers",)) -> list[str]:
+    """Formats in the order given, once each; "all" is every format."""
+    out: list[str] = []
+    for f in formats or default:
+        for g in FORMATS if f == "all" else [f]:
+            if g not in FORMATS:
+                raise UserError(f"unknown format {g!r}; allowed: {', '.join(FORMATS)}, all")
+            if g not in out:
+                out.append(g)
     return out
+
+
+def default_output(path: Path) -> tuple[Path, str]:
+    """(folder, file-name stem) for an adapter's exports: a run's adapter -> the run folder and its name; a
+    checkpoint's -> the run folder (checkpoints get pruned) and run-step; any other file -> its folder and stem."""
+    if path.name != ADAPTER:
+        return path.parent, path.stem
+    if path.parent.parent.name == "checkpoints":
+        run = path.parent.parent.parent
+        return run, f"{run.name}-{path.parent.name}"
+    return path.parent, path.parent.name
+
+
+@dataclass
+class Written:
+    fmt: str
+    path: Path
+    source: AdapterFile
+    notes: list[str]
+
+
+def export_files(
+    sources: Iterable[str | Path],
+    formats: Iterable[str] | None = None,
+    out: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    dtype: str | None = None,
+    family: str | None = None,
+    name: str | None = None,
+) -> list[Written]:
+    """Write every source in every format: `vidlora export` and `vidlora convert`.
+
+    Defaults come from the source: formats and dtype from a vidlora run's recipe (`[export]`), else diffusers and
+    the source's own dtype; files go to ``out`` (one source, one format) or ``out_dir`` (default: next to the source)
+    as ``<name>_<format>.safetensors``. Every source is read and checked before anything is written.
+    """
+    loras = [read_adapter_file(s, family) for s in sources]
+    if out is not None and len(loras) > 1:
+        raise UserError("--out names one file: give one input, or use --out-dir")
+    written = []
+    for lora in loras:
+        export = _recipe_export(lora.meta)
+        fmts = expand_formats(formats, export.get("formats", ["diffusers"]))
+        if out is not None and len(fmts) > 1:
+            raise UserError(f"--out names one file but {len(fmts)} formats were asked for; use --out-dir")
+        lora_dtype = dtype or export.get("dtype")
+        for fmt in fmts:
+            folder, stem = default_output(lora.path)
+            stem = name if name and len(loras) == 1 else stem
+            path = Path(out) if out is not None else Path(out_dir or folder) / f"{stem}_{fmt}.safetensors"
+            notes = write_adapter(path, lora, fmt, lora_dtype)
+            written.append(Written(fmt, path, lora, notes))
+    return written
+
+
+def _recipe_export(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The `[export]` section of the recipe a vidlora adapter was trained with (empty for other files)."""
+    from trainer.config import tomllib
+
+    recipe = meta.get("recipe")
+    if not isinstance(recipe, str):
+        return {}
+    try:
+        return dict(tomllib.loads(recipe).get("export", {}))
+    except tomllib.TOMLDecodeError:
+        return {}
+
+
+def export_adapter(src: str | Path, out: str | Path, fmt: str = "diffusers", dtype: str | None = "bf16") -> Path:
+    """Write the adapter of ``src`` (run, checkpoint or any LoRA file) to ``out`` as ``fmt``."""
+    return export_files([src], [fmt], out=out, dtype=dtype)[0].path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Merge: bake an adapter into the base weights.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def transformer_folder(base: str | Path) -> Path:
+    """The diffusers transformer folder of ``base``: a model folder (``transformer/``) or the folder itself."""
+    base = Path(base)
+    for folder in (base / "transformer", base):
+        if (folder / "config.json").is_file():
+            return folder
+    raise UserError(
+        f"{base}: not a diffusers model folder or transformer folder (no config.json here or in transformer/)"
+    )
+
+
+def merge_into_folder(
+    base: str | Path, adapter: str | Path, out: str | Path, strength: float = 1.0, family: str | None = None
+) -> Path:
+    """Bake ``strength`` x the adapter into the transformer of ``base`` and write a diffusers transformer folder.
+
+    Shard by shard (memory: one shard), weights keep their dtype (the update is added in fp32), the sharding and
+    index are kept, so ``<TransformerClass>.from_pretrained(out)`` loads it. The result equals diffusers'
+    ``fuse_lora(lora_scale=strength)``. ``out`` must not exist or be empty; it appears only when complete.
+    """
+    folder = transformer_folder(base)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    lora = read_adapter_file(adapter, family)
+    want = TRANSFORMER_CLASSES[lora.family]
+    if config.get("_class_name") != want:
+        raise UserError(
+            f"{lora.path}: a {lora.family} adapter does not fit {folder} ({config.get('_class_name')}, not {want})"
+        )
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (folder / "diffusion_pytorch_model.safetensors").is_file():
+        shards = ["diffusion_pytorch_model.safetensors"]
+    else:
+        raise UserError(f"{folder}: no diffusion_pytorch_model*.safetensors weights (pickled .bin files are not read)")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not an empty folder; remove it or choose another --out")
+    tmp = out.parent / f".{out.name}.merging"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for extra in (folder / "config.json", index):
+            if extra.is_file():
+                atomic_write(tmp / extra.name, lambda p, src=extra: shutil.copyfile(src, p))
+        merged: set[str] = set()
+        for shard in tqdm(shards, desc="merge", unit="shard"):
+            with safe_open(str(folder / shard), framework="pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+                header = dict(f.metadata() or {})
+            here = [m for m in lora.alphas if f"{m}.weight" in state]
+            part = {k: v for k, v in lora.peft_sd.items() if k.rsplit(".lora_", 1)[0] in here}
+            state = merge_lora(state, part, {m: lora.alphas[m] for m in here}, strength) if here else state
+            merged.update(here)
+            header.update({"format": "pt", "merged_lora": str(lora.path), "merge_strength": str(strength)})
+            atomic_write(tmp / shard, lambda p, s=state, h=header: save_file(s, p, metadata=h))
+        missing = sorted(set(lora.alphas) - merged)
+        if missing:
+            raise UserError(
+                f"{lora.path}: {len(missing)} module(s) have no weight in {folder}: {', '.join(missing[:10])}"
+            )
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# lora.init_from: start training from an existing adapter.
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _lora_layers(transformer: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return {n: m for n, m in transformer.named_modules() if isinstance(m, kinds)}
+
+
+def selected_modules(transformer: torch.nn.Module, targets: str | list[str]) -> set[str]:
+    """Layer names peft's ``target_modules`` selects (a regex is full-matched, a list entry matches a name suffix)."""
+    layers = _lora_layers(transformer)
+    if isinstance(targets, str):
+        return {n for n in layers if re.fullmatch(targets, n)}
+    return {n for n in layers if any(n == t or n.endswith(f".{t}") for t in targets)}
+
+
+def _exact(module: str) -> str:
+    """A peft rank/alpha pattern that matches exactly this module (peft matches patterns as name suffixes)."""
+    return f"^{re.escape(module)}"
+
+
+def _mode(values: Iterable):
+    return Counter(values).most_common(1)[0][0]
+
+
+def add_initial_adapter(transformer: torch.nn.Module, lora: LoraSection, family: ModelFamily) -> LoraConfig:
+    """Add the peft adapter that ``lora.init_from`` (any format, or a run/checkpoint) holds, weights loaded.
+
+    What the recipe leaves unset is adopted from the file: rank (and per-module ranks), alpha, target modules (as a
+    preset name when one selects exactly the file's modules). What the recipe sets must agree: another rank is refused
+    (no lossless way to change it); another alpha rescales lora_A so every update stays the same; targets must
+    include every module of the file, and extra ones start at zero as peft initialises them. ``lora`` is updated to
+    what was adopted, so the run's metadata describes the adapter it trains. LoRA weights are fp32.
+    """
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    src = read_adapter_file(lora.init_from, family.name)
+    where = f"lora.init_from {src.path}"
+    layers = _lora_layers(transformer)
+    ranks, wrong = {}, []
+    for m in src.alphas:
+        A, B = src.peft_sd[f"{m}.lora_A.weight"], src.peft_sd[f"{m}.lora_B.weight"]
+        ranks[m] = A.shape[0]
+        W = layers[m].weight if m in layers else None
+        if W is None or A.shape[1:] != W.shape[1:] or B.shape[0] != W.shape[0]:
+            got = "no such layer" if W is None else f"layer weight {tuple(W.shape)}"
+            wrong.append(f"{m} (adapter {tuple(B.shape[:1]) + tuple(A.shape[1:])}, {got})")
+    if wrong:
+        raise UserError(f"{where}: the adapter does not fit this model: {'; '.join(wrong[:5])}")
+    explicit = lora.model_fields_set
+    rank = _mode(ranks.values())
+    if "rank" in explicit and set(ranks.values()) != {lora.rank}:
+        raise UserError(
+            f"{where}: the adapter has rank {_one_or_all(ranks.values())} but lora.rank = {lora.rank}; "
+            "remove lora.rank to adopt the adapter's (a rank cannot change without changing the adapter)"
+        )
+    scales = {m: 1.0 for m in src.alphas}
+    if "alpha" in explicit and lora.alpha is not None:
+        scales = {m: a / lora.alpha for m, a in src.alphas.items()}  # same update B @ A * alpha / r
+        alphas = dict.fromkeys(src.alphas, float(lora.alpha))
+    else:
+        alphas = dict(src.alphas)
+    alpha = _mode(alphas.values())
+    presets = family.lora_presets
+    if "targets" in explicit:
+        targets = presets.get(lora.targets, lora.targets) if isinstance(lora.targets, str) else lora.targets
+        outside = sorted(set(src.alphas) - selected_modules(transformer, targets))
+        if outside:
+            raise UserError(
+                f"{where}: lora.targets leaves out {len(outside)} module(s) of the adapter ({', '.join(outside[:5])}); "
+                "remove lora.targets to adopt the adapter's"
+            )
+        adopted = lora.targets
+    else:
+        adopted = next((p for p, t in presets.items() if selected_modules(transformer, t) == set(src.alphas)), None)
+        targets = presets[adopted] if adopted else "(" + "|".join(re.escape(m) for m in sorted(src.alphas)) + ")"
+        adopted = adopted or targets
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        rank_pattern={_exact(m): r for m, r in ranks.items() if r != rank},
+        alpha_pattern={_exact(m): a for m, a in alphas.items() if a != alpha},
+        init_lora_weights=True,
+    )
+    transformer.add_adapter(config)
+    for name, p in transformer.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()  # before loading, so fp32 weights in the file stay exact
+    state = {}
+    for m, scale in scales.items():
+        state[f"{m}.lora_A.weight"] = src.peft_sd[f"{m}.lora_A.weight"].float() * scale
+        state[f"{m}.lora_B.weight"] = src.peft_sd[f"{m}.lora_B.weight"].float()
+    result = set_peft_model_state_dict(transformer, state, adapter_name="default")
+    if result.unexpected_keys:
+        raise UserError(
+            f"{where}: peft did not take {len(result.unexpected_keys)} key(s): {result.unexpected_keys[:5]}"
+        )
+    lora.rank, lora.alpha, lora.targets = rank, alpha, adopted
+    return config

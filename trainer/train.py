@@ -62,15 +62,20 @@ def build_model(recipe: Recipe, family: ModelFamily, weight_dtype: torch.dtype) 
     """Frozen transformer + trainable fp32 LoRA."""
     transformer = family.load_transformer(weight_dtype)
     transformer.requires_grad_(False)
-    transformer.add_adapter(
-        LoraConfig(
-            r=recipe.lora.rank,
-            lora_alpha=recipe.lora.alpha or recipe.lora.rank,
-            lora_dropout=recipe.lora.dropout,
-            target_modules=lora_targets(family, recipe.lora.targets),
-            init_lora_weights=True,
+    if recipe.lora.init_from:  # an existing adapter (any format): its weights, rank, alpha and targets
+        from trainer.export import add_initial_adapter
+
+        add_initial_adapter(transformer, recipe.lora, family)
+    else:
+        transformer.add_adapter(
+            LoraConfig(
+                r=recipe.lora.rank,
+                lora_alpha=recipe.lora.alpha or recipe.lora.rank,
+                lora_dropout=recipe.lora.dropout,
+                target_modules=lora_targets(family, recipe.lora.targets),
+                init_lora_weights=True,
+            )
         )
-    )
     for p in transformer.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
