@@ -458,3 +458,18 @@ def test_init_from_keeps_per_module_rank_and_alpha(hunyuan, tmp_path):
     reference = copy.deepcopy(trained.base)
     reference.load_state_dict(merge_lora(trained.base, peft_sd, alphas))
     torch.testing.assert_close(trained.run(model), trained.run(reference), atol=1e-5, rtol=0)
+
+
+def test_export_refusal_writes_no_partial_set(hunyuan, tmp_path, capsys):
+    """`norm_out.linear` has no safe original layout: --format all writes nothing, not just the diffusers file."""
+    trained, _ = hunyuan
+    peft_sd = {**trained.peft_sd, "norm_out.linear.lora_A.weight": torch.ones(4, 20)}
+    peft_sd["norm_out.linear.lora_B.weight"] = torch.ones(40, 4)
+    path = tmp_path / "in" / "adapter.safetensors"
+    alphas = {**trained.alphas, "norm_out.linear": 8.0}
+    save_lora(path, peft_sd, {"format": "vidlora", "family": "hunyuan_video", "alphas": alphas, "alpha": 8.0})
+    assert cli.main(["export", str(path), "--format", "all", "--out-dir", str(tmp_path / "out")]) == 2
+    assert f"{path}: norm_out.linear: cannot be written in the original layout" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert cli.main(["export", str(path), "--format", "diffusers", "--out-dir", str(tmp_path / "out")]) == 0
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["in_diffusers.safetensors"]

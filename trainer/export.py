@@ -101,14 +101,17 @@ def read_adapter_file(src: str | Path, family: str | None = None) -> AdapterFile
             if family and FAMILY_NAMES.get(family) is not FAMILY_NAMES[own]:
                 raise LoraFormatError(f"the header says family {own!r}, not {family!r}")
             peft_sd, _, fam = import_lora(sd, own)
-            raw = meta.get("alphas") or meta["alpha"]
-            alphas = {m: float(raw[m] if isinstance(raw, dict) else raw) for m in _modules(peft_sd)}
+            raw = meta.get("alphas") or meta.get("alpha")
+            raw = raw if isinstance(raw, dict) else dict.fromkeys(_modules(peft_sd), raw)
+            if set(raw) != set(_modules(peft_sd)) or None in raw.values():
+                raise LoraFormatError("the vidlora header's alphas do not match the adapter's modules")
+            alphas = {m: float(a) for m, a in raw.items()}
             return AdapterFile(path, peft_sd, alphas, fam, "vidlora", ["vidlora adapter"], meta)
         hint = family or (meta.get("family") if meta.get("family") in FAMILY_NAMES else None)
         fmt, fam, notes = detect_format(sd, hint)
         peft_sd, alphas, fam = import_lora(sd, fam, metadata=meta)
         return AdapterFile(path, peft_sd, alphas, fam, fmt, notes, meta)
-    except (LoraFormatError, KeyError) as e:
+    except LoraFormatError as e:
         raise LoraFormatError(f"{path}: {e}") from None
 
 
@@ -167,15 +170,18 @@ def adapter_metadata(lora: AdapterFile, fmt: str, tensors: Mapping[str, torch.Te
     return meta
 
 
-def write_adapter(out: str | Path, lora: AdapterFile, fmt: str, dtype: str | None = None) -> list[str]:
-    """Write ``lora`` as ``fmt`` (tensors cast to ``dtype``; None keeps them) and return the readers' notes.
-
-    The file is checked before it is written (no non-finite value, every key maps to a module) and written atomically.
-    """
+def build_adapter(lora: AdapterFile, fmt: str, dtype: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, header) of ``lora`` as ``fmt``, tensors cast to ``dtype`` (None keeps them; `.alpha` stays fp32)."""
     tensors = export_lora(lora.peft_sd, lora.alphas, lora.family, fmt)
     if dtype is not None:
         tensors = {k: v if k.endswith(".alpha") else v.to(DTYPES[dtype]) for k, v in tensors.items()}
-    return save_lora(out, tensors, adapter_metadata(lora, fmt, tensors))
+    return tensors, adapter_metadata(lora, fmt, tensors)
+
+
+def write_adapter(out: str | Path, lora: AdapterFile, fmt: str, dtype: str | None = None) -> list[str]:
+    """Write ``lora`` as ``fmt`` and return the readers' notes; checked first (no non-finite value, every key maps
+    to a module), written atomically."""
+    return save_lora(out, *build_adapter(lora, fmt, dtype))
 
 
 def expand_formats(formats: Iterable[str] | None, default: Iterable[str] = ("diffusers",)) -> list[str]:
@@ -222,7 +228,8 @@ def export_files(
 
     Defaults come from the source: formats and dtype from a vidlora run's recipe (`[export]`), else diffusers and
     the source's own dtype; files go to ``out`` (one source, one format) or ``out_dir`` (default: next to the source)
-    as ``<name>_<format>.safetensors``. Every source is read and checked before anything is written.
+    as ``<name>_<format>.safetensors``. Every source is read, and all of a source's files are built, before any file
+    is written: a refusal leaves no partial set of its files.
     """
     loras = [read_adapter_file(s, family) for s in sources]
     if out is not None and len(loras) > 1:
@@ -233,13 +240,15 @@ def export_files(
         fmts = expand_formats(formats, export.get("formats", ["diffusers"]))
         if out is not None and len(fmts) > 1:
             raise UserError(f"--out names one file but {len(fmts)} formats were asked for; use --out-dir")
-        lora_dtype = dtype or export.get("dtype")
-        for fmt in fmts:
-            folder, stem = default_output(lora.path)
-            stem = name if name and len(loras) == 1 else stem
+        try:
+            built = {fmt: build_adapter(lora, fmt, dtype or export.get("dtype")) for fmt in fmts}
+        except LoraFormatError as e:
+            raise LoraFormatError(f"{lora.path}: {e}") from None
+        folder, stem = default_output(lora.path)
+        stem = name if name and len(loras) == 1 else stem
+        for fmt, (tensors, meta) in built.items():
             path = Path(out) if out is not None else Path(out_dir or folder) / f"{stem}_{fmt}.safetensors"
-            notes = write_adapter(path, lora, fmt, lora_dtype)
-            written.append(Written(fmt, path, lora, notes))
+            written.append(Written(fmt, path, lora, save_lora(path, tensors, meta)))
     return written
 
 
@@ -316,9 +325,12 @@ def merge_into_folder(
             with safe_open(str(folder / shard), framework="pt") as f:
                 state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
                 header = dict(f.metadata() or {})
-            here = [m for m in lora.alphas if f"{m}.weight" in state]
+            here = {m for m in lora.alphas if f"{m}.weight" in state}
             part = {k: v for k, v in lora.peft_sd.items() if k.rsplit(".lora_", 1)[0] in here}
-            state = merge_lora(state, part, {m: lora.alphas[m] for m in here}, strength) if here else state
+            try:
+                state = merge_lora(state, part, {m: lora.alphas[m] for m in here}, strength) if here else state
+            except LoraFormatError as e:  # e.g. an adapter for another model size
+                raise LoraFormatError(f"{lora.path} into {folder / shard}: {e}") from None
             merged.update(here)
             header.update({"format": "pt", "merged_lora": str(lora.path), "merge_strength": str(strength)})
             atomic_write(tmp / shard, lambda p, s=state, h=header: save_file(s, p, metadata=h))
