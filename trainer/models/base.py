@@ -8,6 +8,7 @@ exactly what inference feeds the transformer.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,6 +17,8 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from trainer.config import ModelSection, RecipeError, UserError
+
+log = logging.getLogger("vidlora.models")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -132,9 +135,12 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         sd: Any = load_file(path)
     elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:  # legacy (non-zip) torch files cannot be memory-mapped
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # legacy (non-zip) torch files cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # weights_only refuses pickled code: say so instead of a traceback
             raise UserError(f"{path}: not a plain tensor checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
         for key in ("module", "state_dict", "model"):
@@ -180,7 +186,10 @@ def load_single_file(cls: Any, file: str | Path, cfg: ModelSection, dtype: torch
             k = wrong[0]
             detail.append(f"{len(wrong)} of another shape, e.g. {k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}")
         raise UserError(f"{file}: does not match the transformer config of {cfg.path}: {'; '.join(detail)}")
-    sd = {k: sd[k] for k in expected}  # unused extras (another component's keys) are dropped, not loaded
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        log.warning("%s: %d key(s) not in the transformer are ignored: %s", file, len(extra), ", ".join(extra[:6]))
+    sd = {k: sd[k] for k in expected}
     model = cls.from_single_file(
         sd, config=cfg.path, subfolder="transformer", config_revision=cfg.revision, dtype=dtype
     )
