@@ -15,7 +15,7 @@ from data.cache import load_entry
 from data.media import probe
 from tests.conftest import run_cli, write_recipe
 from trainer import train as train_module
-from trainer.config import ModelSection, RecipeError, load_recipe
+from trainer.config import ModelSection, RecipeError, UserError, load_recipe
 from trainer.models import get_family
 from trainer.models.hunyuan_video import HunyuanVideo
 from trainer.train import lora_targets
@@ -93,9 +93,11 @@ def test_lora_presets_skip_modulation_and_token_refiner(tiny_hv):
     assert {n.split(".")[0] for n in wrapped} == {"transformer_blocks", "single_transformer_blocks"}
 
 
-def test_guidance_is_rejected_for_families_without_it():
+def test_inputs_a_family_does_not_take_are_refused(tiny_hv):
     with pytest.raises(RecipeError, match="model.guidance.*wan"):
         get_family(ModelSection(family="wan", guidance=3.0))
+    with pytest.raises(UserError, match="text only; --image is for image-to-video"):
+        get_family(ModelSection(family="hunyuan_video", path=str(tiny_hv))).sample_kwargs("first.png", 32, 48)
 
 
 @torch.no_grad()
