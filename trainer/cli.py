@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("make-tiny", help="write a tiny random model folder (diffusers layout) for demos and tests")
-    p.add_argument("family", help="model family, e.g. wan")
+    p.add_argument("family", help="model family: wan, wan_i2v or hunyuan_video")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
 
@@ -108,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--out", required=True, type=Path, help="output .mp4")
     p.add_argument("--lora", help="adapter file to load with load_lora_weights")
+    p.add_argument("--image", help="first frame (any image file) for image-to-video families such as wan_i2v")
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--height", type=int, default=480)
     p.add_argument("--width", type=int, default=832)
@@ -162,6 +163,7 @@ def run(args: argparse.Namespace) -> int:
             args.width,
             args.steps,
             args.seed,
+            image=args.image,
         )
         print(f"sample: {out}")
     return 0

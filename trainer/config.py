@@ -33,7 +33,9 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    family: str = Field("wan", description="Model family: one of the registry in trainer/models (wan, ...).")
+    family: str = Field(
+        "wan", description="Model family: one of the registry in trainer/models (wan, wan_i2v, hunyuan_video)."
+    )
     path: str = Field(
         "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
         description="Hugging Face hub id or local folder of the model in diffusers layout.",
@@ -41,8 +43,15 @@ class ModelSection(Section):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of `path`.")
     transformer_file: str | None = Field(
         None,
-        description="Original single-file transformer checkpoint (.safetensors) to use instead of the one in "
-        "`path`; `path` then supplies the config and the other components.",
+        description="Original single-file transformer checkpoint to use instead of the one in `path` "
+        "(.safetensors, ComfyUI prefixes allowed; .pt/.pth read with torch.load(weights_only=True)); `path` then "
+        "supplies the config and the other components.",
+    )
+    guidance: float | None = Field(
+        None,
+        gt=0,
+        description="Embedded guidance value fed to a guidance-distilled transformer while training (HunyuanVideo; "
+        "the transformer gets it x1000); default: the family's (1.0). An error for families without one.",
     )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="Dtype of the frozen weights: auto = bf16 on a GPU, fp32 on the CPU."

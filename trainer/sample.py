@@ -24,13 +24,16 @@ def sample(
     steps: int = 30,
     seed: int = 0,
     fps: float | None = None,
+    image: str | Path | None = None,
 ) -> Path:
     """Generate with `pipeline_class.from_pretrained` + `load_lora_weights`: exactly what a user of
-    diffusers runs, so the sample shows what the exported adapter does outside vidlora."""
+    diffusers runs, so the sample shows what the exported adapter does outside vidlora. `image` is the first
+    frame for image-to-video families."""
     family = get_family(recipe.model)
     _, dtype = resolve_device_precision(recipe.train.mixed_precision, recipe.model.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipe = family.pipeline_class.from_pretrained(recipe.model.path, revision=recipe.model.revision, dtype=DTYPES[dtype])
+    extra = family.sample_kwargs(image, height, width)  # before loading: a missing --image fails fast
+    pipe = family.load_pipeline(None, DTYPES[dtype])
     if lora:
         pipe.load_lora_weights(str(lora))
     pipe.to(device)
@@ -43,7 +46,7 @@ def sample(
         num_inference_steps=steps,
         generator=torch.Generator(device).manual_seed(seed),
         output_type="np",
-        **family.sample_defaults,
+        **extra,
     ).frames[0]
     pixels = (np.clip(np.asarray(video), 0, 1) * 255).round().astype(np.uint8)
     return write_video(out, pixels, fps=fps or family.native_fps)

@@ -11,6 +11,8 @@ if TYPE_CHECKING:
 # name -> "module:Class", imported lazily so `vidlora --help` does not import diffusers.
 FAMILIES: dict[str, str] = {
     "wan": "trainer.models.wan:Wan",
+    "wan_i2v": "trainer.models.wan_i2v:WanI2V",
+    "hunyuan_video": "trainer.models.hunyuan_video:HunyuanVideo",
 }
 
 

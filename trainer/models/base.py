@@ -8,6 +8,7 @@ exactly what inference feeds the transformer.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -15,7 +16,9 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from trainer.config import ModelSection
+from trainer.config import ModelSection, RecipeError, UserError
+
+log = logging.getLogger("vidlora.models")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -32,9 +35,16 @@ class ModelFamily:
     lora_presets: ClassVar[dict[str, str | list[str]]]  # peft target_modules per preset name; "default" required
     text_keys: ClassVar[tuple[str, ...]]  # tensors a text cache entry holds
     sample_defaults: ClassVar[dict[str, Any]] = {}  # extra pipeline arguments for validation samples
+    default_guidance: ClassVar[float | None] = None  # embedded guidance while training; None: no guidance input
 
     def __init__(self, cfg: ModelSection):
+        if cfg.guidance is not None and self.default_guidance is None:
+            raise RecipeError(f"model.guidance: the {self.name} family's transformer has no guidance input")
         self.cfg = cfg
+
+    @property
+    def guidance(self) -> float | None:
+        return self.cfg.guidance or self.default_guidance
 
     # --- loading -------------------------------------------------------------------------------------
     def _from_pretrained(self, cls: Any, subfolder: str, dtype: torch.dtype) -> Any:
@@ -43,12 +53,12 @@ class ModelFamily:
     def load_transformer(self, dtype: torch.dtype) -> nn.Module:
         """The transformer from the diffusers folder, or from an original single-file checkpoint."""
         if self.cfg.transformer_file:
-            return self.transformer_class.from_single_file(
-                self.cfg.transformer_file, config=self.cfg.path, subfolder="transformer", dtype=dtype
-            )
+            return load_single_file(self.transformer_class, self.cfg.transformer_file, self.cfg, dtype)
         return self._from_pretrained(self.transformer_class, "transformer", dtype)
 
     def load_vae(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """What the VAE pass of `prepare` needs: the VAE, plus any encoder the family's conditions need from
+        pixels (Wan I2V's image encoder), so they share the pass and never meet the text encoder."""
         return self._from_pretrained(self.vae_class, "vae", dtype)
 
     def load_text_pipeline(self, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
@@ -57,11 +67,20 @@ class ModelFamily:
             self.cfg.path, revision=self.cfg.revision, transformer=None, vae=None, dtype=dtype
         )
 
-    def load_pipeline(self, transformer: nn.Module, dtype: torch.dtype) -> DiffusionPipeline:
-        """A full pipeline around a given (LoRA-wrapped) transformer, for validation samples."""
+    def load_pipeline(self, transformer: nn.Module | None, dtype: torch.dtype) -> DiffusionPipeline:
+        """A full pipeline for samples, around a given (LoRA-wrapped) transformer or the model's own
+        (`transformer_file` included)."""
+        if transformer is None:
+            transformer = self.load_transformer(dtype)
         return self.pipeline_class.from_pretrained(
             self.cfg.path, revision=self.cfg.revision, transformer=transformer, dtype=dtype
         )
+
+    def sample_kwargs(self, image: str | Path | None, height: int, width: int) -> dict[str, Any]:
+        """Pipeline arguments a sample needs besides prompt, size, frames, steps and generator."""
+        if image is not None:
+            raise UserError(f"{self.name} generates from text only; --image is for image-to-video families")
+        return dict(self.sample_defaults)
 
     # --- caching -------------------------------------------------------------------------------------
     def encode_video(self, vae: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -97,3 +116,84 @@ def pad_stack(tensors: list[torch.Tensor], length: int | None = None) -> torch.T
     for i, t in enumerate(tensors):
         out[i, : min(length, t.shape[0])] = t[:length]
     return out
+
+
+# Prefixes original checkpoints carry in front of the transformer's keys (ComfyUI, ComfyUI full checkpoints).
+SINGLE_FILE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """The transformer tensors of an original checkpoint, with known prefixes stripped. `.safetensors`, or a
+    torch file opened with `weights_only=True` (never unpickling code); HunyuanVideo's
+    `mp_rank_00_model_states.pt` nests its weights under "module"."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: transformer_file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd: Any = load_file(path)
+    elif path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+        try:
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # legacy (non-zip) torch files cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # weights_only refuses pickled code: say so instead of a traceback
+            raise UserError(f"{path}: not a plain tensor checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        for key in ("module", "state_dict", "model"):
+            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                sd = sd[key]
+    else:
+        raise UserError(f"{path}: transformer_file must be .safetensors or a torch .pt/.pth file")
+    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
+        raise UserError(f"{path}: holds no state dict of tensors")
+    for prefix in SINGLE_FILE_PREFIXES:
+        if any(k.startswith(prefix) for k in sd):  # a full checkpoint: keep the transformer's part only
+            sd = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+            break
+    return sd
+
+
+def load_single_file(cls: Any, file: str | Path, cfg: ModelSection, dtype: torch.dtype) -> nn.Module:
+    """An original-layout checkpoint through diffusers' `from_single_file`, with `cfg.path`'s transformer config
+    (offline, no model-type guessing). diffusers fails on a missing or misnamed key with an opaque meta-tensor
+    error, so the keys are converted and checked here first and a mismatch names the keys."""
+    from accelerate import init_empty_weights
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    config = cls.load_config(cfg.path, subfolder="transformer", revision=cfg.revision)
+    with init_empty_weights():
+        expected = cls.from_config(config).state_dict()
+    sd = read_checkpoint(file)
+    if set(sd) != set(expected):
+        convert = SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]["checkpoint_mapping_fn"]
+        try:
+            sd = convert(checkpoint=sd, config=config)
+        except Exception as e:  # noqa: BLE001 - diffusers' converters fail with bare KeyError/RuntimeError
+            raise UserError(
+                f"{file}: cannot convert to a {cls.__name__} ({type(e).__name__}: {str(e)[:200]})"
+            ) from None
+    missing = sorted(set(expected) - set(sd))
+    wrong = sorted(k for k in set(expected) & set(sd) if sd[k].shape != expected[k].shape)
+    if missing or wrong:
+        detail = []
+        if missing:
+            detail.append(f"{len(missing)} weight(s) missing: {', '.join(missing[:6])}")
+        if wrong:
+            k = wrong[0]
+            detail.append(f"{len(wrong)} of another shape, e.g. {k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}")
+        raise UserError(f"{file}: does not match the transformer config of {cfg.path}: {'; '.join(detail)}")
+    extra = sorted(set(sd) - set(expected))
+    if extra:
+        log.warning("%s: %d key(s) not in the transformer are ignored: %s", file, len(extra), ", ".join(extra[:6]))
+    sd = {k: sd[k] for k in expected}
+    model = cls.from_single_file(
+        sd, config=cfg.path, subfolder="transformer", config_revision=cfg.revision, dtype=dtype
+    )
+    on_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if on_meta:
+        raise UserError(f"{file}: weights not loaded: {', '.join(on_meta[:6])}")
+    return model

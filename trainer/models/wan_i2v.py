@@ -1,0 +1,179 @@
+"""Wan 2.1 image-to-video (14B, 480p/720p) in diffusers layout: Wan T2V plus first-frame conditioning.
+
+The condition is built at prepare time by `WanImageToVideoPipeline`'s own methods from each clip's first frame,
+exactly as the pipeline builds it from the input image at inference: the CLIP image embedding (penultimate layer)
+and the normalised latent of [first frame, zeros...] (VAE mode). The transformer input is
+[noisy latents 16 | mask 4 | condition latent 16] on channels; the mask depends only on the shape, so the cache
+keeps the 16 latent channels and `predict` rebuilds the mask.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+from PIL import Image
+from torch import nn
+
+from trainer.config import UserError
+from trainer.models.wan import WAN_ATTENTION, WAN_FFN, Wan, tiny_transformer_config
+
+WAN_IMAGE_KV = r".*blocks\.\d+\.attn2\.(add_k_proj|add_v_proj)"  # cross-attention keys/values of the image tokens
+MASK_CHANNELS = 4  # the first-frame mask, one channel per frame folded into a latent frame (temporal compression)
+
+
+class VaePass(nn.Module):
+    """What the VAE pass of `prepare` holds for I2V: a partial pipeline with the VAE and the CLIP image encoder
+    (never the text encoder), so the condition comes from the pipeline's own `encode_image`/`prepare_latents`."""
+
+    def __init__(self, pipe: WanImageToVideoPipeline):
+        super().__init__()
+        self.vae, self.image_encoder = pipe.vae, pipe.image_encoder  # registered: .to(device) moves them
+        self.pipe = pipe
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vae.dtype
+
+    def enable_tiling(self) -> None:
+        self.vae.enable_tiling()
+
+
+class WanI2V(Wan):
+    name = "wan_i2v"
+    pipeline_class = WanImageToVideoPipeline
+    lora_presets = {
+        "default": f"({WAN_ATTENTION}|{WAN_IMAGE_KV}|{WAN_FFN})",
+        "attention": f"({WAN_ATTENTION}|{WAN_IMAGE_KV})",
+        "t2v": f"({WAN_ATTENTION}|{WAN_FFN})",  # the modules a Wan T2V LoRA has
+    }
+    text_keys = ("prompt_embeds",)
+    # text_length stays 512: the I2V attention splits image from text tokens with a hard-coded 512, so any other
+    # length is silently wrong.
+
+    def load_vae(self, dtype: torch.dtype = torch.float32) -> VaePass:
+        # The image encoder in fp32, as diffusers' Wan I2V examples load it; it is small next to the VAE activations.
+        pipe = self.pipeline_class.from_pretrained(
+            self.cfg.path,
+            revision=self.cfg.revision,
+            transformer=None,
+            text_encoder=None,
+            tokenizer=None,
+            scheduler=None,
+            dtype={"vae": dtype, "image_encoder": torch.float32},
+        )
+        return VaePass(pipe)
+
+    def load_text_pipeline(self, dtype: torch.dtype = torch.float32) -> WanImageToVideoPipeline:
+        return self.pipeline_class.from_pretrained(
+            self.cfg.path,
+            revision=self.cfg.revision,
+            transformer=None,
+            vae=None,
+            image_encoder=None,
+            image_processor=None,
+            dtype=dtype,
+        )
+
+    def encode_video(self, vae: VaePass, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = super().encode_video(vae.vae, pixels)
+        pipe, device = vae.pipe, pixels.device
+        _, _, frames, height, width = pixels.shape
+        z = vae.vae.config.z_dim
+        embeds, conditions = [], []
+        for video in pixels:
+            # The pipeline's input is an image: the clip's first frame, back as the uint8 picture it was decoded as.
+            first = Image.fromarray(
+                ((video[:, 0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
+            )
+            embeds.append(pipe.encode_image(first, device))
+            image = pipe.video_processor.preprocess(first, height=height, width=width).to(device, torch.float32)
+            placeholder = torch.zeros(1, z, *out["latents"].shape[2:], device=device)  # so no noise is drawn
+            _, condition = pipe.prepare_latents(
+                image, 1, z, height, width, frames, torch.float32, device, latents=placeholder
+            )
+            conditions.append(condition[:, MASK_CHANNELS:])
+        return {**out, "image_embeds": torch.cat(embeds), "condition_latents": torch.cat(conditions)}
+
+    def predict(self, transformer, noisy, sigmas, batch):
+        condition = batch["condition_latents"].to(noisy.dtype)
+        mask = torch.zeros_like(condition[:, :MASK_CHANNELS])
+        mask[:, :, 0] = 1  # the given (first) frame
+        return transformer(
+            hidden_states=torch.cat([noisy, mask, condition], dim=1),
+            timestep=sigmas * 1000,
+            encoder_hidden_states=batch["prompt_embeds"].to(noisy.dtype),
+            encoder_hidden_states_image=batch["image_embeds"].to(noisy.dtype),
+            return_dict=False,
+        )[0]
+
+    def sample_kwargs(self, image, height, width):
+        if image is None:
+            raise UserError(f"{self.name} generates from a first frame: pass --image PATH")
+        from data.buckets import resize_crop
+
+        path = Path(image)
+        try:
+            picture = np.asarray(Image.open(path).convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: not a readable image ({e})") from None
+        # Resized and centre-cropped to the video size as training frames are, so CLIP sees the same crop.
+        first = Image.fromarray(resize_crop(picture[None], (width, height))[0])
+        return {**self.sample_defaults, "image": first}
+
+    @classmethod
+    def make_tiny(cls, out_dir: Path, seed: int = 0) -> Path:
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+        from trainer.models.tiny import t5_like_tokenizer
+
+        tokenizer = t5_like_tokenizer()
+        torch.manual_seed(seed)
+        inner = 2 * 12
+        # image_dim = the CLIP hidden size (1280 real); added_kv_proj_dim = the inner dim (5120 for 14B).
+        transformer = WanTransformer3DModel(
+            **tiny_transformer_config(in_channels=36, image_dim=16, added_kv_proj_dim=inner)
+        )
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
+        text_encoder = UMT5EncoderModel(
+            UMT5Config(
+                vocab_size=1000,
+                d_model=32,
+                d_kv=8,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                pad_token_id=0,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+        )
+        # CLIP ViT-H/14 at 224 px gives 257 tokens x 1280 (real); 32 px / patch 4 gives 65 x 16 here.
+        image_encoder = CLIPVisionModel(
+            CLIPVisionConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=3,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=4,
+                projection_dim=16,
+            )
+        )
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+        pipe = WanImageToVideoPipeline(
+            tokenizer=tokenizer,
+            text_encoder=text_encoder,
+            vae=vae,
+            scheduler=scheduler,
+            image_processor=image_processor,
+            image_encoder=image_encoder,
+            transformer=transformer,
+        )
+        pipe.save_pretrained(out_dir)
+        return Path(out_dir)
