@@ -88,8 +88,11 @@ def make_optimizer(kind: str, params: list, t) -> object:
     return cls(params, lr=t.learning_rate, betas=t.adam_betas, weight_decay=t.weight_decay, eps=t.adam_epsilon)
 
 
-def vidlora_step(recipe, preset, optimizer_kind: str, batch: dict):
-    """vidlora's own training step: build_model and flow_loss from trainer/train.py, and its loop body."""
+def vidlora_step(recipe, preset, optimizer_kind: str, batch: dict, family=None):
+    """vidlora's own training step: build_model and flow_loss from trainer/train.py, and its loop body.
+
+    Given the `family` of an earlier call, the new model shares that model's frozen weights.
+    """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -104,7 +107,7 @@ def vidlora_step(recipe, preset, optimizer_kind: str, batch: dict):
     mixed_precision, weight_dtype = resolve_device_precision(t.mixed_precision, recipe.model.dtype)
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=t.gradient_accumulation)
     set_seed(t.seed)
-    family = bench_family(preset, recipe.model, accelerator.device)
+    family = family or bench_family(preset, recipe.model, accelerator.device)
     transformer = build_model(recipe, family, DTYPES[weight_dtype])
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = make_optimizer(optimizer_kind, params, t)
@@ -141,7 +144,7 @@ def bare_step(recipe, preset, optimizer_kind: str, batch: dict, tensors: dict):
 
     from trainer.config import resolve_device_precision
     from trainer.models.base import DTYPES
-    from trainer.perf import bench_family, build_transformer
+    from trainer.perf import bench_family, build_transformer, checkpoint_some_blocks
 
     t = recipe.train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -168,6 +171,8 @@ def bare_step(recipe, preset, optimizer_kind: str, batch: dict, tensors: dict):
         p.data = p.data.float()
     if t.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+        if t.gradient_checkpointing_ratio < 1:  # the same blocks as vidlora, through diffusers' hook
+            checkpoint_some_blocks(transformer, t.gradient_checkpointing_ratio)
     if t.attention_backend != "sdpa":
         transformer.set_attention_backend(t.attention_backend)
     if t.compile == "blocks":
@@ -261,42 +266,54 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
             torch.cuda.synchronize()
         return time.perf_counter() - start, time.process_time() - cpu
 
-    bar = tqdm(total=args.warmup * (1 + with_bare) + args.steps, desc=case, leave=False)
+    bar = tqdm(total=args.warmup * (1 + with_bare + (case != "vidlora")) + args.steps, desc=case, leave=False)
     step, transformer, family = vidlora_step(recipe, preset, optimizer_kind, batch)
     for _ in range(args.warmup):
         timed(step)
         bar.update()
     memory = torch.cuda.max_memory_allocated() if cuda else rss_peak_bytes() - rss_before
-    steps = {case: step}
-    if with_bare:
-        steps["bare"] = bare_step(recipe, preset, optimizer_kind, batch, family.base_tensors)
+    # name -> (step, recipe, optimizer): the case first, then what it is compared with in alternation
+    entries = {case: (step, recipe, optimizer_kind)}
+    if with_bare:  # the plain loop, for the overhead ratio
+        entries["bare"] = (
+            bare_step(recipe, preset, optimizer_kind, batch, family.base_tensors),
+            recipe,
+            optimizer_kind,
+        )
+    if case != "vidlora":  # vidlora without the memory mode, for the mode's time ratio
+        reference = load_recipe(args.recipe, args.set)
+        entries[f"{case}-reference"] = (vidlora_step(reference, preset, "adamw", batch, family)[0], reference, "adamw")
+    for name in list(entries)[1:]:
         for _ in range(args.warmup):
-            timed(steps["bare"])
+            timed(entries[name][0])
             bar.update()
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in entries}
     for i in range(args.steps):
-        for name in list(steps)[:: 1 if i % 2 == 0 else -1]:  # alternate who goes first
-            times[name].append(timed(steps[name]))
+        for name in list(entries)[:: 1 if i % 2 == 0 else -1]:  # alternate who goes first
+            times[name].append(timed(entries[name][0]))
         bar.update()
     bar.close()
 
-    per_step = t.batch_size * t.gradient_accumulation
-    fractions = checkpointed_fractions(getattr(transformer, "module", transformer), recipe)
-    flops = step_flops(preset, latent, text_tokens, per_step, recipe.lora.rank, recipe.lora.targets, fractions)
+    model = getattr(transformer, "module", transformer)  # the blocks are the same in every entry
     results = []
     for name, ts in times.items():
+        _, r, optimizer = entries[name]
+        per_step = r.train.batch_size * r.train.gradient_accumulation
+        flops = step_flops(
+            preset, latent, text_tokens, per_step, r.lora.rank, r.lora.targets, checkpointed_fractions(model, r)
+        )
         s = statistics.median(wall for wall, _ in ts)
         results.append(
             {
                 "case": name,
-                "optimizer": optimizer_kind,
-                "gradient_checkpointing": t.gradient_checkpointing,
+                "optimizer": optimizer,
+                "gradient_checkpointing": r.train.gradient_checkpointing,
                 "s_per_step": s,
                 "s_per_step_all": [wall for wall, _ in ts],
                 "cpu_s_per_step": statistics.median(cpu for _, cpu in ts),
                 "cpu_s_per_step_all": [cpu for _, cpu in ts],
                 "tokens_per_s": per_step * video_tokens(preset, latent) / s,
-                # the bare loop shares the frozen weights, so only vidlora's case has a memory figure
+                # later entries share the case's frozen weights, so only the case has a memory figure
                 "peak_memory_bytes": memory if name == case else None,
                 "memory_kind": "cuda max_memory_allocated" if cuda else "peak RSS added by the case",
                 "model_flops": flops.model,
@@ -338,35 +355,34 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
     print(f"\nmodel {args.model}, {args.frames}x{args.height}x{args.width} -> {tokens} video tokens; {device}")
     print(f"bf16 dense peak: {peak / 1e12:.0f} TFLOP/s" if peak else "no peak known for this device: no MFU")
     print(f"{'case':<15}{'s/step':>9}{'tokens/s':>10}{'peak mem':>11}{'TFLOP/s':>9}{'MFU':>7}{'HFU':>7}")
-    by_case = {}
+    by_case = {r["case"]: r for r in ok}
     for r in results:
         if "error" in r:
             print(f"{r['case']:<15}failed: {r['error']}")
-            continue
-        by_case[r["case"]] = r
-        achieved = r["model_flops"] / r["s_per_step"]
-        mfu = f"{achieved / peak:.1%}" if peak else "-"
-        hfu = f"{r['hardware_flops'] / r['s_per_step'] / peak:.1%}" if peak else "-"
-        print(
-            f"{r['case']:<15}{r['s_per_step']:>9.3f}{r['tokens_per_s']:>10.0f}{fmt_bytes(r['peak_memory_bytes']):>11}"
-            f"{achieved / 1e12:>9.3f}{mfu:>7}{hfu:>7}"
-        )
-    if ok:
-        print(
-            f"FLOPs per step: model {ok[0]['model_flops']:.4g} (MFU), with recompute {ok[0]['hardware_flops']:.4g} (HFU)"
-        )
-        print(f"memory: {ok[0]['memory_kind']}")
+        elif not r["case"].endswith("-reference"):  # the references only time the memory modes
+            achieved = r["model_flops"] / r["s_per_step"]
+            mfu = f"{achieved / peak:.1%}" if peak else "-"
+            hfu = f"{r['hardware_flops'] / r['s_per_step'] / peak:.1%}" if peak else "-"
+            print(
+                f"{r['case']:<15}{r['s_per_step']:>9.3f}{r['tokens_per_s']:>10.0f}"
+                f"{fmt_bytes(r['peak_memory_bytes']):>11}{achieved / 1e12:>9.3f}{mfu:>7}{hfu:>7}"
+            )
     base = by_case.get("vidlora")
+    if base:
+        print(f"FLOPs per step: {base['model_flops']:.4g} (what MFU counts)", end="")
+        recompute = {r["case"]: r["hardware_flops"] for r in ok if r["hardware_flops"] > r["model_flops"]}
+        print("".join(f"; {case} with recompute {f:.4g} (HFU)" for case, f in recompute.items()))
+        print(f"memory: {base['memory_kind']}")
     if base and "bare" in by_case:
         ratio = base["s_per_step"] / by_case["bare"]["s_per_step"]
         print(f"overhead ratio (vidlora / bare s/step): {ratio:.3f} (goal <= 1.05)")
     for case in ("checkpointing", "adamw8bit"):
-        r = by_case.get(case)
-        if base and r:
+        r, ref = by_case.get(case), by_case.get(f"{case}-reference")
+        if base and r and ref:
             gc = f"gradient_checkpointing={str(r['gradient_checkpointing']).lower()}"
             print(
                 f"{gc if case == 'checkpointing' else case} vs vidlora: time ratio "
-                f"{r['s_per_step'] / base['s_per_step']:.3f}, peak memory ratio "
+                f"{r['s_per_step'] / ref['s_per_step']:.3f}, peak memory ratio "
                 f"{r['peak_memory_bytes'] / max(1, base['peak_memory_bytes']):.3f}"
             )
 

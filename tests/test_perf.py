@@ -98,6 +98,16 @@ def test_flops_formula_equals_pytorch_flop_counter(preset, overrides):
         assert formula.recompute > 0 and formula.hardware > formula.model
 
 
+def test_flops_of_a_training_batch_from_the_loaded_model():
+    recipe, _, transformer = tiny_model(TINY_HV, ["train.gradient_checkpointing=true"])
+    batch = perf.random_batch(TINY_HV, LATENT, 2, TINY_HV.text_tokens)
+    got = perf.batch_step_flops(transformer, "hunyuan_video", batch, recipe)
+    want = perf.step_flops(
+        TINY_HV, LATENT, batch_size=2, lora_rank=4, checkpointed=perf.checkpointed_fractions(transformer, recipe)
+    )
+    assert (got.forward, got.backward, got.recompute) == (want.forward, want.backward, want.recompute)
+
+
 def test_lora_step_is_about_4n_not_6n_flops_per_token():
     """The issue's ~5 PFLOP for Wan 14B at 480x832x81 is 3x the forward (backward counted as for full
     fine-tuning); a LoRA step computes no weight gradients for the frozen base, so it needs less."""
@@ -229,7 +239,12 @@ def test_bench_small_prints_overhead_and_memory_ratios(tmp_path):
     )
     assert re.search(r"adamw8bit vs vidlora: time ratio \d+\.\d+, peak memory ratio \d+\.\d+", proc.stdout)
     results = {r["case"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(results) == {"vidlora", "bare", "checkpointing", "adamw8bit"}
+    assert set(results) == {"vidlora", "bare", "checkpointing", "adamw8bit"} | {
+        "checkpointing-reference",
+        "adamw8bit-reference",
+    }
+    assert not results["checkpointing-reference"]["gradient_checkpointing"]
+    assert results["adamw8bit-reference"]["optimizer"] == "adamw"
     assert results["checkpointing"]["gradient_checkpointing"] and results["adamw8bit"]["optimizer"] == "adamw8bit"
     for case in ("vidlora", "checkpointing", "adamw8bit"):
         assert results[case]["peak_memory_bytes"] > 0
