@@ -175,6 +175,36 @@ class TrainSection(Section):
     checkpoints_keep: int = Field(3, ge=1, description="How many recent checkpoints to keep.")
     log_every: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
     dataloader_workers: int = Field(2, ge=0, description="DataLoader worker processes reading the cache.")
+    # speed switches, applied by trainer/perf.py (see docs/performance.md)
+    compile: Literal[False, "blocks", "full"] = Field(
+        False,
+        description="torch.compile the transformer: false, 'blocks' (each repeated block, fast to compile) or "
+        "'full' (the whole model).",
+    )
+    attention_backend: str = Field(
+        "sdpa",
+        description="'sdpa' (PyTorch scaled_dot_product_attention) or a diffusers attention backend such as "
+        "'flash', '_flash_3', 'flex', 'xformers', '_native_cudnn' (its package must be installed).",
+    )
+    gradient_checkpointing_ratio: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="With gradient_checkpointing: the fraction of transformer blocks that recompute their "
+        "activations (evenly spread); lower is faster and uses more memory.",
+    )
+
+    @field_validator("attention_backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value == "sdpa":
+            return value
+        from diffusers.models.attention_dispatch import AttentionBackendName
+
+        allowed = ["sdpa"] + [b.value for b in AttentionBackendName]
+        if value not in allowed:
+            raise ValueError(f"unknown attention backend {value!r}; allowed: {', '.join(allowed)}")
+        return value
 
 
 class LoggingSection(Section):

@@ -31,6 +31,7 @@ from trainer.config import Recipe, UserError, resolve_device_precision
 from trainer.flow_matching import noisy_and_target, sample_sigmas, step_generator
 from trainer.models import get_family
 from trainer.models.base import DTYPES, ModelFamily
+from trainer.perf import apply_speed_options
 
 log = logging.getLogger("vidlora.train")
 
@@ -81,7 +82,7 @@ def build_model(recipe: Recipe, family: ModelFamily, weight_dtype: torch.dtype) 
             p.data = p.data.float()  # LoRA weights train in fp32 whatever the base dtype
     if recipe.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    return transformer
+    return apply_speed_options(transformer, recipe)  # attention backend, selective checkpointing, compile
 
 
 def flow_loss(

@@ -1,0 +1,563 @@
+"""Speed at real sizes: model-size presets, the FLOPs of one LoRA training step, device peaks, and the
+recipe's speed switches (torch.compile, attention backend, selective gradient checkpointing).
+
+The FLOPs formula is written as the list of matrix products one step runs (`step_ops`), so it can be read,
+documented (docs/performance.md) and checked against PyTorch's own FLOP counter on a tiny model
+(tests/test_perf.py). `scripts/bench_train.py` uses the presets and the formula to print s/step and MFU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from trainer.config import UserError
+
+if TYPE_CHECKING:
+    from trainer.config import ModelSection, Recipe
+    from trainer.models.base import ModelFamily
+
+# --- model-size presets: the published transformer configs (diffusers layout), built with random weights ---
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    family: str  # "wan" or "hunyuan_video"
+    config: dict[str, Any]  # kwargs of the diffusers transformer class
+    text_tokens: int  # text length the transformer sees (Wan pads to 512; HunyuanVideo: at most 256)
+    source: str = ""  # where the config was published
+
+
+WAN_1_3B = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+HUNYUAN_13B = {
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_attention_heads": 24,
+    "attention_head_dim": 128,
+    "num_layers": 20,
+    "num_single_layers": 40,
+    "num_refiner_layers": 2,
+    "mlp_ratio": 4.0,
+    "patch_size": 2,
+    "patch_size_t": 1,
+    "qk_norm": "rms_norm",
+    "guidance_embeds": True,
+    "text_embed_dim": 4096,
+    "pooled_projection_dim": 768,
+    "rope_theta": 256.0,
+    "rope_axes_dim": (16, 56, 56),
+}
+PRESETS: dict[str, ModelPreset] = {
+    # Not a published model: Wan's architecture at a size where one CPU step takes a fraction of a second,
+    # big enough that the training loop's own overhead would show next to the model's work.
+    "small": ModelPreset(
+        "wan",
+        {
+            **WAN_1_3B,
+            "num_attention_heads": 4,
+            "attention_head_dim": 64,
+            "ffn_dim": 1024,
+            "num_layers": 4,
+            "text_dim": 1024,
+        },
+        512,
+    ),
+    "hunyuan-small": ModelPreset(  # the same for HunyuanVideo's double/single-stream architecture
+        "hunyuan_video",
+        {
+            **HUNYUAN_13B,
+            "num_attention_heads": 4,
+            "attention_head_dim": 64,
+            "rope_axes_dim": (16, 24, 24),  # sums to the head width
+            "num_layers": 2,
+            "num_single_layers": 2,
+            "num_refiner_layers": 1,
+            "text_embed_dim": 1024,
+        },
+        256,
+    ),
+    "wan-1.3b": ModelPreset("wan", WAN_1_3B, 512, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers/transformer/config.json"),
+    "wan-14b": ModelPreset(
+        "wan",
+        {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
+        512,
+        "Wan-AI/Wan2.1-T2V-14B-Diffusers/transformer/config.json",
+    ),
+    "hunyuan-13b": ModelPreset(
+        "hunyuan_video", HUNYUAN_13B, 256, "hunyuanvideo-community/HunyuanVideo/transformer/config.json"
+    ),
+}
+
+# Both families: VAE compression 4x8x8 (time x height x width), 16 latent channels.
+LATENT_CHANNELS = 16
+
+
+def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """Pixel clip size -> latent [C, f, h, w] of the Wan / HunyuanVideo VAEs."""
+    if frames < 1 or (frames - 1) % 4:
+        raise UserError(f"--frames {frames}: must be 4k+1 (1, 5, ..., 81)")
+    if height % 16 or width % 16 or height < 16 or width < 16:
+        raise UserError(f"--height/--width {height}x{width}: must be multiples of 16")
+    return LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 8, width // 8
+
+
+def patch(preset: ModelPreset) -> tuple[int, int, int]:
+    c = preset.config
+    if preset.family == "wan":
+        return tuple(c["patch_size"])
+    return c["patch_size_t"], c["patch_size"], c["patch_size"]
+
+
+def video_tokens(preset: ModelPreset, latent: tuple[int, int, int, int]) -> int:
+    pt, ph, pw = patch(preset)
+    return (latent[1] // pt) * (latent[2] // ph) * (latent[3] // pw)
+
+
+def transformer_class(preset: ModelPreset) -> type[nn.Module]:
+    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
+
+    return WanTransformer3DModel if preset.family == "wan" else HunyuanVideoTransformer3DModel
+
+
+def build_transformer(
+    preset: ModelPreset,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """The transformer at the preset's size with random weights, made directly on `device` in `dtype`.
+
+    Modules the class keeps in fp32 when loading (`_keep_in_fp32_modules`) are kept in fp32 here too, as
+    `from_pretrained(..., torch_dtype=dtype)` would. `tensors` (another instance's `model_tensors`) makes a
+    second instance that shares those frozen weights instead of holding its own copy.
+    """
+    cls = transformer_class(preset)
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # parameters are born in `dtype`: a 14B model never exists in fp32
+    try:
+        with torch.device("meta" if tensors is not None else device):
+            model = cls(**preset.config)
+    finally:
+        torch.set_default_dtype(default)
+    if tensors is not None:
+        for name, tensor in tensors.items():
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            (module._parameters if attr in module._parameters else module._buffers)[attr] = tensor
+        return model.eval()
+    keep = cls._keep_in_fp32_modules or []
+    for name, param in model.named_parameters():
+        if any(k in name.split(".") for k in keep):
+            param.data = param.data.float()
+    return model.eval()
+
+
+def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name (what `build_transformer(tensors=...)` shares)."""
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+def random_batch(
+    preset: ModelPreset, latent: tuple[int, int, int, int], batch_size: int, text_tokens: int, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """Random latents and text embeddings shaped like a collated training batch of the family."""
+    g = torch.Generator().manual_seed(seed)
+    out = {"latents": torch.randn(batch_size, *latent, generator=g)}
+    c = preset.config
+    if preset.family == "wan":
+        out["prompt_embeds"] = torch.randn(batch_size, text_tokens, c["text_dim"], generator=g)
+    else:
+        out["prompt_embeds"] = torch.randn(batch_size, text_tokens, c["text_embed_dim"], generator=g)
+        out["prompt_attention_mask"] = torch.ones(batch_size, text_tokens, dtype=torch.int64)
+        out["pooled_prompt_embeds"] = torch.randn(batch_size, c["pooled_projection_dim"], generator=g)
+    return out
+
+
+HV_ATTENTION = (
+    r"(transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v))"
+)
+HV_MLP = (
+    r"(transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)|single_transformer_blocks\.\d+\.(proj_mlp|proj_out))"
+)
+
+
+def bench_family(preset: ModelPreset, cfg: ModelSection, device: str | torch.device = "cpu") -> ModelFamily:
+    """The preset's model family, loading a randomly initialised transformer of the preset's size.
+
+    Wan is vidlora's own family. HunyuanVideo uses a minimal stand-in with the transformer call of
+    diffusers' HunyuanVideoPipeline (guidance 1.0 x 1000, as musubi-tuner and finetrainers train it) until
+    its family file is in the registry.
+    """
+    from trainer.models import family_class
+    from trainer.models.base import ModelFamily
+
+    if preset.family == "wan":
+        base = family_class("wan")
+    else:
+
+        class HunyuanVideoStandIn(ModelFamily):
+            name = "hunyuan_video"
+            default_shift = 7.0
+            lora_presets = {"default": f"({HV_ATTENTION}|{HV_MLP})", "attention": HV_ATTENTION}
+
+            def predict(self, transformer, noisy, sigmas, batch):
+                n = noisy.shape[0]
+                return transformer(
+                    hidden_states=noisy,
+                    timestep=sigmas * 1000,
+                    encoder_hidden_states=batch["prompt_embeds"].to(noisy.dtype),
+                    encoder_attention_mask=batch["prompt_attention_mask"],
+                    pooled_projections=batch["pooled_prompt_embeds"].to(noisy.dtype),
+                    guidance=torch.full((n,), 1000.0, device=noisy.device, dtype=noisy.dtype),
+                    return_dict=False,
+                )[0]
+
+        base = HunyuanVideoStandIn
+
+    class RandomWeights(base):
+        def load_transformer(self, dtype: torch.dtype) -> nn.Module:
+            """Random weights the first time; later calls share them (a second model costs no weights)."""
+            model = build_transformer(preset, dtype, device, tensors=getattr(self, "base_tensors", None))
+            self.base_tensors = model_tensors(model)  # before LoRA wraps the layers: what others can share
+            return model
+
+    RandomWeights.transformer_class = transformer_class(preset)
+    return RandomWeights(cfg)
+
+
+# --- the FLOPs of one training step ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Matmul:
+    """`count` linear layers (or a patch-embedding conv) of fan_in -> fan_out applied to `tokens` rows per sample."""
+
+    name: str
+    tokens: int
+    fan_in: int
+    fan_out: int
+    count: int = 1
+    input_grad: bool = True  # backward needs d(loss)/d(input): the input depends on a trainable parameter
+    lora: str | None = None  # "attn" or "ffn": LoRA presets that adapt this layer
+    group: str | None = None  # the ModuleList of repeated blocks it lives in (what gradient checkpointing reruns)
+
+
+@dataclass(frozen=True)
+class Attention:
+    """`count` attention products softmax(Q K^T) V with q_tokens queries, kv_tokens keys and inner width dim."""
+
+    name: str
+    q_tokens: int
+    kv_tokens: int
+    dim: int
+    count: int = 1
+    group: str | None = None
+    grad: bool = True  # Q, K, V depend on trainable parameters (false only in the frozen text refiner)
+
+
+def step_ops(preset: ModelPreset, latent: tuple[int, int, int, int], text_tokens: int) -> list[Matmul | Attention]:
+    """Every matrix product of one forward pass for one sample (elementwise work, norms and RoPE omitted).
+
+    Wan I2V's extra cross-attention to 257 image tokens is not counted (under 1% at 480p).
+    """
+    return (_wan_ops if preset.family.startswith("wan") else _hunyuan_ops)(preset, latent, text_tokens)
+
+
+def _wan_ops(preset: ModelPreset, latent: tuple[int, int, int, int], t: int) -> list[Matmul | Attention]:
+    c = preset.config
+    d, f, layers = c["num_attention_heads"] * c["attention_head_dim"], c["ffn_dim"], c["num_layers"]
+    n, p = video_tokens(preset, latent), math.prod(patch(preset))
+    g = "blocks"
+    return [
+        Matmul("patch_embedding (conv)", n, c["in_channels"] * p, d, input_grad=False),
+        Matmul("time_embedder.linear_1", 1, c["freq_dim"], d, input_grad=False),
+        Matmul("time_embedder.linear_2 + time_proj", 1, d, 7 * d, input_grad=False),
+        Matmul("text_embedder.linear_1", t, c["text_dim"], d, input_grad=False),
+        Matmul("text_embedder.linear_2", t, d, d, input_grad=False),
+        # block 0's self-attention input comes from the frozen patch embedding: no gradient needed for it
+        Matmul("blocks.0.attn1.to_q/k/v", n, d, d, 3, False, "attn", g),
+        Matmul("blocks.N.attn1.to_q/k/v", n, d, d, 3 * (layers - 1), True, "attn", g),
+        Attention("attn1 (self)", n, n, d, layers, g),
+        Matmul("attn1.to_out + attn2.to_q", n, d, d, 2 * layers, True, "attn", g),
+        Matmul("attn2.to_k/v (text)", t, d, d, 2 * layers, False, "attn", g),
+        Attention("attn2 (cross, text)", n, t, d, layers, g),
+        Matmul("attn2.to_out", n, d, d, layers, True, "attn", g),
+        Matmul("ffn.net.0.proj", n, d, f, layers, True, "ffn", g),
+        Matmul("ffn.net.2", n, f, d, layers, True, "ffn", g),
+        Matmul("proj_out", n, d, c["out_channels"] * p),
+    ]
+
+
+def _hunyuan_ops(preset: ModelPreset, latent: tuple[int, int, int, int], t: int) -> list[Matmul | Attention]:
+    c = preset.config
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    m = int(d * c["mlp_ratio"])
+    dt, refiners, double, single = c["text_embed_dim"], c["num_refiner_layers"], c["num_layers"], c["num_single_layers"]
+    n, p = video_tokens(preset, latent), math.prod(patch(preset))
+    s = n + t  # single-stream blocks run on video and text tokens together
+    frozen = {"input_grad": False}
+    ops: list[Matmul | Attention] = [
+        Matmul("x_embedder (conv)", n, c["in_channels"] * p, d, **frozen),
+        # timestep + guidance embedders (256 -> d -> d) and the pooled-text projection, once per sample
+        Matmul("time/guidance embedders linear_1", 1, 256, d, 1 + c["guidance_embeds"], **frozen),
+        Matmul("time/guidance embedders linear_2", 1, d, d, 1 + c["guidance_embeds"], **frozen),
+        Matmul("pooled text_embedder", 1, c["pooled_projection_dim"], d, **frozen),
+        Matmul("pooled text_embedder.linear_2", 1, d, d, **frozen),
+        # token refiner: its own time/text embedding, proj_in, and `refiners` self-attention blocks on the text
+        Matmul("refiner time_text_embed", 1, 256 + d + dt + d, d, **frozen),
+        Matmul("refiner proj_in", t, dt, d, **frozen),
+        Matmul("refiner to_q/k/v/to_out", t, d, d, 4 * refiners, **frozen),
+        Attention("refiner attn", t, t, d, refiners, grad=False),
+        Matmul("refiner ff", t, d, 2 * 4 * d, refiners, **frozen),  # d->4d and 4d->d, mlp ratio 4
+        Matmul("refiner norm_out", 1, d, 2 * d, refiners, **frozen),
+    ]
+    g = "transformer_blocks"
+    for stream, tokens in (("", n), ("context ", t)):
+        ops += [
+            Matmul(f"double.0 {stream}q/k/v", tokens, d, d, 3, False, "attn", g),
+            Matmul(f"double.N {stream}q/k/v", tokens, d, d, 3 * (double - 1), True, "attn", g),
+            Matmul(f"double {stream}attn out", tokens, d, d, double, True, "attn", g),
+            Matmul(f"double {stream}ff", tokens, d, m, double, True, "ffn", g),
+            Matmul(f"double {stream}ff.net.2", tokens, m, d, double, True, "ffn", g),
+            Matmul(f"double {stream}norm1 modulation", 1, d, 6 * d, double, False, None, g),
+        ]
+    ops.append(Attention("double joint attn", s, s, d, double, g))
+    g = "single_transformer_blocks"
+    ops += [
+        Matmul("single norm modulation", 1, d, 3 * d, single, False, None, g),
+        Matmul("single proj_mlp", s, d, m, single, True, "ffn", g),
+        Matmul("single attn to_q/k/v", s, d, d, 3 * single, True, "attn", g),
+        Attention("single attn", s, s, d, single, g),
+        Matmul("single proj_out", s, d + m, d, single, True, "ffn", g),
+        Matmul("norm_out modulation", 1, d, 2 * d, **frozen),
+        Matmul("proj_out", n, d, c["out_channels"] * p),
+    ]
+    return ops
+
+
+@dataclass
+class StepFlops:
+    """FLOPs of one training step; `model` is what MFU counts, `hardware` adds checkpointing's recompute."""
+
+    forward: float
+    backward: float
+    recompute: float = 0.0
+    by_op: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def model(self) -> float:
+        return self.forward + self.backward
+
+    @property
+    def hardware(self) -> float:
+        return self.model + self.recompute
+
+
+LORA_KINDS = {"default": {"attn", "ffn"}, "attention": {"attn"}}
+
+
+def step_flops(
+    preset: ModelPreset,
+    latent: tuple[int, int, int, int],
+    text_tokens: int | None = None,
+    batch_size: int = 1,
+    lora_rank: int = 32,
+    lora_targets: str | list[str] = "default",
+    checkpointed: dict[str, float] | None = None,
+) -> StepFlops:
+    """FLOPs of one LoRA training step (forward, backward, optimizer excluded) on `batch_size` samples.
+
+    Counting rules, per matrix product of an (m x k) by a (k x n) matrix = 2mkn FLOPs:
+    - forward: every product once.
+    - backward of a frozen layer: only the gradient of its input (one product the size of the forward),
+      and only when that input depends on a trainable parameter; frozen weights get no gradient.
+    - attention: Q K^T and P V forward; dQ, dK, dV and dP backward (twice the forward).
+    - LoRA (rank r) on a layer: forward 2·r·(in+out) per token; backward dB, d(Ax), dA (+ dx when needed).
+    - `checkpointed`: {block group: fraction of its blocks rerun}; their forward is done again in backward.
+    `lora_targets` other than a preset name is counted as the default preset (LoRA is ~1% of the total).
+    """
+    ops = step_ops(preset, latent, preset.text_tokens if text_tokens is None else text_tokens)
+    kinds = (
+        LORA_KINDS.get(lora_targets, LORA_KINDS["default"]) if isinstance(lora_targets, str) else LORA_KINDS["default"]
+    )
+    checkpointed = checkpointed or {}
+    fwd = bwd = rec = 0.0
+    by_op: dict[str, float] = {}
+    r = lora_rank
+    for op in ops:
+        if isinstance(op, Attention):
+            f = 4.0 * op.q_tokens * op.kv_tokens * op.dim * op.count
+            b = 2 * f if op.grad else 0.0
+        else:
+            rows = op.tokens * op.count
+            f = 2.0 * rows * op.fan_in * op.fan_out
+            b = f if op.input_grad else 0.0
+            if op.lora in kinds:
+                f += 2.0 * rows * r * (op.fan_in + op.fan_out)
+                b += 2.0 * rows * r * (2 * op.fan_out + op.fan_in) + (
+                    2.0 * rows * r * op.fan_in if op.input_grad else 0
+                )
+        f, b = f * batch_size, b * batch_size
+        fwd, bwd = fwd + f, bwd + b
+        rec += f * checkpointed.get(op.group, 0.0) if op.group else 0.0
+        by_op[op.name] = by_op.get(op.name, 0.0) + f + b
+    return StepFlops(fwd, bwd, rec, by_op)
+
+
+def batch_step_flops(transformer: nn.Module, family: str, batch: dict[str, torch.Tensor], recipe: Recipe) -> StepFlops:
+    """FLOPs of one micro-batch of the training loop, from the loaded transformer's own config (for MFU logs)."""
+    model = getattr(transformer, "module", transformer)  # under DDP
+    preset = ModelPreset(family, dict(model.config), batch["prompt_embeds"].shape[1])
+    latents = batch["latents"]
+    return step_flops(
+        preset,
+        tuple(latents.shape[1:]),
+        batch_size=latents.shape[0],
+        lora_rank=recipe.lora.rank,
+        lora_targets=recipe.lora.targets,
+        checkpointed=checkpointed_fractions(model, recipe),
+    )
+
+
+# --- device peaks -----------------------------------------------------------------------------------
+
+# Dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s with fp32 accumulation, from the vendors'
+# datasheets. Matched in order against torch.cuda.get_device_name(): the first substring found wins.
+DEVICE_PEAKS_TFLOPS: list[tuple[str, float]] = [
+    ("GH200", 989.4),
+    ("H200 NVL", 835.0),
+    ("H200", 989.4),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
+    ("RTX 6000 Ada", 364.2),
+    ("A6000", 154.8),
+    ("RTX 4090", 165.2),
+    ("RTX 3090 Ti", 80.0),
+    ("RTX 3090", 71.0),
+    ("MI300X", 1307.4),
+]
+
+
+def device_peak_flops(name: str) -> float | None:
+    """bf16 dense peak of a GPU by its torch device name, in FLOP/s; None when the table does not know it."""
+    for key, tflops in DEVICE_PEAKS_TFLOPS:
+        if key.lower() in name.lower():
+            return tflops * 1e12
+    return None
+
+
+# --- the recipe's speed switches ---------------------------------------------------------------------
+
+
+def apply_speed_options(transformer: nn.Module, recipe: Recipe, compile_backend: str | None = None) -> nn.Module:
+    """Apply train.attention_backend, train.gradient_checkpointing_ratio and train.compile, in that order.
+
+    Called after the LoRA is added and gradient checkpointing is enabled, so compiled blocks include both.
+    `compile_backend` overrides torch.compile's backend (tests use "aot_eager"; default: inductor).
+    """
+    t = recipe.train
+    if t.attention_backend != "sdpa":
+        set_attention_backend(transformer, t.attention_backend)
+    if t.gradient_checkpointing and t.gradient_checkpointing_ratio < 1:
+        checkpoint_some_blocks(transformer, t.gradient_checkpointing_ratio)
+    if t.compile:
+        kwargs = {"backend": compile_backend} if compile_backend else {}
+        if t.compile == "blocks":
+            transformer.compile_repeated_blocks(**kwargs)
+        else:
+            transformer.compile(**kwargs)  # in place: parameter names (and checkpoints) stay the same
+    return transformer
+
+
+def set_attention_backend(transformer: nn.Module, backend: str) -> None:
+    """diffusers' attention dispatch for every attention layer; a missing package is a one-line error."""
+    import logging
+
+    diffusers_log = logging.getLogger("diffusers.models.modeling_utils")
+    level = diffusers_log.level
+    diffusers_log.setLevel(logging.ERROR)  # "attention backends are an experimental feature" on every call
+    try:
+        transformer.set_attention_backend(backend)
+    except (RuntimeError, ValueError, ImportError) as e:
+        raise UserError(f"train.attention_backend = {backend!r}: {e}") from None
+    finally:
+        diffusers_log.setLevel(level)
+
+
+def repeated_block_lists(transformer: nn.Module) -> dict[str, nn.ModuleList]:
+    """The ModuleLists of the blocks gradient checkpointing wraps (Wan: blocks; HunyuanVideo: double, single)."""
+    names = set(getattr(transformer, "_repeated_blocks", []))
+    return {
+        name: child
+        for name, child in transformer.named_children()
+        if isinstance(child, nn.ModuleList) and len(child) and type(child[0]).__name__ in names
+    }
+
+
+def checkpointed_blocks(n: int, ratio: float) -> list[int]:
+    """round(n * ratio) block indices spread evenly over 0..n-1."""
+    k = max(1, round(n * ratio)) if ratio > 0 else 0
+    return sorted({min(n - 1, int((i + 0.5) * n / k)) for i in range(k)}) if k else []
+
+
+def checkpoint_some_blocks(transformer: nn.Module, ratio: float) -> dict[str, float]:
+    """Selective activation checkpointing through diffusers' own hook: only some blocks recompute.
+
+    diffusers calls `gradient_checkpointing_func(block, *args)` for every block; blocks not chosen run
+    normally and keep their activations. Returns {block list: fraction checkpointed} for the FLOPs count.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    chosen: set[int] = set()
+    fractions = {}
+    for name, blocks in repeated_block_lists(transformer).items():
+        idx = checkpointed_blocks(len(blocks), ratio)
+        chosen |= {id(blocks[i]) for i in idx}
+        fractions[name] = len(idx) / len(blocks)
+
+    def some_blocks(block: nn.Module, *args: Any) -> Any:
+        if id(block) in chosen:
+            return checkpoint(block.__call__, *args, use_reentrant=False)
+        return block(*args)
+
+    transformer.enable_gradient_checkpointing(some_blocks)
+    return fractions
+
+
+def checkpointed_fractions(transformer: nn.Module, recipe: Recipe) -> dict[str, float]:
+    """{block list: fraction of blocks recomputed in backward} for the recipe (empty without checkpointing)."""
+    t = recipe.train
+    if not t.gradient_checkpointing:
+        return {}
+    return {
+        name: len(checkpointed_blocks(len(blocks), t.gradient_checkpointing_ratio)) / len(blocks)
+        for name, blocks in repeated_block_lists(transformer).items()
+    }
