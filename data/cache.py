@@ -54,10 +54,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None], only_if_changed
     return True
 
 
-def remove_temp_files(folder: str | Path) -> int:
-    """Delete the temp files `atomic_write` leaves when a process is killed mid-write (names `.*.tmp`)."""
+def remove_temp_files(folder: str | Path, recursive: bool = True) -> int:
+    """Delete the temp files `atomic_write` leaves when a process is killed mid-write (`.<name>.*.tmp`)."""
     removed = 0
-    for tmp in Path(folder).rglob(f".*{TMP_SUFFIX}"):
+    folder = Path(folder)
+    for tmp in folder.rglob(f".*{TMP_SUFFIX}") if recursive else folder.glob(f".*{TMP_SUFFIX}"):
         if tmp.is_file():
             tmp.unlink(missing_ok=True)
             removed += 1

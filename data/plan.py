@@ -54,6 +54,7 @@ class Plan:
     samples: list[Sample]
     inputs: list[dict[str, Any]]  # one report row per input file, in discovery order
     manifest: Dataset  # one row per usable media file: dataset, path, kind, captions, extra (JSON)
+    media: dict[str, MediaInfo]  # probe of every usable source, so decoding never probes again
 
 
 class ProbeCache:
@@ -142,6 +143,7 @@ def make_plan(
     settings = dict(zip(names, datasets))
     samples: list[Sample] = []
     inputs: list[dict[str, Any]] = []
+    media: dict[str, MediaInfo] = {}
     for item in tqdm(manifest, desc="probe", unit="file", disable=not show_progress or len(manifest) < 2):
         ds = settings[item["dataset"]]
         row: dict[str, Any] = {"path": item["path"], "dataset": item["dataset"], "kind": item["kind"]}
@@ -154,6 +156,7 @@ def make_plan(
         except MediaError as e:
             row.update(status="failed", reason=e.reason)
             continue
+        media[item["path"]] = info
         fps = None if ds.keep_source_fps or info.kind == "image" else (ds.target_fps or default_fps)
         windows = source_windows(
             info.timestamps,
@@ -169,8 +172,11 @@ def make_plan(
         if info.note:
             row["note"] = "; ".join(filter(None, [row.get("note"), info.note]))
         source = file_identity(item["path"])
-        for res in ds.resolutions:
-            bucket = choose_bucket(info.width, info.height, bucket_sizes(res, max_ratio=ds.max_aspect_ratio))
+        buckets = [
+            choose_bucket(info.width, info.height, bucket_sizes(r, max_ratio=ds.max_aspect_ratio))
+            for r in ds.resolutions
+        ]
+        for bucket in dict.fromkeys(buckets):  # two resolutions may give one bucket: one sample, not two
             for window in windows:
                 key = fingerprint(source["path"], window, bucket)
                 file = f"samples/{item['dataset']}/{_safe(Path(item['path']).stem)}_{window[0]}+{len(window)}"
@@ -188,7 +194,7 @@ def make_plan(
                 )
                 samples.append(sample)
                 row["samples"].append({"file": file, "start": window[0], "frames": len(window), "bucket": list(bucket)})
-    return Plan(samples, inputs + unused, manifest)
+    return Plan(samples, inputs + unused, manifest, media)
 
 
 def _safe(text: str) -> str:

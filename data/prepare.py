@@ -14,7 +14,6 @@ its share of the stale batches and the main process writes the index and the rep
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
@@ -39,7 +38,7 @@ from data.cache import (
     save_entry,
     write_json,
 )
-from data.media import read_frames
+from data.media import MediaInfo, read_frames
 from data.plan import Plan, ProbeCache, Sample, make_plan
 from trainer.config import Recipe, UserError
 from trainer.models import get_family
@@ -75,8 +74,8 @@ def fixed_batches(items: list[T], key: Callable[[T], Hashable], size: int) -> li
 class _Decode(Dataset):
     """Reads and resizes the frames of each sample; runs in DataLoader workers, errors become values."""
 
-    def __init__(self, samples: list[Sample]):
-        self.samples = samples
+    def __init__(self, samples: list[Sample], media: dict[str, MediaInfo]):
+        self.samples, self.media = samples, media
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -84,7 +83,7 @@ class _Decode(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
         s = self.samples[i]
         try:
-            frames = resize_crop(read_frames(s.source, s.frames), s.bucket)
+            frames = resize_crop(read_frames(self.media[s.source], s.frames), s.bucket)
             return i, torch.from_numpy(np.ascontiguousarray(frames))
         except Exception as e:  # a bad file must not stop the run: report it instead
             return i, f"{type(e).__name__}: {getattr(e, 'reason', e)}"
@@ -105,6 +104,7 @@ def entry_meta(s: Sample, family: ModelFamily) -> dict[str, Any]:
 
 def encode_latents(
     batches: list[list[Sample]],
+    media: dict[str, MediaInfo],
     stale: set[str],
     family: ModelFamily,
     root: Path,
@@ -124,7 +124,7 @@ def encode_latents(
     workers = recipe.data.decode_workers
     # Workers start (fork) before the VAE loads, so they never hold a copy of it.
     decoded = iter(
-        DataLoader(_Decode(flat), batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+        DataLoader(_Decode(flat, media), batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     )
     vae = family.load_vae(vae_dtype).to(device).eval()
     if recipe.data.vae_tiling:
@@ -163,7 +163,7 @@ def encode_latents(
             bar.set_postfix_str("x".join(map(str, batch[0].shape)), refresh=False)
     bar.close()
     del vae, decoded
-    gc.collect()
+    _free(device)
     return errors, written
 
 
@@ -192,8 +192,14 @@ def encode_texts(
                     written += 1
             bar.update(len(chunk))
     del pipe
-    gc.collect()
+    _free(device)
     return written
+
+
+def _free(device: torch.device) -> None:
+    """Hand a finished pass's GPU memory back before the next model loads."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def prepare(recipe: Recipe, strict: bool = False, dry_run: bool = False, prune: bool = False) -> int:
@@ -227,7 +233,8 @@ def prepare(recipe: Recipe, strict: bool = False, dry_run: bool = False, prune: 
         plan = make_plan(recipe.data.datasets, family.native_fps, identity, probes, show_progress=main)
         if main:
             probes.save()
-            remove_temp_files(root)  # left by a run killed mid-write
+            for folder, recursive in ((root, False), (root / "samples", True), (root / "text", False)):
+                remove_temp_files(folder, recursive)  # left by a run killed mid-write
             _write_manifest(plan, root / "manifest.jsonl")
     if dry_run:
         if main:
@@ -241,7 +248,9 @@ def prepare(recipe: Recipe, strict: bool = False, dry_run: bool = False, prune: 
     todo = [b for b in fixed_batches(samples, lambda s: s.shape, recipe.data.encode_batch_size) if stale & _files(b)]
     state.wait_for_everyone()  # every process has seen the cache as it was before anyone writes to it
     mine = todo[rank::world]
-    errors, written = encode_latents(mine, stale, family, root, recipe, device, vae_dtype, show_progress=main)
+    errors, written = encode_latents(
+        mine, plan.media, stale, family, root, recipe, device, vae_dtype, show_progress=main
+    )
     shares = gather_object([(errors, written)])
     errors = {k: v for share_errors, _ in shares for k, v in share_errors.items()}
     per_process = [n for _, n in shares]

@@ -14,6 +14,7 @@ import torch
 from data import synth
 from data.cache import load_entry, read_meta
 from data.dataset import CachedDataset
+from data.inspect import inspect_cache
 from data.media import probe
 from tests.conftest import run_cli, write_recipe
 
@@ -352,7 +353,7 @@ def test_inspect_counts_and_decodes_back_to_video(modes_run, tmp_path):
     saved = victim.read_bytes()
     victim.unlink()
     try:
-        assert "missing or unreadable" in run_cli("inspect", cache).stdout
+        assert f"{victim.relative_to(cache)}: missing or unreadable" in inspect_cache(cache)
     finally:
         victim.write_bytes(saved)
 
@@ -370,3 +371,26 @@ def test_decode_video_inverts_the_latent_normalisation(tiny_wan):
         raw = vae.encode(pixels).latent_dist.mode()
         assert not torch.allclose(cached, raw)  # really normalised
         assert torch.allclose(family.decode_video(vae, cached), vae.decode(raw).sample.clamp(-1, 1), atol=1e-5)
+
+
+def test_vae_tiling_is_used_for_large_frames_and_is_part_of_the_fingerprint(tiny_wan, tmp_path):
+    """A 320x240 still at resolution 288 is wider than the Wan VAE's 256-px tile: with tiling on it is encoded
+    in tiles (close to, but not the same as, one pass), and toggling tiling re-encodes the entry."""
+    from data.prepare import prepare
+    from trainer.config import load_recipe
+
+    synth.write_image(tmp_path / "clips/big.png", synth.pattern_frames(1, 320, 240, seed=8)[0])
+    caption(tmp_path / "clips/big.png")
+    r = recipe(tmp_path, tiny_wan, f'[[data.datasets]]\npath = "{tmp_path / "clips"}"\nresolutions = [288]')
+    latents, encoded = {}, {}
+    for tiling in ("false", "true"):
+        assert prepare(load_recipe(r, [f"data.vae_tiling={tiling}"])) == 0
+        index = json.loads((tmp_path / "cache/index.json").read_text())
+        (sample,) = index["samples"]
+        assert sample["bucket"][0] > 256
+        latents[tiling] = load_entry(tmp_path / "cache" / sample["file"])["latents"]
+        encoded[tiling] = json.loads((tmp_path / "cache/report.json").read_text())["encoded_now"]
+    assert encoded == {"false": 1, "true": 1}
+    one_pass, tiled = latents["false"], latents["true"]
+    assert one_pass.shape == tiled.shape and not torch.equal(one_pass, tiled)
+    assert (one_pass - tiled).abs().mean() < 0.05 * one_pass.abs().mean()

@@ -139,18 +139,21 @@ def test_sigkill_mid_run_then_resume_equals_a_clean_run(tiny_wan, clips, clean, 
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file() and p.name != "report.json"} == before
 
 
-def test_changed_source_is_redone_and_orphans_are_only_pruned_on_request(tiny_wan, clips, tmp_path):
+def test_changed_source_is_redone_and_orphans_are_only_pruned_on_request(tiny_wan, clips, tmp_path, capsys):
+    from data.prepare import prepare
+    from trainer.config import load_recipe
+
     local = tmp_path / "clips"
     local.mkdir()
     for p in sorted(clips.iterdir())[:4]:  # two clips with captions
         (local / p.name).write_bytes(p.read_bytes())
-    recipe = make_recipe(tmp_path, tiny_wan, local, "cache")
+    recipe = load_recipe(make_recipe(tmp_path, tiny_wan, local, "cache"))
     cache = tmp_path / "cache"
-    run(prepare_cmd(recipe))
+    assert prepare(recipe) == 0
     clip = sorted(local.glob("*.mp4"))[0]
     synth.write_video(clip, synth.pattern_frames(20, 64, 48, seed=99))  # edited: now landscape, 20 frames
     (cache / "samples" / "notes.txt").write_text("a user's file in the cache folder\n")
-    run(prepare_cmd(recipe))
+    assert prepare(recipe) == 0
     report = json.loads((cache / "report.json").read_text())
     assert report["encoded_now"] == 2  # 20 frames -> two 9-frame windows, in a new bucket
     index = json.loads((cache / "index.json").read_text())
@@ -159,13 +162,13 @@ def test_changed_source_is_redone_and_orphans_are_only_pruned_on_request(tiny_wa
     assert len(old) == 3 and all(o.startswith("samples/") for o in old)  # the old portrait windows
     assert all((cache / o).exists() for o in old)
 
-    proc = subprocess.run(
-        [*prepare_cmd(recipe), "--prune"], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0 and "pruned 3" in proc.stdout
+    capsys.readouterr()
+    assert prepare(recipe, prune=True) == 0
+    assert "pruned 3" in capsys.readouterr().out
     assert not any((cache / o).exists() for o in old)
     assert (cache / "samples" / "notes.txt").exists()  # not ours: never deleted
-    assert len(entries(cache)) == len(index["samples"]) + len({t for s in index["samples"] for t in s["text_ids"]}) + 1
+    texts = {t for s in index["samples"] for t in s["text_ids"]} | set(index["validation"])
+    assert len(entries(cache)) == len(index["samples"]) + len(texts)
 
 
 def free_port() -> int:
