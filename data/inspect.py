@@ -35,7 +35,7 @@ def inspect_cache(
     seconds = sum(len(s["frames"]) / s["fps"] for s in samples if s.get("fps") and len(s["frames"]) > 1)
     stills = sum(1 for s in samples if len(s["frames"]) == 1)
     lines.append(
-        f"duration: {seconds:.1f} s of video in {len(samples) - stills} clip samples, {stills} 1-frame samples"
+        f"duration: {seconds:.1f} s of video in {len(samples) - stills} clip samples, and {stills} samples of 1 frame"
     )
     lines.append("by dataset:")
     for name, count in Counter(s["dataset"] for s in samples).items():

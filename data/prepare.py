@@ -237,24 +237,24 @@ def prepare(recipe: Recipe, strict: bool = False, dry_run: bool = False, prune: 
                 remove_temp_files(folder, recursive)  # left by a run killed mid-write
             _write_manifest(plan, root / "manifest.jsonl")
     if dry_run:
+        report = summarise(plan, plan.samples, {}, 0, 0, time.time() - started, dry_run=True)
         if main:
-            report = summarise(plan, plan.samples, {}, 0, 0, time.time() - started, dry_run=True)
             write_json(root / "report.json", report)
             print(format_summary(report, root))
-        return 0 if plan.samples else 1
+        return exit_status(report, strict)
 
+    # Latents: fixed batches, the stale ones shared out over the processes.
     samples = plan.samples
     stale = {s.file for s in samples if (read_meta(root / s.file) or {}).get("fingerprint") != s.fingerprint}
     todo = [b for b in fixed_batches(samples, lambda s: s.shape, recipe.data.encode_batch_size) if stale & _files(b)]
     state.wait_for_everyone()  # every process has seen the cache as it was before anyone writes to it
     mine = todo[rank::world]
-    errors, written = encode_latents(
-        mine, plan.media, stale, family, root, recipe, device, vae_dtype, show_progress=main
-    )
+    errors, written = encode_latents(mine, plan.media, stale, family, root, recipe, device, vae_dtype, main)
     shares = gather_object([(errors, written)])
     errors = {k: v for share_errors, _ in shares for k, v in share_errors.items()}
     per_process = [n for _, n in shares]
 
+    # Texts: every caption of every good sample, and the validation prompts, in fixed chunks too.
     good = [s for s in samples if s.file not in errors]
     captions: dict[str, str] = {}
     for s in good:
@@ -270,6 +270,8 @@ def prepare(recipe: Recipe, strict: bool = False, dry_run: bool = False, prune: 
     texts = encode_texts(chunks[rank::world], text_stale, captions, family, root, recipe, device, main)
     texts = sum(gather_object([texts]))  # also the barrier: every entry is written after this
 
+    report = summarise(plan, good, errors, sum(per_process), texts, time.time() - started)
+    report["encoded_per_process"] = per_process
     if main:
         index = {
             "format_version": FORMAT_VERSION,
@@ -280,8 +282,6 @@ def prepare(recipe: Recipe, strict: bool = False, dry_run: bool = False, prune: 
             "validation": list(validation),
         }
         write_json(root / "index.json", index, only_if_changed=True)
-        report = summarise(plan, good, errors, sum(per_process), texts, time.time() - started)
-        report["encoded_per_process"] = per_process
         orphans = orphan_entries(root, {s.file for s in samples}, set(ids))
         if prune:
             for path in orphans:
@@ -291,10 +291,14 @@ def prepare(recipe: Recipe, strict: bool = False, dry_run: bool = False, prune: 
             report["orphans"] = [str(p.relative_to(root)) for p in orphans]
         write_json(root / "report.json", report)
         print(format_summary(report, root))
-    if not good:
+    return exit_status(report, strict)
+
+
+def exit_status(report: dict[str, Any], strict: bool) -> int:
+    """0 when anything was prepared; 1 when nothing was, or with `strict` when any input was not used."""
+    if not report["samples"]:
         return 1
-    failed = sum(1 for row in plan.inputs if row["status"] in ("failed", "skipped"))
-    return 1 if strict and failed else 0
+    return 1 if strict and (report["counts"].get("failed", 0) or report["counts"].get("skipped", 0)) else 0
 
 
 def _files(batch: list[Sample]) -> set[str]:
