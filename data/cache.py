@@ -7,6 +7,7 @@ an entry only when its stored fingerprint equals the one it would write now.
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import os
@@ -21,16 +22,24 @@ from safetensors.torch import save_file
 
 FORMAT_VERSION = 1
 META_KEY = "vidlora"
+TMP_SUFFIX = ".tmp"
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Run `write(tmp_path)`, fsync, then rename onto `path`; the folder is fsynced so the rename sticks."""
+def atomic_write(path: str | Path, write: Callable[[str], None], only_if_changed: bool = False) -> bool:
+    """Run `write(tmp_path)`, fsync, then rename onto `path`; the folder is fsynced so the rename sticks.
+
+    only_if_changed: leave `path` (and its mtime) alone when the new bytes equal the old ones.
+    Returns whether `path` was written. Temp files are named `.<name>.*.tmp` (see `remove_temp_files`).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        if only_if_changed and path.is_file() and filecmp.cmp(tmp, path, shallow=False):
+            Path(tmp).unlink()
+            return False
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,15 +51,26 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-    return path
+    return True
 
 
-def write_json(path: str | Path, data: Any) -> Path:
+def remove_temp_files(folder: str | Path, recursive: bool = True) -> int:
+    """Delete the temp files `atomic_write` leaves when a process is killed mid-write (`.<name>.*.tmp`)."""
+    removed = 0
+    folder = Path(folder)
+    for tmp in folder.rglob(f".*{TMP_SUFFIX}") if recursive else folder.glob(f".*{TMP_SUFFIX}"):
+        if tmp.is_file():
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def write_json(path: str | Path, data: Any, only_if_changed: bool = False) -> bool:
     text = json.dumps(data, indent=1, ensure_ascii=False)
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), only_if_changed)
 
 
-def save_entry(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+def save_entry(path: str | Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> bool:
     """One cache entry: tensors plus vidlora's metadata as JSON under one header key."""
     header = {META_KEY: json.dumps(meta, ensure_ascii=False), "format_version": str(FORMAT_VERSION)}
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

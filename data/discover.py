@@ -190,7 +190,7 @@ def discover(
             claimed.add(path)
             kind = sniff(path)
             if kind not in ("video", "image"):
-                found.skipped.append(Issue(str(path), f"listed in {meta.name}:{line} but {_not_media(kind)}"))
+                found.skipped.append(Issue(str(path), f"listed in {meta.name}:{line} but {_not_media(kind, path)}"))
                 continue
             add(path, kind, captions, f"metadata {meta.name}:{line}", f"no caption in {meta.name}:{line}", extra)
 
@@ -204,7 +204,7 @@ def discover(
             continue
         kind = sniff(path)
         if kind not in ("video", "image"):
-            found.skipped.append(Issue(str(path), _not_media(kind)))
+            found.skipped.append(Issue(str(path), _not_media(kind, path)))
             continue
         stems.add((path.parent, path.stem))
         sidecar = path.with_name(path.stem + caption_ext)
@@ -242,8 +242,12 @@ def discover(
     return found
 
 
-def _not_media(kind: str | None) -> str:
-    return "audio only, no video" if kind == "audio" else "not a media file (content is not a known video or image)"
+def _not_media(kind: str | None, path: Path) -> str:
+    if kind == "audio":
+        return "audio only, no video"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    return "not a media file (content is not a known video or image)"
 
 
 def _walk(root: Path, skipped: list[Issue]) -> tuple[list[Path], list[Path]]:

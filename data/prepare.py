@@ -1,58 +1,53 @@
 """`vidlora prepare`: media + captions -> latent and text-embedding caches, an index and a report.
 
-Three passes: plan (discover, probe, cut frame windows, pick buckets: cheap, and what the report shows),
-then the VAE pass (clips decoded in worker processes while the VAE encodes), then the text pass (the VAE
-is gone before the text encoder loads). Each entry is written atomically with a fingerprint, so a re-run
-skips what is current and an interrupted run resumes. A bad file is reported with its reason and never
-stops the run.
+Passes: the plan (data/plan.py: discover, probe, frame windows, buckets; cheap, and what the report shows),
+the VAE pass (clips decoded in DataLoader worker processes while the VAE encodes batches of one shape), the
+text pass (the VAE is gone before the text encoder loads), then index.json and report.json. Every entry is
+written atomically with a fingerprint, so a re-run skips what is current, redoes what is stale, and a run
+killed at any moment resumes. A bad file is reported with its reason and never stops the run.
+
+Batches are fixed by the plan (runs of same-shape samples), not by what happens to be stale, because an
+encoder's output changes in the last bits with its batch: so a resumed run, or one split over N
+processes, writes exactly the entries a clean run writes. Under `accelerate launch` each process encodes
+its share of the stale batches and the main process writes the index and the report.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object, parse_flag_from_env
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from data.buckets import bucket_sizes, choose_bucket, resize_crop
-from data.cache import file_identity, fingerprint, read_meta, save_entry, write_json
-from data.discover import Discovery, discover
-from data.media import MediaError, probe, read_frames
-from data.windows import source_windows
-from trainer.config import DatasetSection, Recipe, UserError
+from data.buckets import resize_crop
+from data.cache import (
+    FORMAT_VERSION,
+    atomic_write,
+    fingerprint,
+    read_meta,
+    remove_temp_files,
+    save_entry,
+    write_json,
+)
+from data.media import MediaInfo, read_frames
+from data.plan import Plan, ProbeCache, Sample, make_plan
+from trainer.config import Recipe, UserError
 from trainer.models import get_family
 from trainer.models.base import DTYPES, ModelFamily
 
 log = logging.getLogger("vidlora.prepare")
 
-
-@dataclass
-class Sample:
-    """One training sample: a window of a clip at a bucket size, and where its cache entry lives."""
-
-    file: str  # relative to the cache folder
-    dataset: str
-    source: str
-    frames: list[int]  # source frame indices
-    bucket: tuple[int, int]  # (width, height)
-    captions: list[str]
-    repeats: int
-    fingerprint: str
-    text_ids: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Plan:
-    samples: list[Sample]
-    inputs: list[dict[str, Any]]  # one report row per input file
+TEXT_BATCH = 16  # captions per text-encoder call
+T = TypeVar("T")
 
 
 def model_identity(family: ModelFamily, component: str) -> dict[str, Any]:
@@ -68,68 +63,19 @@ def text_id(caption: str, te_ident: dict[str, Any], dtype: str) -> str:
     return fingerprint("text", caption, te_ident, dtype)[:24]
 
 
-def _safe_stem(path: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", Path(path).stem)[:60] or "clip"
-
-
-def plan_dataset(ds: DatasetSection, family: ModelFamily, vae_ident: dict, cache_dtype: str) -> Plan:
-    """Probe every input of one dataset, cut windows and pick buckets; nothing is decoded in full yet."""
-    name = ds.name or Path(ds.path).stem or "data"
-    found: Discovery = discover(ds.path, ds.caption_extension, ds.missing_caption, ds.default_caption, ds.trigger)
-    inputs = [{"path": i.path, "dataset": name, "status": "skipped", "reason": i.reason} for i in found.skipped]
-    inputs += [{"path": i.path, "dataset": name, "status": "note", "reason": i.reason} for i in found.notes]
-    fps = None if ds.keep_source_fps else (ds.target_fps or family.native_fps)
-    samples = []
-    for item in tqdm(found.items, desc=f"probe {name}", unit="file", leave=False):
-        row: dict[str, Any] = {"path": item.path, "dataset": name, "kind": item.kind, "captions": len(item.captions)}
-        inputs.append(row)
-        try:
-            info = probe(item.path)
-        except MediaError as e:
-            row.update(status="failed", reason=e.reason)
-            continue
-        windows = source_windows(
-            info.timestamps,
-            ds.target_frames,
-            ds.frame_window,
-            fps,
-            stride=ds.frame_stride,
-            count=ds.window_count,
-            max_frames=ds.max_frames,
-        )
-        source_id = file_identity(item.path)
-        row.update(
-            status="ok",
-            width=info.width,
-            height=info.height,
-            frames=info.num_frames,
-            fps=info.fps,
-            backend=info.backend,
-            samples=[],
-        )
-        if info.note:
-            row["note"] = info.note
-        for res in ds.resolutions:
-            bucket = choose_bucket(info.width, info.height, bucket_sizes(res, max_ratio=ds.max_aspect_ratio))
-            for window in windows:
-                fp = fingerprint(source_id, window, bucket, vae_ident, cache_dtype)
-                file = (
-                    f"samples/{name}/{_safe_stem(item.path)}_{window[0]}+{len(window)}_{bucket[0]}x{bucket[1]}_{fp[:8]}"
-                )
-                samples.append(
-                    Sample(f"{file}.safetensors", name, item.path, window, bucket, item.captions, ds.repeats, fp)
-                )
-                row["samples"].append(
-                    {"file": samples[-1].file, "frames": [window[0], len(window)], "bucket": list(bucket)}
-                )
-    return Plan(samples, inputs)
+def fixed_batches(items: list[T], key: Callable[[T], Hashable], size: int) -> list[list[T]]:
+    """Items grouped by `key` (groups in order of first appearance), each group cut into chunks of `size`."""
+    groups: dict[Hashable, list[T]] = {}
+    for item in items:
+        groups.setdefault(key(item), []).append(item)
+    return [group[i : i + size] for group in groups.values() for i in range(0, len(group), size)]
 
 
 class _Decode(Dataset):
     """Reads and resizes the frames of each sample; runs in DataLoader workers, errors become values."""
 
-    def __init__(self, samples: list[Sample]):
-        self.samples = samples
+    def __init__(self, samples: list[Sample], media: dict[str, MediaInfo]):
+        self.samples, self.media = samples, media
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -137,143 +83,327 @@ class _Decode(Dataset):
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
         s = self.samples[i]
         try:
-            frames = resize_crop(read_frames(s.source, s.frames), s.bucket)
+            frames = resize_crop(read_frames(self.media[s.source], s.frames), s.bucket)
             return i, torch.from_numpy(np.ascontiguousarray(frames))
         except Exception as e:  # a bad file must not stop the run: report it instead
             return i, f"{type(e).__name__}: {getattr(e, 'reason', e)}"
 
 
-def encode_latents(todo: list[Sample], family: ModelFamily, root: Path, recipe: Recipe, device: torch.device) -> dict:
-    """VAE pass. Returns {sample file: error} for samples that could not be decoded."""
+def entry_meta(s: Sample, family: ModelFamily) -> dict[str, Any]:
+    """What a latent entry says about itself: enough to trace it back to its source frames."""
+    return {
+        "source": s.source,
+        "dataset": s.dataset,
+        "frames": s.frames,
+        "bucket": list(s.bucket),
+        "fps": s.fps,
+        "fingerprint": s.fingerprint,
+        "family": family.name,
+    }
+
+
+def encode_latents(
+    batches: list[list[Sample]],
+    media: dict[str, MediaInfo],
+    stale: set[str],
+    family: ModelFamily,
+    root: Path,
+    recipe: Recipe,
+    device: torch.device,
+    vae_dtype: torch.dtype,
+    show_progress: bool = True,
+) -> tuple[dict[str, str], int]:
+    """VAE pass over `batches` (each one shape); writes the entries in `stale`.
+
+    Returns ({sample file: why it could not be decoded}, entries written).
+    """
+    flat = [s for batch in batches for s in batch]
     errors: dict[str, str] = {}
-    if not todo:
-        return errors
+    if not flat:
+        return errors, 0
     workers = recipe.data.decode_workers
-    loader = iter(
-        DataLoader(_Decode(todo), batch_size=None, num_workers=workers, prefetch_factor=2 if workers else None)
+    # Workers start (fork) before the VAE loads, so they never hold a copy of it.
+    decoded = iter(
+        DataLoader(_Decode(flat, media), batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
     )
-    vae = family.load_vae(torch.float32 if device.type == "cpu" else torch.bfloat16).to(device).eval()
-    if recipe.data.vae_tiling and hasattr(vae, "enable_tiling"):
-        vae.enable_tiling()
+    vae = family.load_vae(vae_dtype).to(device).eval()
+    if recipe.data.vae_tiling:
+        vae.enable_tiling()  # diffusers tiles only frames larger than the VAE's tile size
     dtype = DTYPES[recipe.data.cache_dtype]
-    bar = tqdm(total=len(todo), desc="encode latents", unit="sample")
+    written = 0
+    bar = tqdm(total=len(flat), desc="encode latents", unit="sample", disable=not show_progress, smoothing=0.05)
     with torch.no_grad():
-        for i, frames in loader:
-            s = todo[i]
-            bar.update()
-            if isinstance(frames, str):
-                errors[s.file] = frames
-                continue
-            pixels = frames.permute(3, 0, 1, 2)[None].to(device, torch.float32) / 127.5 - 1
-            encoded = family.encode_video(vae, pixels)
-            meta = {
-                "source": s.source,
-                "dataset": s.dataset,
-                "frames": s.frames,
-                "bucket": s.bucket,
-                "fingerprint": s.fingerprint,
-                "family": family.name,
-            }
-            save_entry(root / s.file, {k: v[0].to(dtype) for k, v in encoded.items()}, meta)
+        for batch in batches:
+            good = []
+            for s in batch:
+                _, frames = next(decoded)
+                if isinstance(frames, str):
+                    errors[s.file] = frames
+                else:
+                    good.append((s, frames))
+            if good:
+                pixels = torch.stack([f for _, f in good]).to(device, non_blocking=True)
+                pixels = pixels.permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # [B,F,H,W,3] uint8 -> [B,3,F,H,W]
+                try:
+                    encoded = family.encode_video(vae, pixels)
+                except torch.cuda.OutOfMemoryError as e:
+                    w, h, f = batch[0].shape
+                    raise UserError(
+                        f"the VAE ran out of memory on {len(good)} samples of {w}x{h}x{f}: lower "
+                        f"data.encode_batch_size (now {recipe.data.encode_batch_size}) or set data.vae_tiling = "
+                        "true; entries written so far are kept, so a re-run resumes"
+                    ) from e
+                for k, (s, _) in enumerate(good):
+                    if s.file in stale:  # members already current keep their file (and mtime)
+                        save_entry(
+                            root / s.file, {n: v[k].to(dtype) for n, v in encoded.items()}, entry_meta(s, family)
+                        )
+                        written += 1
+            bar.update(len(batch))
+            bar.set_postfix_str("x".join(map(str, batch[0].shape)), refresh=False)
     bar.close()
-    del vae
-    return errors
+    del vae, decoded
+    _free(device)
+    return errors, written
 
 
 def encode_texts(
-    captions: dict[str, str], family: ModelFamily, root: Path, recipe: Recipe, device: torch.device
-) -> None:
-    """Text pass: every caption (and validation prompt) not cached yet, in batches."""
-    todo = {tid: c for tid, c in captions.items() if read_meta(root / "text" / f"{tid}.safetensors") is None}
-    if not todo:
-        return
+    chunks: list[list[str]],
+    stale: set[str],
+    captions: dict[str, str],
+    family: ModelFamily,
+    root: Path,
+    recipe: Recipe,
+    device: torch.device,
+    show_progress: bool = True,
+) -> int:
+    """Text pass over `chunks` of text ids; writes the entries in `stale`. Returns how many were written."""
+    if not chunks:
+        return 0
     pipe = family.load_text_pipeline(torch.float32 if device.type == "cpu" else torch.bfloat16).to(device)
     dtype = DTYPES[recipe.data.cache_dtype]
-    items = list(todo.items())
-    with tqdm(total=len(items), desc="encode captions", unit="caption") as bar:
-        for start in range(0, len(items), 16):
-            chunk = items[start : start + 16]
-            for (tid, caption), tensors in zip(chunk, family.encode_prompts(pipe, [c for _, c in chunk])):
-                save_entry(
-                    root / "text" / f"{tid}.safetensors",
-                    {k: v.to(dtype) for k, v in tensors.items()},
-                    {"caption": caption, "family": family.name},
-                )
+    written = 0
+    with tqdm(total=sum(map(len, chunks)), desc="encode captions", unit="caption", disable=not show_progress) as bar:
+        for chunk in chunks:
+            for tid, tensors in zip(chunk, family.encode_prompts(pipe, [captions[t] for t in chunk])):
+                if tid in stale:
+                    meta = {"caption": captions[tid], "family": family.name}
+                    save_entry(root / "text" / f"{tid}.safetensors", {k: v.to(dtype) for k, v in tensors.items()}, meta)
+                    written += 1
             bar.update(len(chunk))
     del pipe
+    _free(device)
+    return written
 
 
-def prepare(recipe: Recipe, strict: bool = False) -> int:
-    """Run all passes; returns the process exit status (0 when something usable was prepared)."""
+def _free(device: torch.device) -> None:
+    """Hand a finished pass's GPU memory back before the next model loads."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def prepare(recipe: Recipe, strict: bool = False, dry_run: bool = False, prune: bool = False) -> int:
+    """Run all passes; returns the process exit status (0 when something usable was prepared).
+
+    dry_run: plan and report only (every input, its windows and buckets), no encoding and no index.
+    prune: delete cache entries this plan no longer makes (only vidlora entries, only in this cache).
+    """
     started = time.time()
-    family = get_family(recipe.model)
-    root = Path(recipe.data.cache_dir)
     if not recipe.data.datasets:
         raise UserError("the recipe has no [[data.datasets]]: nothing to prepare")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vae_ident, te_ident = model_identity(family, "vae"), model_identity(family, "text_encoder")
-    samples, inputs = [], []
-    for ds in recipe.data.datasets:
-        p = plan_dataset(ds, family, vae_ident, recipe.data.cache_dtype)
-        samples += p.samples
-        inputs += p.inputs
-    todo = [s for s in samples if (read_meta(root / s.file) or {}).get("fingerprint") != s.fingerprint]
-    errors = encode_latents(todo, family, root, recipe, device)
+    # `accelerate launch --cpu` (or ACCELERATE_USE_CPU) keeps every process on the CPU; PartialState, unlike
+    # the Accelerator, does not read that flag itself.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    main, rank, world = state.is_main_process, state.process_index, state.num_processes
+    family = get_family(recipe.model)
+    root = Path(recipe.data.cache_dir)
+    device = state.device
+    vae_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    identity = {  # everything besides the input that changes what the VAE writes
+        "format": FORMAT_VERSION,
+        "vae": model_identity(family, "vae"),
+        "vae_dtype": str(vae_dtype),
+        "vae_tiling": recipe.data.vae_tiling,
+        "cache_dtype": recipe.data.cache_dtype,
+    }
+    te_ident = {**model_identity(family, "text_encoder"), "dtype": "fp32" if device.type == "cpu" else "bf16"}
+
+    with state.main_process_first():  # the main process probes; the others then find its probe cache
+        probes = ProbeCache(root / "probes.json")
+        plan = make_plan(recipe.data.datasets, family.native_fps, identity, probes, show_progress=main)
+        if main:
+            probes.save()
+            for folder, recursive in ((root, False), (root / "samples", True), (root / "text", False)):
+                remove_temp_files(folder, recursive)  # left by a run killed mid-write
+            _write_manifest(plan, root / "manifest.jsonl")
+    if dry_run:
+        report = summarise(plan, plan.samples, {}, 0, 0, time.time() - started, dry_run=True)
+        if main:
+            write_json(root / "report.json", report)
+            print(format_summary(report, root))
+        return exit_status(report, strict)
+
+    # Latents: fixed batches, the stale ones shared out over the processes.
+    samples = plan.samples
+    stale = {s.file for s in samples if (read_meta(root / s.file) or {}).get("fingerprint") != s.fingerprint}
+    todo = [b for b in fixed_batches(samples, lambda s: s.shape, recipe.data.encode_batch_size) if stale & _files(b)]
+    state.wait_for_everyone()  # every process has seen the cache as it was before anyone writes to it
+    mine = todo[rank::world]
+    errors, written = encode_latents(mine, plan.media, stale, family, root, recipe, device, vae_dtype, main)
+    shares = gather_object([(errors, written)])
+    errors = {k: v for share_errors, _ in shares for k, v in share_errors.items()}
+    per_process = [n for _, n in shares]
+
+    # Texts: every caption of every good sample, and the validation prompts, in fixed chunks too.
     good = [s for s in samples if s.file not in errors]
     captions: dict[str, str] = {}
     for s in good:
         s.text_ids = [text_id(c, te_ident, recipe.data.cache_dtype) for c in s.captions]
         captions.update(zip(s.text_ids, s.captions))
     validation = {text_id(p, te_ident, recipe.data.cache_dtype): p for p in recipe.data.validation_prompts}
-    encode_texts({**captions, **validation}, family, root, recipe, device)
+    captions.update(validation)
+    ids = sorted(captions)
+    text_stale = {t for t in ids if read_meta(root / "text" / f"{t}.safetensors") is None}
+    chunks = [ids[i : i + TEXT_BATCH] for i in range(0, len(ids), TEXT_BATCH)]
+    chunks = [c for c in chunks if text_stale.intersection(c)]
+    state.wait_for_everyone()
+    texts = encode_texts(chunks[rank::world], text_stale, captions, family, root, recipe, device, main)
+    texts = sum(gather_object([texts]))  # also the barrier: every entry is written after this
 
-    for row in inputs:  # a clip whose every window failed to decode is a failed input
-        bad = [errors[x["file"]] for x in row.get("samples", []) if x["file"] in errors]
-        if bad and len(bad) == len(row["samples"]):
+    report = summarise(plan, good, errors, sum(per_process), texts, time.time() - started)
+    report["encoded_per_process"] = per_process
+    if main:
+        index = {
+            "format_version": FORMAT_VERSION,
+            "family": family.name,
+            "model": recipe.model.path,
+            "model_revision": recipe.model.revision,
+            "samples": [_index_entry(s) for s in good],
+            "validation": list(validation),
+        }
+        write_json(root / "index.json", index, only_if_changed=True)
+        orphans = orphan_entries(root, {s.file for s in samples}, set(ids))
+        if prune:
+            for path in orphans:
+                path.unlink()
+            report["pruned"] = len(orphans)
+        else:
+            report["orphans"] = [str(p.relative_to(root)) for p in orphans]
+        write_json(root / "report.json", report)
+        print(format_summary(report, root))
+    return exit_status(report, strict)
+
+
+def exit_status(report: dict[str, Any], strict: bool) -> int:
+    """0 when anything was prepared; 1 when nothing was, or with `strict` when any input was not used."""
+    if not report["samples"]:
+        return 1
+    return 1 if strict and (report["counts"].get("failed", 0) or report["counts"].get("skipped", 0)) else 0
+
+
+def _files(batch: list[Sample]) -> set[str]:
+    return {s.file for s in batch}
+
+
+def _index_entry(s: Sample) -> dict[str, Any]:
+    return {
+        "file": s.file,
+        "dataset": s.dataset,
+        "source": s.source,
+        "frames": s.frames,
+        "bucket": list(s.bucket),
+        "fps": s.fps,
+        "repeats": s.repeats,
+        "fingerprint": s.fingerprint,
+        "text_ids": s.text_ids,
+    }
+
+
+def _write_manifest(plan: Plan, path: Path) -> None:
+    """The discovered items as JSON lines (`datasets.load_dataset("json", data_files=...)` reads it back)."""
+    from datasets.utils.tqdm import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    if not len(plan.manifest):
+        return
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        atomic_write(path, lambda tmp: plan.manifest.to_json(tmp, lines=True, force_ascii=False), only_if_changed=True)
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+def orphan_entries(root: Path, sample_files: set[str], text_ids: set[str]) -> list[Path]:
+    """vidlora entries in this cache that the current plan does not make (other settings, removed clips)."""
+    planned = sample_files | {f"text/{t}.safetensors" for t in text_ids}
+    found = [*root.glob("samples/**/*.safetensors"), *root.glob("text/*.safetensors")]
+    return sorted(p for p in found if p.relative_to(root).as_posix() not in planned and read_meta(p) is not None)
+
+
+def summarise(
+    plan: Plan,
+    good: list[Sample],
+    errors: dict[str, str],
+    encoded: int,
+    texts: int,
+    seconds: float,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """report.json: counts, buckets, and one row per input with its status, samples and reasons."""
+    rows = []
+    for row in plan.inputs:
+        row = dict(row)
+        planned = row.pop("samples", [])
+        made = [x for x in planned if x["file"] not in errors]
+        bad = [errors[x["file"]] for x in planned if x["file"] in errors]
+        if planned and not made:
             row.update(status="failed", reason=bad[0])
         elif bad:
-            row["note"] = f"{len(bad)} of {len(row['samples'])} windows failed: {bad[0]}"
-    index = {
-        "format_version": 1,
-        "family": family.name,
-        "model": recipe.model.path,
-        "samples": [{k: v for k, v in asdict(s).items() if k != "captions"} for s in good],
-        "validation": list(validation),
-    }
-    write_json(root / "index.json", index)
-    report = summarise(inputs, good, len(todo), time.time() - started)
-    write_json(root / "report.json", report)
-    print(format_summary(report, root))
-    if not good:
-        return 1
-    return 1 if strict and report["counts"].get("failed", 0) + report["counts"].get("skipped", 0) else 0
-
-
-def summarise(inputs: list[dict], good: list[Sample], encoded: int, seconds: float) -> dict:
+            row["note"] = "; ".join(
+                filter(None, [row.get("note"), f"{len(bad)} of {len(planned)} windows failed: {bad[0]}"])
+            )
+        if row["status"] == "ok":
+            row["samples"] = len(made)
+            row["buckets"] = sorted({f"{x['bucket'][0]}x{x['bucket'][1]}" for x in made})
+            row["windows"] = sorted({(x["start"], x["frames"]) for x in made})
+        rows.append(row)
     counts: dict[str, int] = {}
-    for row in inputs:
+    for row in rows:
         counts[row["status"]] = counts.get(row["status"], 0) + 1
     buckets: dict[str, int] = {}
     for s in good:
-        key = f"{s.bucket[0]}x{s.bucket[1]}x{len(s.frames)}"
+        key = "x".join(map(str, s.shape))
         buckets[key] = buckets.get(key, 0) + 1
-    return {
+    report = {
+        "dry_run": dry_run,
         "counts": counts,
         "samples": len(good),
         "encoded_now": encoded,
-        "buckets": buckets,
+        "texts_encoded_now": texts,
+        "buckets": dict(sorted(buckets.items())),
         "seconds": round(seconds, 2),
-        "inputs": inputs,
+        "inputs": rows,
     }
+    return json.loads(json.dumps(report))  # tuples -> lists, as the file will hold them
 
 
-def format_summary(report: dict, root: Path) -> str:
-    lines = [f"prepared {report['samples']} samples ({report['encoded_now']} encoded now) in {report['seconds']} s"]
+def format_summary(report: dict[str, Any], root: Path, max_lines: int = 40) -> str:
+    """The console summary: what was made, and every input that was not used, with why."""
+    verb = "would prepare" if report["dry_run"] else "prepared"
+    lines = [f"{verb} {report['samples']} samples ({report['encoded_now']} latents and "]
+    lines[0] += f"{report['texts_encoded_now']} captions encoded now) in {report['seconds']} s"
     lines.append("inputs: " + ", ".join(f"{k} {v}" for k, v in sorted(report["counts"].items())))
-    lines.append("buckets (WxHxF): " + ", ".join(f"{k}: {v}" for k, v in sorted(report["buckets"].items())))
-    for row in report["inputs"]:
-        if row["status"] in ("failed", "skipped"):
-            lines.append(f"  {row['status']}: {row['path']}: {row['reason']}")
+    lines.append("buckets (WxHxF): " + ", ".join(f"{k}: {v}" for k, v in report["buckets"].items()))
+    problems = [r for r in report["inputs"] if r["status"] in ("failed", "skipped")]
+    for row in problems[:max_lines]:
+        lines.append(f"  {row['status']}: {row['path']}: {row['reason']}")
+    if len(problems) > max_lines:
+        lines.append(f"  ... and {len(problems) - max_lines} more in report.json")
+    if report.get("orphans"):
+        lines.append(f"{len(report['orphans'])} cache entries are not part of this plan (`--prune` deletes them)")
+    if report.get("pruned"):
+        lines.append(f"pruned {report['pruned']} cache entries that are not part of this plan")
     lines.append(f"cache: {root}  report: {root / 'report.json'}")
     return "\n".join(lines)
 

@@ -64,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="decode clips and captions into latent and text-embedding caches")
     _recipe_args(p)
     p.add_argument("--strict", action="store_true", help="exit non-zero when any input was skipped or failed")
+    p.add_argument("--dry-run", action="store_true", help="only plan: report every input's windows and buckets")
+    p.add_argument("--prune", action="store_true", help="delete cache entries the current plan no longer makes")
+
+    p = sub.add_parser("inspect", help="summarise a prepared cache; optionally decode samples back to video")
+    p.add_argument("cache_dir", type=Path)
+    p.add_argument("--decode", type=int, default=0, metavar="N", help="decode N samples (one per bucket first)")
+    p.add_argument("--out", type=Path, help="folder for decoded .mp4 files (default: CACHE_DIR/inspect)")
+    p.add_argument("--model", help="model folder or hub id to decode with (default: the one in index.json)")
 
     p = sub.add_parser("train", help="train a LoRA on prepared caches (works under `accelerate launch`)")
     _recipe_args(p)
@@ -134,7 +142,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "prepare":
         from data.prepare import prepare
 
-        return prepare(load_recipe(args.recipe, args.overrides), strict=args.strict)
+        recipe = load_recipe(args.recipe, args.overrides)
+        return prepare(recipe, strict=args.strict, dry_run=args.dry_run, prune=args.prune)
+    elif args.command == "inspect":
+        from data.inspect import inspect_cache
+
+        print(inspect_cache(args.cache_dir, decode=args.decode, out_dir=args.out, model=args.model))
     elif args.command == "train":
         from trainer.train import train
 

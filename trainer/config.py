@@ -121,6 +121,9 @@ class DataSection(Section):
     cache_dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of cached latents/embeddings.")
     decode_workers: int = Field(2, ge=0, description="Processes decoding clips while the VAE encodes (0: inline).")
     vae_tiling: bool = Field(False, description="Encode large frames in tiles to save VAE memory.")
+    encode_batch_size: int = Field(
+        4, ge=1, description="Samples of one shape per VAE call; lower it if the VAE runs out of memory."
+    )
     validation_prompts: list[str] = Field(
         default_factory=list, description="Prompts embedded at prepare time for validation samples."
     )

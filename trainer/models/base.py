@@ -87,6 +87,10 @@ class ModelFamily:
         """pixels [B,3,F,H,W] in [-1, 1] -> {"latents": normalised latents [B,C,f,h,w], ...conditions}."""
         raise NotImplementedError
 
+    def decode_video(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """The inverse of `encode_video`: cached latents [B,C,f,h,w] -> pixels [B,3,F,H,W] in [-1, 1]."""
+        raise NotImplementedError
+
     def encode_prompts(self, text_pipe: DiffusionPipeline, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         """One dict of tensors per prompt (named by `text_keys`), trimmed of padding to keep caches small."""
         raise NotImplementedError

@@ -32,12 +32,20 @@ class Wan(ModelFamily):
     def encode_video(self, vae: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"latents": self.normalise(vae, vae.encode(pixels.to(vae.dtype)).latent_dist.mode())}
 
+    def decode_video(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        mean, std = self._mean_std(vae, latents.to(vae.dtype))
+        return vae.decode(latents.to(vae.dtype) * std + mean).sample.clamp(-1, 1)
+
+    @staticmethod
+    def _mean_std(vae: nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        mean = torch.tensor(vae.config.latents_mean).view(shape).to(like)
+        return mean, torch.tensor(vae.config.latents_std).view(shape).to(like)
+
     @staticmethod
     def normalise(vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """Per-channel (x - mean) / std, the inverse of what WanPipeline does before decoding."""
-        shape = (1, vae.config.z_dim, 1, 1, 1)
-        mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents)
-        std = torch.tensor(vae.config.latents_std).view(shape).to(latents)
+        mean, std = Wan._mean_std(vae, latents)
         return (latents - mean) / std
 
     def encode_prompts(self, text_pipe: WanPipeline, prompts: list[str]) -> list[dict[str, torch.Tensor]]:

@@ -1,0 +1,98 @@
+"""The planning pieces of `prepare` on real files: dataset names, the probe cache, fixed batches, and the
+cache writes that keep a re-run with nothing to do from touching anything."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from data import plan as plan_module
+from data import synth
+from data.cache import atomic_write, remove_temp_files, write_json
+from data.plan import ProbeCache, dataset_names, make_plan
+from data.prepare import fixed_batches
+from trainer.config import DatasetSection, RecipeError
+
+
+def test_dataset_names_are_unique_and_file_safe():
+    ds = [
+        DatasetSection(path="/data/clips"),
+        DatasetSection(path="/other/clips"),
+        DatasetSection(path="/x/meta.jsonl"),
+        DatasetSection(path="/y/z", name="my set/1"),
+    ]
+    assert dataset_names(ds) == ["clips", "clips_2", "meta", "my_set_1"]
+    with pytest.raises(RecipeError, match="'a' is used twice"):
+        dataset_names([DatasetSection(path="/p", name="a"), DatasetSection(path="/q", name="a")])
+    # A default name never takes a name given explicitly to another dataset.
+    assert dataset_names([DatasetSection(path="/d/a"), DatasetSection(path="/e", name="a")]) == ["a_2", "a"]
+
+
+def test_probe_cache_probes_each_file_once_until_it_changes(tmp_path, monkeypatch):
+    clip = synth.write_video(tmp_path / "c.mp4", synth.pattern_frames(5, 32, 32))
+    bad = synth.write_random_bytes(tmp_path / "bad.mp4")
+    cache = ProbeCache(tmp_path / "probes.json")
+    info = cache.probe(str(clip))
+    with pytest.raises(plan_module.MediaError):
+        cache.probe(str(bad))
+    cache.save()
+
+    calls = []
+    real = plan_module.probe
+    monkeypatch.setattr(plan_module, "probe", lambda p: calls.append(p) or real(p))
+    again = ProbeCache(tmp_path / "probes.json")
+    assert again.probe(str(clip)) == info  # from the file, not probed
+    with pytest.raises(plan_module.MediaError) as e:
+        again.probe(str(bad))  # a known failure is remembered too, with its reason
+    assert calls == [] and e.value.reason
+    mtime = (tmp_path / "probes.json").stat().st_mtime_ns
+    again.save()
+    assert (tmp_path / "probes.json").stat().st_mtime_ns == mtime  # nothing changed: not rewritten
+
+    synth.write_video(clip, synth.pattern_frames(9, 32, 32))  # edited
+    assert ProbeCache(tmp_path / "probes.json").probe(str(clip)).num_frames == 9 and calls == [str(clip)]
+
+
+def test_fixed_batches_group_by_shape_in_order():
+    items = [("a", 1), ("b", 2), ("a", 3), ("a", 4), ("b", 5), ("a", 6)]
+    assert fixed_batches(items, lambda x: x[0], 2) == [
+        [("a", 1), ("a", 3)],
+        [("a", 4), ("a", 6)],
+        [("b", 2), ("b", 5)],
+    ]
+
+
+def test_only_if_changed_keeps_the_file_and_temp_files_are_cleaned(tmp_path):
+    path = tmp_path / "index.json"
+    assert write_json(path, {"a": 1})
+    before = path.stat().st_mtime_ns
+    assert not write_json(path, {"a": 1}, only_if_changed=True)
+    assert path.stat().st_mtime_ns == before and not list(tmp_path.glob(".*.tmp"))
+    assert write_json(path, {"a": 2}, only_if_changed=True) and path.read_text() != ""
+
+    def crash(tmp):
+        Path(tmp).write_text("partial")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, crash)
+    assert not list(tmp_path.glob(".*.tmp"))  # an exception cleans up after itself
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / ".x.safetensors.abc.tmp").write_text("what a SIGKILL mid-write leaves")
+    (tmp_path / "sub" / "user.tmp").write_text("not ours")  # no leading dot: not an atomic_write temp
+    assert remove_temp_files(tmp_path) == 1 and (tmp_path / "sub" / "user.tmp").exists()
+
+
+def test_plan_dedupes_buckets_and_keeps_still_and_short_clips(tmp_path):
+    synth.write_video(tmp_path / "c.mp4", synth.pattern_frames(3, 64, 48))
+    synth.write_image(tmp_path / "s.png", synth.pattern_frames(1, 64, 48)[0])
+    for stem in ("c", "s"):
+        (tmp_path / f"{stem}.txt").write_text("x")
+    ds = DatasetSection(
+        path=str(tmp_path), resolutions=[64, 65], target_frames=[17], frame_window="slide", frame_stride=4
+    )
+    plan = make_plan([ds], 16.0, {}, ProbeCache(tmp_path / "p.json"), show_progress=False)
+    assert [(s.frames, s.bucket) for s in plan.samples] == [([0], (80, 48)), ([0], (80, 48))]
+    assert [r["status"] for r in plan.inputs] == ["ok", "ok"] and plan.samples[1].fps == 0.0
+    assert len(plan.manifest) == 2 and set(plan.media) == {s.source for s in plan.samples}
