@@ -70,6 +70,9 @@ class HunyuanVideo(ModelFamily):
         latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mode()
         return {"latents": latents * vae.config.scaling_factor}
 
+    def decode_video(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.clamp(-1, 1)
+
     def encode_prompts(self, text_pipe: HunyuanVideoPipeline, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
         encoder = text_pipe.text_encoder
         with torch.no_grad():

@@ -66,6 +66,9 @@ class WanI2V(Wan):
         )
         return VaePass(pipe)
 
+    def decode_video(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        return super().decode_video(getattr(vae, "vae", vae), latents)  # the VAE pass holds the VAE
+
     def load_text_pipeline(self, dtype: torch.dtype = torch.float32) -> WanImageToVideoPipeline:
         return self.pipeline_class.from_pretrained(
             self.cfg.path,

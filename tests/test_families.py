@@ -1,0 +1,33 @@
+"""What every registered family must do the same way, checked on each family's own tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.config import ModelSection
+from trainer.models import FAMILIES, family_class, get_family
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, tmp_path_factory):
+    folder = family_class(request.param).make_tiny(tmp_path_factory.mktemp(request.param))
+    return get_family(ModelSection(family=request.param, path=str(folder)))
+
+
+def test_decode_video_inverts_the_cached_latent_scaling(family):
+    """`vidlora inspect` shows what the model sees: decoding cached latents equals the VAE decoding its raw ones."""
+    vae = family.load_vae().eval()
+    raw_vae = getattr(vae, "vae", vae)  # Wan I2V's VAE pass also holds the CLIP image encoder
+    pixels = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        cached = family.encode_video(vae, pixels)["latents"]
+        raw = raw_vae.encode(pixels).latent_dist.mode()
+        assert not torch.allclose(cached, raw)
+        decoded = family.decode_video(vae, cached)
+        assert decoded.shape == pixels.shape
+        assert torch.allclose(decoded, raw_vae.decode(raw).sample.clamp(-1, 1), atol=1e-5)
+
+
+def test_presets_and_defaults_are_declared(family):
+    assert "default" in family.lora_presets and family.default_shift > 0 and family.native_fps > 0
