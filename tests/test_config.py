@@ -60,6 +60,10 @@ def test_overrides_types_and_list_items():
     assert recipe.train.max_steps == 7 and recipe.train.seed == 3 and recipe.logging.wandb is False
     assert recipe.data.datasets[0].path == "elsewhere" and recipe.data.datasets[0].resolutions == [32, 48]
     assert recipe.data.datasets[1].path == "second" and recipe.lora.targets == "attention"
+    sized = load_recipe(None, ["data.datasets.0.path=x", "data.datasets.0.resolutions=[[832, 480], 720]"])
+    assert sized.data.datasets[0].resolutions == [(832, 480), 720]
+    with pytest.raises(RecipeError, match="resolutions"):
+        load_recipe(None, ["data.datasets.0.path=x", "data.datasets.0.resolutions=[[832, 8]]"])
     with pytest.raises(RecipeError, match="not an index"):
         load_recipe(None, ["data.datasets.5.path=x"])
 

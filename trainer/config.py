@@ -79,8 +79,11 @@ class DatasetSection(Section):
         None, description="Trigger word put in front of every caption (or replacing '[trigger]' in it)."
     )
     repeats: int = Field(1, ge=1, description="How many times each sample of this dataset is seen per epoch.")
-    resolutions: list[int] = Field(
-        [480], min_length=1, description="Bucket areas as sides (480 = about 480x480 pixels); sides snap to 16."
+    resolutions: list[int | tuple[int, int]] = Field(
+        [480],
+        min_length=1,
+        description="Bucket pixel budgets: a side (480 = about 480x480 pixels) or [width, height] "
+        "([832, 480] = Wan's 480p: 832x480, 480x832 and every ratio between at that area); sides snap to 16.",
     )
     max_aspect_ratio: float = Field(2.0, ge=1.0, description="Longest bucket side over shortest; wider is cropped.")
     target_frames: list[int] = Field(
@@ -107,8 +110,8 @@ class DatasetSection(Section):
 
     @field_validator("resolutions")
     @classmethod
-    def _positive_sides(cls, value: list[int]) -> list[int]:
-        if any(r < 16 for r in value):
+    def _positive_sides(cls, value: list) -> list:
+        if any(min(r if isinstance(r, tuple) else (r,)) < 16 for r in value):
             raise ValueError(f"each must be >= 16; got {value}")
         return value
 
