@@ -225,7 +225,11 @@ def prepare(recipe: Recipe, strict: bool = False) -> int:
         s.text_ids = [text_id(c, te_ident, recipe.data.cache_dtype) for c in s.captions]
         captions.update(zip(s.text_ids, s.captions))
     validation = {text_id(p, te_ident, recipe.data.cache_dtype): p for p in recipe.data.validation_prompts}
-    encode_texts({**captions, **validation}, family, root, recipe, device)
+    negative = recipe.validation.negative_prompt  # validation videos use guidance: embed the negative too
+    negative_id = text_id(negative, te_ident, recipe.data.cache_dtype) if validation else None
+    encode_texts(
+        {**captions, **validation, **({negative_id: negative} if negative_id else {})}, family, root, recipe, device
+    )
 
     for row in inputs:  # a clip whose every window failed to decode is a failed input
         bad = [errors[x["file"]] for x in row.get("samples", []) if x["file"] in errors]
@@ -239,6 +243,7 @@ def prepare(recipe: Recipe, strict: bool = False) -> int:
         "model": recipe.model.path,
         "samples": [{k: v for k, v in asdict(s).items() if k != "captions"} for s in good],
         "validation": list(validation),
+        "validation_negative": negative_id,
     }
     write_json(root / "index.json", index)
     report = summarise(inputs, good, len(todo), time.time() - started)
