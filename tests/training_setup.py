@@ -88,7 +88,9 @@ def free_port() -> int:
 def launch_command(recipe: Path, mode: str, *args: str) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of a real run: mode is "one" (plain `vidlora train`), "ddp"
     (2 processes over gloo) or a DeepSpeed accelerate config file (2 processes)."""
-    env = cli_env()
+    # One thread per process: the tiny model gains nothing from more, and OpenMP threads spinning against
+    # other processes on a 2-core machine stall steps for seconds (accelerate launch does the same).
+    env = {**cli_env(), "OMP_NUM_THREADS": "1"}
     cli = ["-m", "trainer.cli", "train", str(recipe), *args]
     if mode == "one":
         return [sys.executable, *cli], env

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -121,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
 
         from trainer.env import collect, format_report
 
-        info = collect(build_ops=args.build_ops)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed and bitsandbytes print on import
+            info = collect(build_ops=args.build_ops)
         print(json.dumps(info, indent=1) if args.json else format_report(info))
     elif args.command == "plot":
         from trainer.plot import plot
