@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from diffusers import AutoencoderKLWan
 from PIL import Image
+from transformers import UMT5EncoderModel
 
 from data.cache import load_entry, read_meta, save_entry
 from data.dataset import BucketBatchSampler, CachedDataset, holdout_sources
@@ -119,10 +121,10 @@ def in_process_run(recipe_path: Path, monkeypatch, keep: dict) -> Path:
 def test_memory_modes_train(prepared, tmp_path, monkeypatch):
     model, cache = prepared
 
-    def run(name, **modes):
-        recipe = write_recipe(tmp_path / f"{name}.toml", recipe_text(model, cache, tmp_path / name, 4, **modes))
+    def run(name, validation="", **modes):
+        text = recipe_text(model, cache, tmp_path / name, 4, **modes) + validation
         keep = {}
-        return in_process_run(recipe, monkeypatch, keep), keep["model"]
+        return in_process_run(write_recipe(tmp_path / f"{name}.toml", text), monkeypatch, keep), keep["model"]
 
     plain, plain_model = run("plain")
     # block offload on the CPU is a device no-op, but every layer goes through the offload hooks: the
@@ -133,7 +135,22 @@ def test_memory_modes_train(prepared, tmp_path, monkeypatch):
     assert any(hasattr(m, "_diffusers_hook") for n, m in offload_model.named_modules() if n.endswith("base_layer"))
     assert not any(hasattr(m, "_diffusers_hook") for n, m in offload_model.named_modules() if "lora_" in n)
 
-    low, low_model = run("low", fp8_base=True, optimizer="adamw8bit", gradient_checkpointing=True)
+    # with validation videos every 2 steps: the pipeline runs around the fp8 transformer, the text
+    # encoder is never loaded (cached prompt embeddings), the VAE once, for decoding
+    def no_text_encoder(*args, **kwargs):
+        raise AssertionError("the text encoder was loaded during training")
+
+    vae_loads = []
+    real_vae = AutoencoderKLWan.from_pretrained.__func__
+    monkeypatch.setattr(UMT5EncoderModel, "from_pretrained", no_text_encoder)
+    monkeypatch.setattr(
+        AutoencoderKLWan,
+        "from_pretrained",
+        classmethod(lambda cls, *a, **k: vae_loads.append(1) or real_vae(cls, *a, **k)),
+    )
+    validation = "[validation]\nevery = 2\ninference_steps = 2\nnum_frames = 5\n"
+    low, low_model = run("low", validation, fp8_base=True, optimizer="adamw8bit", gradient_checkpointing=True)
+    assert len(vae_loads) == 1 and len(list((low / "validation").rglob("*.mp4"))) == 2
     frozen = [p for p in low_model.parameters() if not p.requires_grad]
     assert any(p.dtype == torch.float8_e4m3fn for p in frozen)
     assert all(p.dtype == torch.float32 for p in low_model.parameters() if p.requires_grad)

@@ -3,8 +3,8 @@
 Setup first, then one explicit loop. The loop never branches on the model family: the family's adapter
 turns a batch into a transformer call, and trainer/flow_matching.py supplies noise, timesteps and targets.
 
-Exactness: data order is a function of (seed, epoch), noise, timesteps and dropout of (seed, micro-step,
-slot in the global batch), and checkpoints are taken right after an optimizer step, so a resumed run
+Exactness: data order is a function of (seed, epoch), noise and timesteps of (seed, micro-step, slot in
+the global batch), LoRA dropout of (seed, micro-step, rank), and checkpoints are taken right after an optimizer step, so a resumed run
 repeats an uninterrupted one bit for bit, and N processes with batch size B train on what one process
 with batch size N x B would.
 """
@@ -325,7 +325,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                 if bad_in_row >= t.max_nonfinite_in_row:
                     raise TrainingAborted(aborted_message(run, pos.step, bad_in_row))
                 if pos.step % t.log_every == 0 or pos.step == t.max_steps or stop_now:
-                    log_metrics(accelerator, bar, run, pos, window.logs(scheduler, grad_norm, pos, world))
+                    log_metrics(accelerator, bar, run, pos, window.logs(scheduler, grad_norm, pos))
                 pause = time.perf_counter()
                 if pos.step % t.checkpoint_every == 0 or pos.step == t.max_steps or stop_now:
                     state = {
@@ -393,7 +393,7 @@ class Window:
         """Checkpoints and validation do not count as step time."""
         self.start += seconds
 
-    def logs(self, scheduler: Any, grad_norm: float, pos: Position, world: int) -> dict[str, float]:
+    def logs(self, scheduler: Any, grad_norm: float, pos: Position) -> dict[str, float]:
         now = time.perf_counter()
         elapsed = max(now - self.start, 1e-9)
         logs = {
