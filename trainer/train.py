@@ -4,9 +4,9 @@ Setup first, then one explicit loop. The loop never branches on the model family
 turns a batch into a transformer call, and trainer/flow_matching.py supplies noise, timesteps and targets.
 
 Exactness: data order is a function of (seed, epoch), noise and timesteps of (seed, micro-step, slot in
-the global batch), LoRA dropout of (seed, micro-step, rank), and checkpoints are taken right after an optimizer step, so a resumed run
-repeats an uninterrupted one bit for bit, and N processes with batch size B train on what one process
-with batch size N x B would.
+the global batch), LoRA dropout of (seed, micro-step, rank), and checkpoints are taken right after an
+optimizer step, so a resumed run repeats an uninterrupted one bit for bit, and N processes with batch
+size B train on what one process with batch size N x B would.
 """
 
 from __future__ import annotations
@@ -585,6 +585,7 @@ FORMATS = {
     "samples_per_s": ".2f",
     "memory_gb": ".2f",
     "skipped_steps": "d",
+    "epoch": "d",
 }
 
 
