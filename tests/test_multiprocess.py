@@ -17,8 +17,10 @@ import pytest
 import torch
 from diffusers import WanPipeline
 
+from data.cache import load_entry, read_meta, save_entry
 from tests.conftest import ROOT, write_recipe
 from tests.training_setup import (
+    copy_cache,
     group_alive,
     kill_group,
     losses,
@@ -166,3 +168,24 @@ def test_sigkill_ranks_mid_run_then_resume_is_exact(ddp_reference, tmp_path):
     assert got == want  # every step, before and after the kill, bit for bit
     a, b = read_adapter(run / "adapter.safetensors")[0], read_adapter(reference / "adapter.safetensors")[0]
     assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_zero2_skips_a_nonfinite_step_on_every_rank(prepared, tmp_path):
+    """A NaN in one cached sample: only the rank holding it sees a bad loss, yet both ranks skip the step
+    (one all-reduce) and DeepSpeed applies no update; the run goes on."""
+    model, cache = prepared
+    cache = copy_cache(cache, tmp_path / "cache")
+    bad = sorted((cache / "samples").rglob("*.safetensors"))[0]
+    tensors, meta = load_entry(bad), read_meta(bad)
+    tensors["latents"][0, 0, 0, 0] = float("nan")
+    save_entry(bad, tensors, meta)
+    recipe = write_recipe(tmp_path / "r.toml", recipe_text(model, cache, tmp_path / "run", 4, checkpoint_every=1))
+    proc = train_run(recipe, ZERO2)
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["step"] for r in rows if r["loss"] is None]
+    assert len(skipped) == 2 and rows[-1]["skipped_steps"] == 2  # global batch 2 of 4 samples: once per epoch
+    assert proc.stdout.count("non-finite loss") == 2  # reported by the rank that had the sample
+    for step in range(2, 5):
+        before, after = adapter_at(run, step - 1), adapter_at(run, step)
+        assert all(torch.equal(before[k], after[k]) for k in before) == (step in skipped), step
