@@ -1,11 +1,15 @@
 """The training side of the cache: reads entries only and knows nothing about model families.
 
-Data order and caption choice are functions of (seed, epoch) alone, never of global RNG state, so a
-resumed run sees exactly the batches an uninterrupted run would.
+Data order and caption choice are functions of (seed, epoch) alone, never of global RNG state or of
+worker processes, so a resumed run sees exactly the batches an uninterrupted run would. With several
+processes the sampler cuts global batches (batch_size x processes samples of one shape) and hands each
+rank its slice: ranks never see the same sample in a step, and N processes with batch size B see the
+same global batches as one process with batch size N x B.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import defaultdict
 from collections.abc import Iterator
@@ -15,25 +19,38 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from data.cache import load_entry
+from data.cache import load_entry, read_meta
 from data.prepare import load_index
 
 
-class CachedDataset(Dataset):
-    """One item per (sample, repeat); each item is the sample's tensors plus one of its captions' tensors."""
+def holdout_sources(samples: list[dict[str, Any]], n: int) -> set[str]:
+    """The source clips held out for validation: the first n by a hash of their path (stable per cache,
+    independent of seeds), so every run on a cache holds out the same clips."""
+    sources = sorted({s["source"] for s in samples}, key=lambda p: hashlib.sha256(p.encode()).hexdigest())
+    return set(sources[:n])
 
-    def __init__(self, cache_dir: str | Path, seed: int = 0):
+
+class CachedDataset(Dataset):
+    """One item per (sample, repeat); each item is the sample's tensors plus one of its captions' tensors.
+
+    Items are addressed as (index, epoch): the caption drawn for a multi-caption sample depends on both.
+    `holdout_clips` moves every sample of that many source clips to `heldout` (for the validation loss).
+    """
+
+    def __init__(self, cache_dir: str | Path, seed: int = 0, holdout_clips: int = 0):
         self.root = Path(cache_dir)
         index = load_index(self.root)
         self.family = index["family"]
-        self.entries = [s for s in index["samples"] for _ in range(s["repeats"])]
+        samples = index["samples"]
+        held = holdout_sources(samples, holdout_clips) if holdout_clips else set()
+        self.heldout = [s for s in samples if s["source"] in held]
+        self.entries = [s for s in samples if s["source"] not in held for _ in range(s["repeats"])]
         if not self.entries:
-            raise ValueError(f"{self.root / 'index.json'}: the cache holds no samples")
+            why = f" after holding out {holdout_clips} clips for validation" if held else ""
+            raise ValueError(f"{self.root / 'index.json'}: the cache holds no training samples{why}")
+        self.validation_text_ids: list[str] = index.get("validation", [])
+        self.validation_negative_id: str | None = index.get("validation_negative")
         self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -43,54 +60,85 @@ class CachedDataset(Dataset):
         e = self.entries[i]
         return (*e["bucket"], len(e["frames"]))
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        i, epoch = key if isinstance(key, tuple) else (key, 0)
         e = self.entries[i]
-        item: dict[str, Any] = {k: v.float() for k, v in load_entry(self.root / e["file"]).items()}
-        caption = random.Random(f"{self.seed}/{self.epoch}/{i}").choice(e["text_ids"])
-        item["text"] = {k: v.float() for k, v in load_entry(self.root / "text" / f"{caption}.safetensors").items()}
+        caption = random.Random(f"{self.seed}/{epoch}/{i}").choice(e["text_ids"])
+        return self.load(e, caption)
+
+    def load(self, entry: dict[str, Any], text_id: str) -> dict[str, Any]:
+        """A sample's tensors (fp32) with one caption's tensors under "text" and its cache file under "file"."""
+        item: dict[str, Any] = {k: v.float() for k, v in load_entry(self.root / entry["file"]).items()}
+        item["text"] = self.text(text_id)
+        item["file"] = entry["file"]
         return item
 
-    def text(self, text_ids: list[str]) -> list[dict[str, torch.Tensor]]:
-        return [
-            {k: v.float() for k, v in load_entry(self.root / "text" / f"{t}.safetensors").items()} for t in text_ids
-        ]
+    def text(self, text_id: str) -> dict[str, torch.Tensor]:
+        return {k: v.float() for k, v in load_entry(self.root / "text" / f"{text_id}.safetensors").items()}
+
+    def caption(self, text_id: str) -> str:
+        return (read_meta(self.root / "text" / f"{text_id}.safetensors") or {}).get("caption", text_id)
 
 
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of same-shape samples, shuffled per epoch from (seed, epoch); a small bucket still trains
-    (its last batch is simply smaller) instead of being dropped."""
+class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of same-shape samples, shuffled per epoch from (seed, epoch), sharded over processes.
 
-    def __init__(self, dataset: CachedDataset, batch_size: int, seed: int, shuffle: bool = True):
+    Each epoch is a list of global batches of up to batch_size x num_replicas same-shape samples; rank r
+    takes slice r of each. A bucket's last global batch may be short: with one process it simply trains
+    smaller, with several it is topped up from the start of its (shuffled) bucket to a multiple of the
+    process count so every rank gets the same number of samples (as torch's DistributedSampler pads).
+    Yields [(index, epoch), ...] so workers need no epoch state.
+    """
+
+    def __init__(
+        self,
+        dataset: CachedDataset,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
         self.groups: dict[tuple, list[int]] = defaultdict(list)
         for i in range(len(dataset)):
             self.groups[dataset.shape_key(i)].append(i)
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Start `epoch` at its global batch number `skip` (a resumed run skips what it already trained)."""
+        self.epoch, self.skip = epoch, skip
 
-    def batches(self) -> list[list[int]]:
+    def global_batches(self) -> list[list[int]]:
         rng = random.Random(f"{self.seed}/{self.epoch}")
+        size, world = self.batch_size * self.num_replicas, self.num_replicas
         out = []
         for key in sorted(self.groups):
             idx = list(self.groups[key])
             if self.shuffle:
                 rng.shuffle(idx)
-            out += [idx[i : i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+            for start in range(0, len(idx), size):
+                batch = idx[start : start + size]
+                short = -len(batch) % world
+                out.append(batch + [idx[k % len(idx)] for k in range(short)])
         if self.shuffle:
             rng.shuffle(out)
         return out
 
-    def __iter__(self) -> Iterator[list[int]]:
-        return iter(self.batches())
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.global_batches()[self.skip :]:
+            per_rank = len(batch) // self.num_replicas
+            yield [(i, self.epoch) for i in batch[self.rank * per_rank : (self.rank + 1) * per_rank]]
 
     def __len__(self) -> int:
-        return sum(-(-len(g) // self.batch_size) for g in self.groups.values())
+        size = self.batch_size * self.num_replicas
+        return sum(-(-len(g) // size) for g in self.groups.values()) - self.skip
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack sample tensors; cached text tensors stay a list for the family's `collate_text`."""
-    batch: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in items[0] if k != "text"}
+    """Stack sample tensors; cached text tensors and file names stay lists."""
+    batch: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in items[0] if k not in ("text", "file")}
     batch["text"] = [it["text"] for it in items]
+    batch["files"] = [it["file"] for it in items]
     return batch

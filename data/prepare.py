@@ -261,7 +261,11 @@ def prepare(recipe: Recipe, strict: bool = False, dry_run: bool = False, prune: 
         s.text_ids = [text_id(c, te_ident, recipe.data.cache_dtype) for c in s.captions]
         captions.update(zip(s.text_ids, s.captions))
     validation = {text_id(p, te_ident, recipe.data.cache_dtype): p for p in recipe.data.validation_prompts}
+    negative = recipe.validation.negative_prompt  # validation videos use guidance: embed the negative too
+    negative_id = text_id(negative, te_ident, recipe.data.cache_dtype) if validation else None
     captions.update(validation)
+    if negative_id:
+        captions[negative_id] = negative
     ids = sorted(captions)
     text_stale = {t for t in ids if read_meta(root / "text" / f"{t}.safetensors") is None}
     chunks = [ids[i : i + TEXT_BATCH] for i in range(0, len(ids), TEXT_BATCH)]
@@ -280,6 +284,7 @@ def prepare(recipe: Recipe, strict: bool = False, dry_run: bool = False, prune: 
             "model_revision": recipe.model.revision,
             "samples": [_index_entry(s) for s in good],
             "validation": list(validation),
+            "validation_negative": negative_id,
         }
         write_json(root / "index.json", index, only_if_changed=True)
         orphans = orphan_entries(root, {s.file for s in samples}, set(ids))

@@ -46,3 +46,11 @@ def tiny_wan(tmp_path_factory) -> Path:
 def write_recipe(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory, tiny_wan) -> tuple[Path, Path]:
+    """(tiny Wan model, prepared cache) for the training tests (tests/training_setup.py)."""
+    from tests.training_setup import prepare_cache
+
+    return prepare_cache(tmp_path_factory.mktemp("training"), tiny_wan)

@@ -1,16 +1,20 @@
 """Run folder layout, atomic checkpoints and the adapter file every checkpoint carries.
 
     RUN/recipe.toml               the resolved recipe
-    RUN/metrics.jsonl             one line per logged step
-    RUN/checkpoints/step-000250/  accelerate state (LoRA weights only, optimizer, RNG)
+    RUN/metrics.jsonl             one line per logged step (cut back to the checkpoint step on resume)
+    RUN/checkpoints/step-000250/  accelerate state: LoRA weights only, optimizer, RNG of every rank
+                                  (under DeepSpeed: its own files, frozen base excluded)
                                   + adapter.safetensors (canonical peft keys, alphas and training metadata)
-                                  + trainer_state.json (position in the data, LR scheduler)
+                                  + trainer_state.json (position in the data, LR scheduler, world size)
     RUN/checkpoints/latest        name of the newest complete checkpoint
+    RUN/validation/step-000250/   validation videos
     RUN/adapter.safetensors       the final adapter
     RUN/pytorch_lora_weights.safetensors   the final adapter in diffusers format
 
-A checkpoint is written into a temp folder, fsynced and renamed, and `latest` moves only after that:
-a kill at any moment leaves the previous checkpoint usable. Old ones are pruned only afterwards.
+A checkpoint is written into a temp folder by every rank, fsynced and renamed by the main process, and
+`latest` moves only after that: a kill at any moment leaves the previous checkpoint usable. Old ones are
+pruned only afterwards. Our own state is JSON, so resuming never unpickles it; accelerate loads its files
+with `weights_only=True` (DeepSpeed's own checkpoint files are read by DeepSpeed).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,9 @@ from trainer.formats import alphas_from_model, load_lora, save_lora
 
 ADAPTER = "adapter.safetensors"
 STATE = "trainer_state.json"
+# Fault injection for the crash tests only: SIGKILL this process inside save_checkpoint at that step,
+# after the checkpoint is written and before it is renamed into place.
+KILL_IN_CHECKPOINT = "VIDLORA_TEST_KILL_IN_CHECKPOINT"
 
 
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -36,8 +44,32 @@ def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
-def save_adapter(path: Path, model: torch.nn.Module, meta: dict[str, Any]) -> None:
-    save_lora(path, lora_state_dict(model), {**meta, "alphas": alphas_from_model(model)})
+def is_zero3(accelerator: Any) -> bool:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin is not None and plugin.zero_stage == 3
+
+
+def gather_lora(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The LoRA tensors on the main process (None on the others). Every rank must call this: under ZeRO-3
+    parameters are sharded, and get_peft_model_state_dict silently returns empty tensors unless they are
+    gathered on all ranks first."""
+    model = accelerator.unwrap_model(model)
+    if is_zero3(accelerator):
+        import deepspeed
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return lora_state_dict(model) if accelerator.is_main_process else None
+    return lora_state_dict(model) if accelerator.is_main_process else None
+
+
+def save_adapter(
+    path: Path, model: torch.nn.Module, meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """The canonical adapter file; `state` defaults to the model's LoRA (pass a gathered one under ZeRO-3)."""
+    save_lora(
+        path, state if state is not None else lora_state_dict(model), {**meta, "alphas": alphas_from_model(model)}
+    )
 
 
 def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -65,40 +97,86 @@ def find_adapter(src: str | Path) -> Path:
     raise FileNotFoundError(f"{src}: no {ADAPTER} here, in a checkpoint, or in a run's checkpoints/")
 
 
+def checkpoint_step(path: Path) -> int:
+    return int(path.name.split("-")[-1])
+
+
+def complete_checkpoints(folder: str | Path) -> list[Path]:
+    """Complete checkpoints (a `step-N` folder exists only once fully written), oldest first."""
+    return sorted((p for p in Path(folder).glob("step-*") if (p / STATE).is_file()), key=checkpoint_step)
+
+
 def latest_checkpoint(folder: str | Path) -> Path | None:
     """The checkpoint `latest` names, if it is complete; else the newest complete one; else None."""
     folder = Path(folder)
     pointer = folder / "latest"
     if pointer.is_file():
         named = folder / pointer.read_text().strip()
-        if (named / ADAPTER).is_file():
+        if (named / STATE).is_file():
             return named
-    done = sorted(p for p in folder.glob("step-*") if (p / ADAPTER).is_file())
+    done = complete_checkpoints(folder)
     return done[-1] if done else None
 
 
 def save_checkpoint(
-    accelerator: Any, folder: Path, step: int, model: torch.nn.Module, meta: dict, keep: int, state: dict
+    accelerator: Any,
+    folder: Path,
+    step: int,
+    model: torch.nn.Module,
+    meta: dict,
+    keep: int,
+    state: dict,
 ) -> Path:
-    """Save accelerate state + adapter + `state` (JSON: position, scheduler) atomically; only the main
-    process renames, updates and prunes. Our own state is JSON so resuming never unpickles anything."""
+    """Save accelerate (or DeepSpeed) state + adapter + `state` (JSON) as `folder/step-N`, atomically.
+    Every rank must call this (each writes its own RNG state or optimizer shard)."""
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        accelerator.save_state(str(tmp), exclude_frozen_parameters=True)
+    else:
+        accelerator.save_state(str(tmp))  # LoRA-only through the hooks trainer.train registers
+    lora = gather_lora(accelerator, model)
+    accelerator.wait_for_everyone()  # every rank's files are written before the main process renames
     if accelerator.is_main_process:
-        save_adapter(tmp / ADAPTER, accelerator.unwrap_model(model), {**meta, "steps": step})
-        (tmp / STATE).write_text(json.dumps(state), encoding="utf-8")
+        save_adapter(tmp / ADAPTER, accelerator.unwrap_model(model), {**meta, "steps": step}, lora)
+        (tmp / STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
         _fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        if os.environ.get(KILL_IN_CHECKPOINT) == str(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+        old = folder / f".old-step-{step:06d}"
+        if final.exists():  # re-saving a step (after resuming from an earlier one): keep it until replaced
+            os.replace(final, old)
         os.replace(tmp, final)
         atomic_write(folder / "latest", lambda p: Path(p).write_text(final.name))
-        for old in sorted(p for p in folder.glob("step-*") if p.is_dir())[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        for stale in complete_checkpoints(folder)[:-keep]:
+            shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_partial(folder: Path) -> None:
+    """Temp folders a killed save left behind (never a complete checkpoint)."""
+    for tmp in [*folder.glob(".tmp-step-*"), *folder.glob(".old-step-*")]:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def set_aside_newer(folder: Path, step: int) -> list[Path]:
+    """Resuming from an earlier checkpoint starts a new timeline: checkpoints after `step` move to
+    `folder/abandoned/` (kept, never loaded or pruned) so `latest` and pruning only see this one."""
+    moved = []
+    for ckpt in complete_checkpoints(folder):
+        if checkpoint_step(ckpt) > step:
+            target = folder / "abandoned" / ckpt.name
+            target.parent.mkdir(exist_ok=True)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(ckpt, target)
+            moved.append(target)
+    return moved
 
 
 def _fsync_tree(root: Path) -> None:

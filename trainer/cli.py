@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -122,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=832)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("env", help="print versions, GPUs and what they support, for bug reports")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--build-ops", action="store_true", help="also JIT-build DeepSpeed's ops now (slow, once)")
+
+    p = sub.add_parser("plot", help="draw a run's loss curve (metrics.jsonl) to a PNG")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", type=Path, help="output .png (default: RUN_DIR/loss.png)")
     return parser
 
 
@@ -151,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.command == "train":
         from trainer.train import train
 
-        print(f"run: {train(load_recipe(args.recipe, args.overrides), resume=args.resume)}")
+        run_dir = train(load_recipe(args.recipe, args.overrides), resume=args.resume)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"run: {run_dir}")
     elif args.command in ("export", "convert"):
         from trainer.export import export_files
 
@@ -179,6 +190,18 @@ def run(args: argparse.Namespace) -> int:
             image=args.image,
         )
         print(f"sample: {out}")
+    elif args.command == "env":
+        import json
+
+        from trainer.env import collect, format_report
+
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed and bitsandbytes print on import
+            info = collect(build_ops=args.build_ops)
+        print(json.dumps(info, indent=1) if args.json else format_report(info))
+    elif args.command == "plot":
+        from trainer.plot import plot
+
+        print(f"plot: {plot(args.run_dir, args.out)}")
     return 0
 
 
@@ -206,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("vidlora: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from trainer.train import Interrupted
+
+        if not isinstance(e, Interrupted):
+            raise
+        print(f"vidlora: interrupted: {e}; resume with `vidlora train RECIPE --resume`", file=sys.stderr)
         return 130
 
 

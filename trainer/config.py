@@ -177,9 +177,26 @@ class TrainSection(Section):
     logit_std: float = Field(1.0, gt=0, description="Std of the normal for logit_normal sampling.")
     sigmoid_scale: float = Field(1.0, gt=0, description="Scale of the normal for sigmoid sampling.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    optimizer: Literal["adamw", "adamw8bit"] = Field(
+        "adamw", description="adamw (torch) or adamw8bit (bitsandbytes: 8-bit optimizer state, ~4x less of it)."
+    )
+    fp8_base: bool = Field(
+        False,
+        description="Store the frozen base weights in float8 (e4m3) and compute in the weight dtype: about half "
+        "the weight memory of bf16. The LoRA stays fp32. Not with DeepSpeed.",
+    )
+    block_offload: bool = Field(
+        False,
+        description="Keep the frozen base weights in CPU memory and move each layer to the GPU only while it "
+        "runs (diffusers group offloading, leaf level); turns on gradient_checkpointing. For a transformer "
+        "bigger than the GPU; slower. One process only.",
+    )
+    max_nonfinite_in_row: int = Field(
+        5, ge=1, description="Steps with a non-finite loss or gradient are skipped; this many in a row abort the run."
+    )
     checkpoint_every: int = Field(250, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
     checkpoints_keep: int = Field(3, ge=1, description="How many recent checkpoints to keep.")
-    log_every: int = Field(1, ge=1, description="Log metrics every N optimizer steps.")
+    log_every: int = Field(10, ge=1, description="Log metrics (console, metrics.jsonl, wandb) every N optimizer steps.")
     dataloader_workers: int = Field(2, ge=0, description="DataLoader worker processes reading the cache.")
     # speed switches, applied by trainer/perf.py (see docs/performance.md)
     compile: Literal[False, "blocks", "full"] = Field(
@@ -222,6 +239,60 @@ class LoggingSection(Section):
     run_name: str | None = Field(None, description="wandb run name; default: the run folder's name.")
 
 
+class ValidationSection(Section):
+    every: int = Field(
+        0,
+        ge=0,
+        description="Validate every N optimizer steps and at the last step (0: never): sample videos "
+        "for data.validation_prompts and compute the held-out loss.",
+    )
+    at_start: bool = Field(False, description="Also validate before the first step (a baseline to compare with).")
+    videos: bool = Field(True, description="Sample a video per validation prompt (needs data.validation_prompts).")
+    num_frames: int = Field(17, ge=1, description="Frames of each validation video (4k+1).")
+    width: int | None = Field(
+        None, ge=16, description="Width of validation videos; default: the first training bucket."
+    )
+    height: int | None = Field(
+        None, ge=16, description="Height of validation videos; default: the first training bucket."
+    )
+    inference_steps: int = Field(20, ge=1, description="Denoising steps per validation video.")
+    guidance_scale: float | None = Field(
+        None, ge=1.0, description="Classifier-free guidance of validation videos; default: the family's."
+    )
+    negative_prompt: str = Field(
+        "", description="Negative prompt for validation videos, embedded by `vidlora prepare` with the prompts."
+    )
+    seed: int = Field(0, description="Seed of the validation videos and of the validation-loss noise.")
+    holdout_clips: int = Field(
+        0,
+        ge=0,
+        description="Hold the samples of this many source clips out of training for the validation loss (the "
+        "same clips for every run on a cache: chosen by a hash of their paths).",
+    )
+    loss_cache_dir: str | None = Field(
+        None, description="A cache prepared separately (same model) whose samples give the validation loss."
+    )
+    loss_sigmas: list[float] = Field(
+        [0.1, 0.3, 0.5, 0.7, 0.9],
+        min_length=1,
+        description="Fixed noise levels of the validation loss; with fixed noise, runs are comparable.",
+    )
+
+    @field_validator("num_frames")
+    @classmethod
+    def _frames_four_k_plus_one(cls, value: int) -> int:
+        if (value - 1) % 4:
+            raise ValueError(f"must be 4k+1 (1, 5, 9, ..., 81); got {value}")
+        return value
+
+    @field_validator("loss_sigmas")
+    @classmethod
+    def _sigmas_in_unit_interval(cls, value: list[float]) -> list[float]:
+        if any(not 0 < s < 1 for s in value):
+            raise ValueError(f"each must be in (0, 1); got {value}")
+        return value
+
+
 class ExportSection(Section):
     dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of exported adapter tensors.")
     formats: list[Literal["diffusers", "comfyui", "kohya"]] = Field(
@@ -237,6 +308,7 @@ class Recipe(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     train: TrainSection = Field(default_factory=TrainSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    validation: ValidationSection = Field(default_factory=ValidationSection)
     export: ExportSection = Field(default_factory=ExportSection)
 
     def to_toml_dict(self) -> dict[str, Any]:

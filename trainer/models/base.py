@@ -106,6 +106,16 @@ class ModelFamily:
         """The transformer's flow prediction (noise - data) for noisy latents at `sigmas` in (0, 1)."""
         raise NotImplementedError
 
+    def validation_kwargs(
+        self, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None
+    ) -> dict[str, Any]:
+        """Pipeline arguments that stand in for the prompt (and negative prompt): the cached embeddings,
+        batched as the transformer sees them in training, so validation never loads the text encoder."""
+        kwargs: dict[str, Any] = dict(self.collate_text([text]))
+        if negative is not None:
+            kwargs.update({f"negative_{k}": v for k, v in self.collate_text([negative]).items()})
+        return kwargs
+
     # --- tiny models for the demo and the tests ------------------------------------------------------
     @classmethod
     def make_tiny(cls, out_dir: Path, seed: int = 0) -> Path:

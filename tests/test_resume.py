@@ -1,0 +1,91 @@
+"""Exact resume of real `vidlora train` processes on the CPU (fp32): SIGKILL mid-run, SIGKILL inside a
+checkpoint write, and Ctrl-C; each resumed run's per-step losses and final LoRA equal an uninterrupted
+run's exactly. The runs use DataLoader workers and LoRA dropout, the two usual sources of drift."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from tests.conftest import write_recipe
+from tests.training_setup import kill_group, losses, recipe_text, start_run, train_run, wait_for_step
+from trainer.checkpoint import KILL_IN_CHECKPOINT, latest_checkpoint, read_adapter
+
+pytestmark = pytest.mark.slow
+
+STEPS = 60
+
+
+def make_recipe(tmp, prepared, name):
+    model, cache = prepared
+    text = recipe_text(model, cache, tmp / name, STEPS, checkpoint_every=5, dataloader_workers=2)
+    return write_recipe(tmp / f"{name}.toml", text.replace("alpha = 4", "alpha = 4\ndropout = 0.1"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, prepared):
+    tmp = tmp_path_factory.mktemp("resume")
+    train_run(make_recipe(tmp, prepared, "ref"))
+    return tmp / "ref"
+
+
+def assert_same_run(run, reference):
+    got, want = losses(run), losses(reference)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got == want
+    a, b = read_adapter(run / "adapter.safetensors")[0], read_adapter(reference / "adapter.safetensors")[0]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_sigkill_mid_run_then_resume_is_exact(reference, prepared, tmp_path):
+    recipe = make_recipe(tmp_path, prepared, "run")
+    run = tmp_path / "run"
+    proc = start_run(recipe)
+    wait_for_step(proc, run, 12)
+    kill_group(proc)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert not (run / "adapter.safetensors").exists()
+    resumed_from = latest_checkpoint(run / "checkpoints")
+    assert resumed_from is not None
+    train_run(recipe, "one", "--resume")
+    assert_same_run(run, reference)
+
+
+def test_kill_inside_checkpoint_write_leaves_previous_one(reference, prepared, tmp_path):
+    recipe = make_recipe(tmp_path, prepared, "run")
+    run = tmp_path / "run"
+    proc = train_run(recipe, check=False, env={KILL_IN_CHECKPOINT: "15"})
+    assert proc.returncode == -signal.SIGKILL
+    checkpoints = run / "checkpoints"
+    assert (checkpoints / ".tmp-step-000015").is_dir()  # written, never renamed
+    assert not (checkpoints / "step-000015").exists()
+    assert latest_checkpoint(checkpoints).name == "step-000010"
+    train_run(recipe, "one", "--resume")
+    assert not list(checkpoints.glob(".tmp-*"))
+    assert_same_run(run, reference)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(reference, prepared, tmp_path):
+    recipe = make_recipe(tmp_path, prepared, "run")
+    run = tmp_path / "run"
+    proc = start_run(recipe)
+    wait_for_step(proc, run, 7)
+    kill_group(proc, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "interrupted: stopped at step" in err
+    latest = latest_checkpoint(run / "checkpoints")
+    assert latest is not None and latest.name == f"step-{max(losses(run)):06d}"  # saved at the stop step
+    assert not (run / "adapter.safetensors").exists()
+    train_run(recipe, "one", "--resume")
+    assert_same_run(run, reference)
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(reference, prepared, tmp_path):
+    recipe = make_recipe(tmp_path, prepared, "ref")
+    text = recipe.read_text().replace(str(tmp_path / "ref"), str(reference))
+    proc = train_run(write_recipe(recipe, text), check=False)
+    assert proc.returncode == 2
+    assert "already holds step-000060" in proc.stderr and "--resume" in proc.stderr

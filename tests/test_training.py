@@ -1,0 +1,319 @@
+"""Training guard rails, memory modes, validation, tracking, `vidlora env` and `vidlora plot`, on the tiny
+Wan model and real cached clips; plus unit tests of the sharded sampler and the DeepSpeed config rules."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import AutoencoderKLWan
+from PIL import Image
+from transformers import UMT5EncoderModel
+
+from data.cache import load_entry, read_meta, save_entry
+from data.dataset import BucketBatchSampler, CachedDataset, holdout_sources
+from data.media import probe
+from tests.conftest import ROOT, run_cli, write_recipe
+from tests.training_setup import copy_cache, losses, recipe_text, train_run
+from trainer import train as train_module
+from trainer.checkpoint import latest_checkpoint, read_adapter
+from trainer.config import UserError, load_recipe
+from trainer.memory import parameter_bytes
+from trainer.train import FORMATS, configure_deepspeed
+
+
+def corrupt(entry: Path) -> None:
+    """Write a NaN into a cache entry's latents, as a bad disk or a broken VAE pass would."""
+    tensors, meta = load_entry(entry), read_meta(entry)
+    tensors["latents"][0, 0, 0, 0] = float("nan")
+    save_entry(entry, tensors, meta)
+
+
+def entries(cache: Path) -> list[Path]:
+    return sorted((cache / "samples").rglob("*.safetensors"))
+
+
+def tree_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+# --- guard rails -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_nan_in_a_cached_sample_skips_its_steps(prepared, tmp_path):
+    model, cache = prepared
+    cache = copy_cache(cache, tmp_path / "cache")
+    bad = entries(cache)[0]
+    corrupt(bad)
+    recipe = write_recipe(tmp_path / "r.toml", recipe_text(model, cache, tmp_path / "run", 8, checkpoint_every=1))
+    proc = train_run(recipe)
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    skipped = [
+        r["step"] for r, prev in zip(rows, [{"skipped_steps": 0}, *rows]) if r["skipped_steps"] > prev["skipped_steps"]
+    ]
+    assert len(skipped) == 2  # the bad sample comes once per epoch of 4 batches
+    assert rows[-1]["skipped_steps"] == 2
+    assert all(rows[s - 1]["loss"] is None for s in skipped)  # a skipped step has no finite loss to log
+    out = proc.stdout + proc.stderr
+    assert f"step {skipped[0]}: non-finite loss" in out and bad.relative_to(cache).as_posix() in out
+
+    def adapter(step):
+        return read_adapter(run / f"checkpoints/step-{step:06d}/adapter.safetensors")[0]
+
+    for step in range(2, 9):
+        before, after = adapter(step - 1), adapter(step)
+        unchanged = all(torch.equal(before[k], after[k]) for k in before)
+        assert unchanged == (step in skipped), step  # skipped steps leave the LoRA as it was
+    final = read_adapter(run / "adapter.safetensors")[0]
+    assert all(torch.isfinite(v).all() for v in final.values())
+
+
+@pytest.mark.slow
+def test_nonfinite_steps_in_a_row_abort_with_the_checkpoint_intact(prepared, tmp_path):
+    model, cache = prepared
+    cache = copy_cache(cache, tmp_path / "cache")
+    recipe = write_recipe(tmp_path / "r.toml", recipe_text(model, cache, tmp_path / "run", 4))
+    train_run(recipe)
+    checkpoints = tmp_path / "run/checkpoints"
+    before = tree_hash(checkpoints)
+    for entry in entries(cache):
+        corrupt(entry)
+    proc = train_run(
+        recipe, "one", "--resume", "--set", "train.max_steps=20", "--set", "train.max_nonfinite_in_row=3", check=False
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "vidlora: error: 3 steps in a row had a non-finite loss or gradient (last at step 7)" in proc.stderr
+    assert "step-000004 is intact" in proc.stderr and "Traceback" not in proc.stderr
+    assert tree_hash(checkpoints) == before
+    assert latest_checkpoint(checkpoints).name == "step-000004"
+
+
+# --- memory modes -----------------------------------------------------------------------------------
+
+
+def in_process_run(recipe_path: Path, monkeypatch, keep: dict) -> Path:
+    """Train in this process (the real loop) and keep the trained transformer for inspection."""
+    real = train_module.build_model
+
+    def spy(*args, **kwargs):
+        keep["model"] = real(*args, **kwargs)
+        return keep["model"]
+
+    monkeypatch.setattr(train_module, "build_model", spy)
+    return train_module.train(load_recipe(recipe_path))
+
+
+@pytest.mark.slow
+def test_memory_modes_train(prepared, tmp_path, monkeypatch):
+    model, cache = prepared
+
+    def run(name, validation="", **modes):
+        text = recipe_text(model, cache, tmp_path / name, 4, **modes) + validation
+        keep = {}
+        return in_process_run(write_recipe(tmp_path / f"{name}.toml", text), monkeypatch, keep), keep["model"]
+
+    plain, plain_model = run("plain")
+    # block offload on the CPU is a device no-op, but every layer goes through the offload hooks: the
+    # LoRA stays out of them and trains, and the numbers are the same as without offloading
+    offload, offload_model = run("offload", block_offload=True)
+    assert losses(offload) == losses(plain)
+    assert offload_model.is_gradient_checkpointing
+    assert any(hasattr(m, "_diffusers_hook") for n, m in offload_model.named_modules() if n.endswith("base_layer"))
+    assert not any(hasattr(m, "_diffusers_hook") for n, m in offload_model.named_modules() if "lora_" in n)
+
+    # with validation videos every 2 steps: the pipeline runs around the fp8 transformer, the text
+    # encoder is never loaded (cached prompt embeddings), the VAE once, for decoding
+    def no_text_encoder(*args, **kwargs):
+        raise AssertionError("the text encoder was loaded during training")
+
+    vae_loads = []
+    real_vae = AutoencoderKLWan.from_pretrained.__func__
+    monkeypatch.setattr(UMT5EncoderModel, "from_pretrained", no_text_encoder)
+    monkeypatch.setattr(
+        AutoencoderKLWan,
+        "from_pretrained",
+        classmethod(lambda cls, *a, **k: vae_loads.append(1) or real_vae(cls, *a, **k)),
+    )
+    validation = "[validation]\nevery = 2\ninference_steps = 2\nnum_frames = 5\n"
+    low, low_model = run("low", validation, fp8_base=True, optimizer="adamw8bit", gradient_checkpointing=True)
+    assert len(vae_loads) == 1 and len(list((low / "validation").rglob("*.mp4"))) == 2
+    frozen = [p for p in low_model.parameters() if not p.requires_grad]
+    assert any(p.dtype == torch.float8_e4m3fn for p in frozen)
+    assert all(p.dtype == torch.float32 for p in low_model.parameters() if p.requires_grad)
+    assert parameter_bytes(low_model)["frozen"] < 0.7 * parameter_bytes(plain_model)["frozen"]
+    got, want = losses(low), losses(plain)
+    assert all(math.isclose(got[s], want[s], rel_tol=2e-2) for s in want)  # fp8 rounding of the base
+    trained = read_adapter(low / "adapter.safetensors")[0]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in trained.values())
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
+
+
+# --- validation and tracking ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def validated_run(tmp_path_factory, prepared):
+    """6 steps with validation every 3 (and before training), one clip held out, wandb offline."""
+    model, cache = prepared
+    tmp = tmp_path_factory.mktemp("validation")
+    text = recipe_text(model, cache, tmp / "run", 6, log_every=2).replace("wandb = false", 'project = "vidlora-test"')
+    text += "[validation]\nevery = 3\nat_start = true\nholdout_clips = 1\ninference_steps = 2\nnum_frames = 5\n"
+    recipe = write_recipe(tmp / "r.toml", text)
+    proc = train_run(recipe)
+    return recipe, tmp / "run", proc
+
+
+@pytest.mark.slow
+def test_validation_videos_and_held_out_loss(validated_run, prepared, tmp_path):
+    recipe, run, _ = validated_run
+    for step in (0, 3, 6):
+        videos = list((run / f"validation/step-{step:06d}").glob("*.mp4"))
+        assert [v.name for v in videos] == ["00-a_yellow_star_spins_slowly.mp4"]
+        info = probe(videos[0])
+        assert (info.num_frames, info.width, info.height) == (5, 64, 64)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    assert sorted(val) == [0, 3, 6] and all(math.isfinite(v) for v in val.values())
+
+    # the held-out clip is not trained on
+    held = holdout_sources(json.loads((prepared[1] / "index.json").read_text())["samples"], 1)
+    dataset = CachedDataset(prepared[1], holdout_clips=1)
+    assert len(held) == 1 and not {e["source"] for e in dataset.entries} & held
+    assert {e["source"] for e in dataset.heldout} == held
+
+    # fixed sigmas and noise: another run (other training seed) measures the same loss for the same weights
+    text = recipe.read_text().replace(str(run), str(tmp_path / "other")).replace("max_steps = 6", "max_steps = 1")
+    text = text.replace('project = "vidlora-test"', "wandb = false")
+    other = write_recipe(tmp_path / "other.toml", text)
+    train_run(other, "one", "--set", "train.seed=7", "--set", "validation.videos=false")
+    first = json.loads((tmp_path / "other/metrics.jsonl").read_text().splitlines()[0])
+    assert first == {"step": 0, "val_loss": val[0]}
+
+
+@pytest.mark.slow
+def test_console_metrics_file_and_wandb_agree(validated_run):
+    _, run, proc = validated_run
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    for r in train_rows:
+        assert {"loss", "lr", "grad_norm", "step_time", "samples_per_s", "memory_gb"} <= set(r)
+        line = next(
+            x for x in proc.stdout.splitlines() + proc.stderr.splitlines() if x.startswith(f"step {r['step']}/6")
+        )
+        for key, fmt in FORMATS.items():
+            if key in r:
+                assert f"{key} {r[key]:{fmt}}" in line, (key, line)
+    wandb_runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1
+    assert b"vidlora-test" in next(wandb_runs[0].glob("*.wandb")).read_bytes()  # project name from the recipe
+    assert len(list(wandb_runs[0].rglob("media/videos/**/*.mp4"))) == 3
+
+
+def test_plot_draws_the_loss_curve(validated_run, tmp_path):
+    _, run, _ = validated_run
+    proc = run_cli("plot", run, "--out", tmp_path / "loss.png")
+    assert "plot:" in proc.stdout
+    image = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB"))
+    assert image.shape[0] > 300 and image.std() > 10  # a real drawing, not an empty canvas
+    assert run_cli("plot", tmp_path, check=False).returncode == 2  # no metrics.jsonl: one-line error
+
+
+def test_env_reports_versions_hardware_and_deepspeed_ops():
+    info = json.loads(run_cli("env", "--json").stdout)
+    for pkg in ("torch", "diffusers", "peft", "accelerate", "deepspeed", "bitsandbytes", "decord", "av"):
+        assert info["packages"][pkg][0].isdigit(), pkg
+    assert info["cuda_available"] == torch.cuda.is_available() and isinstance(info["gpus"], list)
+    assert {"bf16_supported", "fp8_storage"} <= set(info)
+    assert info["deepspeed_ops"]["CPUAdamBuilder"] in ("compatible", "incompatible")
+    text = run_cli("env").stdout
+    assert "deepspeed" in text and "bf16" in text and "fp8 storage" in text
+
+
+# --- units ------------------------------------------------------------------------------------------
+
+
+class FakeDataset:
+    def __init__(self, shapes):
+        self.shapes = shapes
+
+    def __len__(self):
+        return len(self.shapes)
+
+    def shape_key(self, i):
+        return self.shapes[i]
+
+
+def test_sampler_shards_same_shape_global_batches_over_ranks():
+    data = FakeDataset([(64, 64, 9)] * 7 + [(32, 64, 9)] * 4)
+    one = BucketBatchSampler(data, 4, seed=3)
+    ranks = [BucketBatchSampler(data, 2, seed=3, num_replicas=2, rank=r) for r in range(2)]
+    for epoch in range(3):
+        for s in (one, *ranks):
+            s.set_epoch(epoch)
+        per_rank = [list(r) for r in ranks]
+        assert len(per_rank[0]) == len(per_rank[1]) == len(one)
+        for global_batch, a, b in zip(one, *per_rank):
+            ia, ib = [i for i, _ in a], [i for i, _ in b]
+            assert len(ia) == len(ib)  # every rank the same number of samples
+            assert len({data.shape_key(i) for i in ia + ib}) == 1  # one shape per step
+            assert len(set(ia + ib)) == len(ia + ib)  # ranks never share a sample (tails padded from elsewhere)
+            if len(global_batch) == 4:  # N processes x B = one process x N*B
+                assert ia + ib == [i for i, _ in global_batch]
+            assert {e for _, e in a + b} == {epoch}
+    # a short bucket tail is topped up to a multiple of the ranks, from its own bucket
+    tails = [b for b in ranks[0].global_batches() if len(b) < 4]
+    assert all(len(b) % 2 == 0 for b in tails)
+    # the order depends on (seed, epoch) only; a resumed epoch skips what was trained
+    ranks[0].set_epoch(1)
+    full = list(ranks[0])
+    ranks[0].set_epoch(1, skip=2)
+    assert list(ranks[0]) == full[2:] and len(ranks[0]) == len(full) - 2
+    counts = Counter(i for b in BucketBatchSampler(data, 1, seed=0).global_batches() for i in b)
+    assert counts == Counter(range(11))  # one process: every sample once per epoch, nothing padded
+
+
+def test_deepspeed_config_follows_the_recipe():
+    recipe = load_recipe(None, ["train.batch_size=2", "train.gradient_accumulation=4", "train.max_grad_norm=0.5"])
+    plugin = SimpleNamespace(deepspeed_config={"gradient_clipping": "auto", "train_batch_size": "auto"})
+    configure_deepspeed(plugin, recipe)
+    assert plugin.deepspeed_config == {
+        "gradient_clipping": 0.5,
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 4,
+    }
+    plugin = SimpleNamespace(deepspeed_config={"gradient_accumulation_steps": 8})
+    with pytest.raises(UserError, match='gradient_accumulation_steps = 8 but the recipe says 4.*"auto"'):
+        configure_deepspeed(plugin, recipe)
+
+
+def test_shipped_accelerate_configs():
+    folder = ROOT / "recipes/accelerate"
+    configs = {p.stem: yaml.safe_load(p.read_text()) for p in folder.glob("*.yaml")}
+    assert set(configs) == {"single_gpu", "multi_gpu", "zero2", "zero3", "multi_node"}
+    for stage in (2, 3):
+        cfg = configs[f"zero{stage}"]
+        assert cfg["distributed_type"] == "DEEPSPEED"
+        ds = json.loads((ROOT / cfg["deepspeed_config"]["deepspeed_config_file"]).read_text())
+        assert ds["zero_optimization"]["stage"] == stage
+        # the recipe decides these (DeepSpeed's own values would silently win)
+        assert all(
+            ds[k] == "auto"
+            for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+        )
+    assert configs["multi_gpu"]["distributed_type"] == configs["multi_node"]["distributed_type"] == "MULTI_GPU"
+    assert configs["multi_node"]["num_machines"] > 1

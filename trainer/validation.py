@@ -1,0 +1,169 @@
+"""Validation during training: a held-out loss at fixed noise levels and fixed noise, and sample videos.
+
+The loss uses the samples of clips held out of training (`validation.holdout_clips`) and/or a separately
+prepared cache (`validation.loss_cache_dir`), each at every sigma of `validation.loss_sigmas`, with noise
+from (validation seed, sample, sigma): the same number for the same weights in any run on that data, so
+curves of different runs compare. Videos come from the family's own diffusers pipeline around the
+training transformer, fed the prompt embeddings `vidlora prepare` cached: the text encoder is never
+loaded; the VAE is loaded at the first validation, for decoding only, and kept on the CPU in between.
+
+Every rank takes part (ZeRO-3 shards the weights, so every forward needs all ranks): work is split over
+ranks and padded so each makes the same number of forward passes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from data.dataset import CachedDataset, collate
+from data.prepare import load_index
+from data.synth import write_video
+from trainer.config import Recipe, UserError
+from trainer.flow_matching import noisy_and_target
+from trainer.models.base import ModelFamily
+
+log = logging.getLogger("vidlora.validation")
+
+
+class Validator:
+    def __init__(
+        self, recipe: Recipe, family: ModelFamily, dataset: CachedDataset, accelerator: Accelerator, run: Path
+    ):
+        self.recipe, self.v, self.family, self.dataset = recipe, recipe.validation, family, dataset
+        self.accelerator, self.run_dir = accelerator, run
+        # (dataset that reads it, index entry): held-out clips first, then a separate cache
+        self.loss_items: list[tuple[CachedDataset, dict[str, Any]]] = [(dataset, e) for e in dataset.heldout]
+        if self.v.loss_cache_dir:
+            other = CachedDataset(self.v.loss_cache_dir)
+            if other.family != family.name:
+                raise UserError(
+                    f"{self.v.loss_cache_dir}: cache was prepared for {other.family!r}, not {family.name!r}"
+                )
+            self.loss_items += [(other, e) for e in load_index(self.v.loss_cache_dir)["samples"]]
+        self.prompts = dataset.validation_text_ids if self.v.videos else []
+        if self.v.videos and not self.prompts:
+            log.warning("validation: no videos (the cache has no validation prompts: set data.validation_prompts)")
+        if not self.loss_items:
+            log.warning("validation: no loss (set validation.holdout_clips or validation.loss_cache_dir)")
+        width, height = dataset.entries[0]["bucket"]
+        self.width, self.height = self.v.width or width, self.v.height or height
+        self.vae: torch.nn.Module | None = None
+
+    def shard(self, n: int) -> list[int | None]:
+        """This rank's item indices, padded with None so every rank makes the same number of passes."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        return [i if i < n else None for i in range(rank, math.ceil(n / world) * world, world)]
+
+    @torch.no_grad()
+    def run(self, transformer: torch.nn.Module, step: int) -> dict[str, float]:
+        model = self.accelerator.unwrap_model(transformer)
+        was_training = model.training
+        model.eval()
+        logs: dict[str, float] = {}
+        try:
+            if self.loss_items:
+                logs["val_loss"] = self.loss(model)
+            if self.prompts:
+                self.videos(model, step)
+        finally:
+            model.train(was_training)
+        return logs
+
+    def loss(self, model: torch.nn.Module) -> float:
+        device = self.accelerator.device
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        for i in self.shard(len(self.loss_items)):
+            reader, entry = self.loss_items[i if i is not None else 0]
+            batch = collate([reader.load(entry, entry["text_ids"][0])])
+            batch.update(self.family.collate_text(batch.pop("text")))
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            for k, sigma in enumerate(self.v.loss_sigmas):
+                sigmas = torch.tensor([sigma])
+                g = torch.Generator().manual_seed((self.v.seed * 1_000_003 + (i or 0)) * 101 + k)
+                noisy, target = noisy_and_target(batch["latents"], sigmas, g)
+                pred = self.family.predict(model, noisy, sigmas.to(device), batch)
+                if i is not None:
+                    total += torch.stack(
+                        [
+                            torch.nn.functional.mse_loss(pred.float(), target.float()).double(),
+                            torch.ones((), dtype=torch.float64, device=device),
+                        ]
+                    )
+        total = self.accelerator.reduce(total, "sum")
+        return (total[0] / total[1]).item()
+
+    def pipeline(self, model: torch.nn.Module) -> Any:
+        m = self.recipe.model
+        if self.vae is None:
+            self.vae = self.family.load_vae(torch.float32 if self.accelerator.device.type == "cpu" else torch.bfloat16)
+        self.vae.to(self.accelerator.device)
+        pipe = self.family.pipeline_class.from_pretrained(
+            m.path, revision=m.revision, transformer=model, vae=self.vae, text_encoder=None, tokenizer=None
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def videos(self, model: torch.nn.Module, step: int) -> list[Path]:
+        acc, v = self.accelerator, self.v
+        pipe = self.pipeline(model)
+        negative = self.dataset.validation_negative_id
+        negative_text = self.dataset.text(negative) if negative else None
+        defaults = dict(self.family.sample_defaults)
+        if v.guidance_scale is not None:
+            defaults["guidance_scale"] = v.guidance_scale
+        if negative_text is None and defaults.get("guidance_scale", 1.0) > 1.0:
+            log.warning("validation: the cache has no negative prompt (re-run prepare); sampling without guidance")
+            defaults["guidance_scale"] = 1.0
+        out_dir = self.run_dir / "validation" / f"step-{step:06d}"
+        written = []
+        for i in self.shard(len(self.prompts)):
+            text_id = self.prompts[i if i is not None else 0]
+            kwargs = self.family.validation_kwargs(self.dataset.text(text_id), negative_text)
+            frames = pipe(
+                **kwargs,
+                **defaults,
+                height=self.height,
+                width=self.width,
+                num_frames=v.num_frames,
+                num_inference_steps=v.inference_steps,
+                generator=torch.Generator(acc.device).manual_seed(v.seed + (i or 0)),
+                output_type="np",
+            ).frames[0]
+            if i is None:
+                continue
+            pixels = (np.clip(np.asarray(frames), 0, 1) * 255).round().astype(np.uint8)
+            name = f"{i:02d}-{slug(self.dataset.caption(text_id))}.mp4"
+            written.append(write_video(out_dir / name, pixels, fps=self.family.native_fps))
+        self.vae.to("cpu")
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.log_videos(step, sorted(out_dir.glob("*.mp4")))
+        return written
+
+    def log_videos(self, step: int, paths: list[Path]) -> None:
+        if not self.recipe.logging.wandb:
+            return
+        import wandb
+
+        tracker = self.accelerator.get_tracker("wandb", unwrap=True)
+
+        captions = {i: self.dataset.caption(t) for i, t in enumerate(self.prompts)}
+        tracker.log(
+            {
+                f"validation/{p.stem}": wandb.Video(str(p), caption=captions[int(p.stem[:2])], format="mp4")
+                for p in paths
+            },
+            step=step,
+        )
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^\w]+", "_", text.lower()).strip("_")[:40] or "prompt"
