@@ -75,19 +75,6 @@ def case_overrides(args: argparse.Namespace, case: str) -> tuple[list[str], str]
     return overrides, "adamw8bit" if case == "adamw8bit" else "adamw"
 
 
-def make_optimizer(kind: str, params: list, t) -> object:
-    """train.py's AdamW with the recipe's settings, or bitsandbytes' 8-bit AdamW (imported only then)."""
-    import torch
-
-    if kind == "adamw8bit":
-        import bitsandbytes as bnb
-
-        cls = bnb.optim.AdamW8bit
-    else:
-        cls = torch.optim.AdamW
-    return cls(params, lr=t.learning_rate, betas=t.adam_betas, weight_decay=t.weight_decay, eps=t.adam_epsilon)
-
-
 def vidlora_step(recipe, preset, optimizer_kind: str, batch: dict, family=None):
     """vidlora's own training step: build_model and flow_loss from trainer/train.py, and its loop body.
 
@@ -98,39 +85,34 @@ def vidlora_step(recipe, preset, optimizer_kind: str, batch: dict, family=None):
     from diffusers.optimization import get_scheduler
 
     from trainer.config import resolve_device_precision
-    from trainer.flow_matching import step_generator
+    from trainer.memory import make_optimizer
     from trainer.models.base import DTYPES
     from trainer.perf import bench_family
-    from trainer.train import build_model, flow_loss
+    from trainer.train import build_model, forward_backward, optimizer_step
 
-    t = recipe.train
+    t = recipe.train.model_copy(update={"optimizer": optimizer_kind})
+    recipe = recipe.model_copy(update={"train": t})
     mixed_precision, weight_dtype = resolve_device_precision(t.mixed_precision, recipe.model.dtype)
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=t.gradient_accumulation)
     set_seed(t.seed)
     family = family or bench_family(preset, recipe.model, accelerator.device)
     transformer = build_model(recipe, family, DTYPES[weight_dtype])
     params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = make_optimizer(optimizer_kind, params, t)
+    optimizer = make_optimizer(params, t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=10**6)
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
     micro = 0
+    slots = list(range(batch["latents"].shape[0]))
 
-    # The body of train.py's loop (for batch in batches: ...), minus logging and checkpointing.
+    # The body of train.py's loop (for batch in loader: ...), minus logging and checkpointing.
     def step() -> float:
         nonlocal micro
         for _ in range(t.gradient_accumulation):
             with accelerator.accumulate(transformer):
-                generator = step_generator(t.seed, micro, accelerator.process_index)
-                loss = flow_loss(family, transformer, batch, recipe, generator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                loss = forward_backward(accelerator, family, transformer, batch, recipe, micro, slots)
             micro += 1
-            value = loss.detach().item()
-        scheduler.step()
-        return value
+        optimizer_step(accelerator, params, optimizer, scheduler, t.max_grad_norm, bad=False)
+        return loss.item()
 
     return step, transformer, family
 
@@ -179,7 +161,13 @@ def bare_step(recipe, preset, optimizer_kind: str, batch: dict, tensors: dict):
         transformer.compile_repeated_blocks()
     elif t.compile == "full":
         transformer.compile()
-    optimizer = make_optimizer(optimizer_kind, params, t)
+    if optimizer_kind == "adamw8bit":
+        import bitsandbytes as bnb
+
+        adamw = bnb.optim.AdamW8bit
+    else:
+        adamw = torch.optim.AdamW
+    optimizer = adamw(params, lr=t.learning_rate, betas=t.adam_betas, weight_decay=t.weight_decay, eps=t.adam_epsilon)
     autocast = torch.autocast(device.type, dtype=DTYPES[mixed_precision]) if mixed_precision != "no" else nullcontext()
     x0 = batch["latents"]
 
@@ -214,8 +202,8 @@ def bare_forward(preset, transformer, noisy, timestep, batch: dict):
         hidden_states=noisy,
         timestep=timestep,
         encoder_hidden_states=batch["prompt_embeds"],
-        encoder_attention_mask=batch["prompt_attention_mask"],
-        pooled_projections=batch["pooled_prompt_embeds"],
+        encoder_attention_mask=batch["encoder_attention_mask"],
+        pooled_projections=batch["pooled_projections"],
         guidance=torch.full((noisy.shape[0],), 1000.0, device=noisy.device),
         return_dict=False,
     )[0]

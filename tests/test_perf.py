@@ -67,7 +67,7 @@ def count_step(preset: perf.ModelPreset, transformer, family, recipe, batch_size
     batch = perf.random_batch(preset, LATENT, batch_size, preset.text_tokens)
     # the math kernel runs attention as matmuls the counter sees; fused CPU kernels are not counted
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        loss = flow_loss(family, transformer, batch, recipe, step_generator(0, 0, 0))
+        loss = flow_loss(family, transformer, batch, recipe, [step_generator(0, 0, j) for j in range(batch_size)])
         forward = counter.get_total_flops()
         loss.backward()
     return forward, counter.get_total_flops() - forward
@@ -138,7 +138,7 @@ def losses_after(overrides: list[str], steps: int = 3, compile_backend: str | No
     batch = perf.random_batch(TINY_WAN, LATENT, 2, TINY_WAN.text_tokens)
     losses = []
     for i in range(steps):
-        loss = flow_loss(family, transformer, batch, recipe, step_generator(0, i, 0))
+        loss = flow_loss(family, transformer, batch, recipe, [step_generator(0, i, j) for j in range(2)])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

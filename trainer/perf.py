@@ -188,52 +188,19 @@ def random_batch(
         out["prompt_embeds"] = torch.randn(batch_size, text_tokens, c["text_dim"], generator=g)
     else:
         out["prompt_embeds"] = torch.randn(batch_size, text_tokens, c["text_embed_dim"], generator=g)
-        out["prompt_attention_mask"] = torch.ones(batch_size, text_tokens, dtype=torch.int64)
-        out["pooled_prompt_embeds"] = torch.randn(batch_size, c["pooled_projection_dim"], generator=g)
+        out["encoder_attention_mask"] = torch.ones(batch_size, text_tokens, dtype=torch.int64)
+        out["pooled_projections"] = torch.randn(batch_size, c["pooled_projection_dim"], generator=g)
     return out
-
-
-HV_ATTENTION = (
-    r"(transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
-    r"|single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v))"
-)
-HV_MLP = (
-    r"(transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)|single_transformer_blocks\.\d+\.(proj_mlp|proj_out))"
-)
 
 
 def bench_family(preset: ModelPreset, cfg: ModelSection, device: str | torch.device = "cpu") -> ModelFamily:
     """The preset's model family, loading a randomly initialised transformer of the preset's size.
 
-    Wan is vidlora's own family. HunyuanVideo uses a minimal stand-in with the transformer call of
-    diffusers' HunyuanVideoPipeline (guidance 1.0 x 1000, as musubi-tuner and finetrainers train it) until
-    its family file is in the registry.
+    The family's own adapter (presets, transformer call); only the weights are replaced.
     """
     from trainer.models import family_class
-    from trainer.models.base import ModelFamily
 
-    if preset.family == "wan":
-        base = family_class("wan")
-    else:
-
-        class HunyuanVideoStandIn(ModelFamily):
-            name = "hunyuan_video"
-            default_shift = 7.0
-            lora_presets = {"default": f"({HV_ATTENTION}|{HV_MLP})", "attention": HV_ATTENTION}
-
-            def predict(self, transformer, noisy, sigmas, batch):
-                n = noisy.shape[0]
-                return transformer(
-                    hidden_states=noisy,
-                    timestep=sigmas * 1000,
-                    encoder_hidden_states=batch["prompt_embeds"].to(noisy.dtype),
-                    encoder_attention_mask=batch["prompt_attention_mask"],
-                    pooled_projections=batch["pooled_prompt_embeds"].to(noisy.dtype),
-                    guidance=torch.full((n,), 1000.0, device=noisy.device, dtype=noisy.dtype),
-                    return_dict=False,
-                )[0]
-
-        base = HunyuanVideoStandIn
+    base = family_class(preset.family)
 
     class RandomWeights(base):
         def load_transformer(self, dtype: torch.dtype) -> nn.Module:

@@ -149,6 +149,7 @@ def build_model(
         if p.requires_grad:
             p.data = p.data.to(device or p.device, torch.float32)  # LoRA trains in fp32 whatever the base dtype
     apply_memory_modes(transformer, recipe.train)
+    transformer.train()  # from_pretrained returns eval mode, where LoRA dropout does nothing
     return apply_speed_options(transformer, recipe)  # attention backend, selective checkpointing, compile
 
 
@@ -301,10 +302,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                 n = len(batch["files"])
                 slots = [rank * n + j for j in range(n)]  # this rank's places in the global batch
                 with accelerator.accumulate(transformer):
-                    torch.manual_seed(step_seed(t.seed, pos.micro, rank))  # LoRA dropout, reproducibly
-                    generators = [step_generator(t.seed, pos.micro, s) for s in slots]
-                    loss = flow_loss(family, transformer, batch, recipe, generators)
-                    accelerator.backward(loss)  # under DeepSpeed this also steps (or skips a non-finite step)
+                    loss = forward_backward(accelerator, family, transformer, batch, recipe, pos.micro, slots)
                 pos.batch += 1
                 pos.micro += 1
                 window.add(loss.item(), n, batch["files"])
@@ -313,13 +311,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
 
                 # ---- one optimizer step: all ranks agree on skipping and stopping with one reduce ----
                 bad, stop_now = window.end_step(accelerator, stop.requested)
-                grad_norm = accelerator.clip_grad_norm_(params, t.max_grad_norm or math.inf)
-                grad_norm = math.nan if grad_norm is None else float(grad_norm)
-                skipped = bad or not math.isfinite(grad_norm)
-                if not skipped:
-                    optimizer.step()  # a no-op under DeepSpeed, which stepped in backward
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                grad_norm, skipped = optimizer_step(accelerator, params, optimizer, scheduler, t.max_grad_norm, bad)
                 pos.step += 1
                 bar.update()
                 if skipped:
@@ -357,6 +349,38 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     bar.close()
     finish(accelerator, transformer, family, recipe, run, meta, pos.step)
     return run
+
+
+def forward_backward(
+    accelerator: Accelerator,
+    family: ModelFamily,
+    transformer: torch.nn.Module,
+    batch: dict[str, Any],
+    recipe: Recipe,
+    micro: int,
+    slots: list[int],
+) -> torch.Tensor:
+    """One micro-batch: loss and backward. Dropout, noise and timesteps are seeded from (seed, micro-step,
+    slot in the global batch), so resumes and different process counts draw exactly the same numbers."""
+    seed = recipe.train.seed
+    torch.manual_seed(step_seed(seed, micro, accelerator.process_index))  # LoRA dropout
+    loss = flow_loss(family, transformer, batch, recipe, [step_generator(seed, micro, s) for s in slots])
+    accelerator.backward(loss)  # under DeepSpeed this also steps (or skips a non-finite step)
+    return loss
+
+
+def optimizer_step(
+    accelerator: Accelerator, params: list, optimizer: Any, scheduler: Any, max_grad_norm: float, bad: bool
+) -> tuple[float, bool]:
+    """Clip, step (unless a loss or the gradient is non-finite), zero, advance the LR: (grad norm, skipped)."""
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm or math.inf)
+    grad_norm = math.nan if grad_norm is None else float(grad_norm)
+    skipped = bad or not math.isfinite(grad_norm)
+    if not skipped:
+        optimizer.step()  # a no-op under DeepSpeed, which stepped in backward
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return grad_norm, skipped
 
 
 def step_seed(seed: int, micro: int, rank: int) -> int:
