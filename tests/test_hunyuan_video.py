@@ -127,6 +127,7 @@ path = "{tiny_hv}"
 cache_dir = "{tmp_path / "cache"}"
 cache_dtype = "fp32"
 decode_workers = 0
+validation_prompts = ["a cat walks on the grass"]
 [[data.datasets]]
 path = "{clips}"
 resolutions = [48]
@@ -134,6 +135,10 @@ target_frames = [9]
 [lora]
 rank = 8
 alpha = 8
+[validation]
+every = 40
+num_frames = 5
+inference_steps = 2
 [train]
 output_dir = "{tmp_path / "run"}"
 max_steps = 40
@@ -147,10 +152,11 @@ wandb = false
     run_cli("prepare", recipe_path)
     report = json.loads((tmp_path / "cache/report.json").read_text())
     assert report["counts"] == {"ok": 1} and report["samples"] == 1
-    width, height = json.loads((tmp_path / "cache/index.json").read_text())["samples"][0]["bucket"]
+    sample = json.loads((tmp_path / "cache/index.json").read_text())["samples"][0]
+    width, height = sample["bucket"]
     entry = load_entry(next((tmp_path / "cache/samples").rglob("*.safetensors")))
     assert entry["latents"].shape == (4, 3, height // 8, width // 8)  # 9 frames -> 3 latent frames
-    text = load_entry(next((tmp_path / "cache/text").glob("*.safetensors")))
+    text = load_entry(tmp_path / "cache/text" / f"{sample['text_ids'][0]}.safetensors")
     assert set(text) == {"prompt_embeds", "pooled_projections"} and text["prompt_embeds"].shape[0] < 256
 
     captured = {}
@@ -164,6 +170,9 @@ wandb = false
     recipe = load_recipe(recipe_path)
     run = train_module.train(recipe)
     trained = captured["model"].eval()
+    # A validation video at the last step, with the embedded guidance (no negative prompt needed).
+    videos = list((run / "validation" / "step-000040").glob("*.mp4"))
+    assert len(videos) == 1 and probe(videos[0]).num_frames == 5
 
     family = get_family(recipe.model)
     base = family.load_transformer(torch.float32)

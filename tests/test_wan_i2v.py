@@ -64,6 +64,7 @@ def test_condition_and_forward_equal_the_pipeline(tiny_i2v):
 def test_prepare_train_export_round_trip_and_sample(tmp_path, tiny_i2v, monkeypatch):
     clips = tmp_path / "clips"
     synth.write_video(clips / "clip.mp4", synth.pattern_frames(12, 64, 48, seed=7), fps=16)
+    synth.write_image(tmp_path / "first.png", synth.pattern_frames(1, 80, 60, seed=9)[0])
     (clips / "clip.txt").write_text("a blue square moves left over a gradient\n", encoding="utf-8")
     recipe_path = write_recipe(
         tmp_path / "r.toml",
@@ -75,6 +76,7 @@ path = "{tiny_i2v}"
 cache_dir = "{tmp_path / "cache"}"
 cache_dtype = "fp32"
 decode_workers = 0
+validation_prompts = ["a red car drives through a city street at night"]
 [[data.datasets]]
 path = "{clips}"
 resolutions = [48]
@@ -82,6 +84,11 @@ target_frames = [9]
 [lora]
 rank = 8
 alpha = 8
+[validation]
+every = 60
+num_frames = 5
+inference_steps = 2
+images = ["{tmp_path / "first.png"}"]
 [train]
 output_dir = "{tmp_path / "run"}"
 max_steps = 60
@@ -99,7 +106,7 @@ wandb = false
     entry = load_entry(next((tmp_path / "cache/samples").rglob("*.safetensors")))
     assert set(entry) == {"latents", "image_embeds", "condition_latents"}
     assert entry["condition_latents"].shape == entry["latents"].shape == (16, 3, height // 8, width // 8)
-    text = load_entry(next((tmp_path / "cache/text").glob("*.safetensors")))
+    text = load_entry(tmp_path / "cache/text" / f"{index['samples'][0]['text_ids'][0]}.safetensors")
 
     captured = {}
     real_build = train_module.build_model
@@ -112,6 +119,9 @@ wandb = false
     recipe = load_recipe(recipe_path)
     run = train_module.train(recipe)
     trained = captured["model"].eval()
+    # The validation video at the last step: made by WanImageToVideoPipeline from the given first frame.
+    videos = list((run / "validation" / "step-000060").glob("*.mp4"))
+    assert len(videos) == 1 and probe(videos[0]).num_frames == 5
     assert any("attn2.add_k_proj.lora_A" in n for n, _ in trained.named_parameters())  # the image keys train too
 
     family = get_family(recipe.model)

@@ -255,6 +255,11 @@ class ValidationSection(Section):
     height: int | None = Field(
         None, ge=16, description="Height of validation videos; default: the first training bucket."
     )
+    images: list[str] = Field(
+        default_factory=list,
+        description="First frames for image-to-video validation videos (wan_i2v): one image for all "
+        "validation prompts, or one per prompt.",
+    )
     inference_steps: int = Field(20, ge=1, description="Denoising steps per validation video.")
     guidance_scale: float | None = Field(
         None, ge=1.0, description="Classifier-free guidance of validation videos; default: the family's."

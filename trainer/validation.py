@@ -55,6 +55,14 @@ class Validator:
             log.warning("validation: no loss (set validation.holdout_clips or validation.loss_cache_dir)")
         width, height = dataset.entries[0]["bucket"]
         self.width, self.height = self.v.width or width, self.v.height or height
+        images = self.v.images
+        if images and len(images) not in (1, len(self.prompts)):
+            raise UserError(f"validation.images: give one image, or one per validation prompt ({len(self.prompts)})")
+        # Checked now, not at the first validation: an I2V run without images fails before it trains.
+        self.sample_kwargs = [
+            family.sample_kwargs(images[i % len(images)] if images else None, self.height, self.width)
+            for i in range(len(self.prompts))
+        ]
         self.vae: torch.nn.Module | None = None
 
     def shard(self, n: int) -> list[int | None]:
@@ -105,9 +113,13 @@ class Validator:
         if self.vae is None:
             self.vae = self.family.load_vae(torch.float32 if self.accelerator.device.type == "cpu" else torch.bfloat16)
         self.vae.to(self.accelerator.device)
+        vae = getattr(self.vae, "vae", self.vae)  # Wan I2V's VAE pass also holds its image encoder
         pipe = self.family.pipeline_class.from_pretrained(
-            m.path, revision=m.revision, transformer=model, vae=self.vae, text_encoder=None, tokenizer=None
+            m.path, revision=m.revision, transformer=model, vae=vae, text_encoder=None, tokenizer=None
         )
+        for name, component in pipe.components.items():  # e.g. the I2V image encoder, loaded on the CPU
+            if isinstance(component, torch.nn.Module) and name not in ("transformer", "vae"):
+                component.to(self.accelerator.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -116,12 +128,10 @@ class Validator:
         pipe = self.pipeline(model)
         negative = self.dataset.validation_negative_id
         negative_text = self.dataset.text(negative) if negative else None
-        defaults = dict(self.family.sample_defaults)
-        if v.guidance_scale is not None:
-            defaults["guidance_scale"] = v.guidance_scale
-        if negative_text is None and defaults.get("guidance_scale", 1.0) > 1.0:
+        guidance = v.guidance_scale or self.family.sample_defaults.get("guidance_scale", 1.0)
+        if negative_text is None and guidance > 1.0 and self.family.guidance_is_cfg:
             log.warning("validation: the cache has no negative prompt (re-run prepare); sampling without guidance")
-            defaults["guidance_scale"] = 1.0
+            guidance = 1.0
         out_dir = self.run_dir / "validation" / f"step-{step:06d}"
         written = []
         for i in self.shard(len(self.prompts)):
@@ -129,7 +139,7 @@ class Validator:
             kwargs = self.family.validation_kwargs(self.dataset.text(text_id), negative_text)
             frames = pipe(
                 **kwargs,
-                **defaults,
+                **{**self.sample_kwargs[i or 0], "guidance_scale": guidance},
                 height=self.height,
                 width=self.width,
                 num_frames=v.num_frames,

@@ -34,7 +34,8 @@ class ModelFamily:
     native_fps: ClassVar[float]  # frame rate the model was trained at; clips are resampled to it by default
     lora_presets: ClassVar[dict[str, str | list[str]]]  # peft target_modules per preset name; "default" required
     text_keys: ClassVar[tuple[str, ...]]  # tensors a text cache entry holds
-    sample_defaults: ClassVar[dict[str, Any]] = {}  # extra pipeline arguments for validation samples
+    sample_defaults: ClassVar[dict[str, Any]] = {}  # extra pipeline arguments for samples
+    guidance_is_cfg: ClassVar[bool] = True  # the pipeline's guidance_scale is classifier-free (needs a negative)
     default_guidance: ClassVar[float | None] = None  # embedded guidance while training; None: no guidance input
 
     def __init__(self, cfg: ModelSection):

@@ -57,6 +57,7 @@ class HunyuanVideo(ModelFamily):
     # The distilled model is trained with guidance 1.0 (musubi-tuner, finetrainers) and sampled at 6.0 (official).
     default_guidance = 1.0
     sample_defaults = {"guidance_scale": 6.0}
+    guidance_is_cfg = False  # guidance_scale is the distilled model's embedded guidance, not CFG
 
     @staticmethod
     def prompt_template(tokenizer) -> dict:
@@ -111,6 +112,15 @@ class HunyuanVideo(ModelFamily):
             guidance=torch.full((noisy.shape[0],), self.guidance * 1000.0, device=noisy.device, dtype=dtype),
             return_dict=False,
         )[0]
+
+    def validation_kwargs(self, text, negative):
+        # The pipeline names the cached tensors differently from the transformer call.
+        names = {"encoder_attention_mask": "prompt_attention_mask", "pooled_projections": "pooled_prompt_embeds"}
+        kwargs = {}
+        for prefix, item in (("", text), ("negative_", negative)):
+            if item is not None:
+                kwargs.update({prefix + names.get(k, k): v for k, v in self.collate_text([item]).items()})
+        return kwargs
 
     def sample_kwargs(self, image, height, width):
         from transformers import AutoTokenizer
