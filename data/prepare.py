@@ -50,12 +50,14 @@ TEXT_BATCH = 16  # captions per text-encoder call
 T = TypeVar("T")
 
 
-def model_identity(family: ModelFamily, component: str) -> dict[str, Any]:
-    """What a cache entry depends on besides its input: the family and the component's weights."""
+def model_identity(family: ModelFamily, components: tuple[str, ...]) -> dict[str, Any]:
+    """What a cache entry depends on besides its input: the family and the weights of the components that
+    made it (for a local folder, each file's size and mtime; for a hub id, the id and revision)."""
     ident: dict[str, Any] = {"family": family.name, "path": family.cfg.path, "revision": family.cfg.revision}
-    folder = Path(family.cfg.path) / component
-    if folder.is_dir():
-        ident["files"] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir())
+    for component in components:
+        folder = Path(family.cfg.path) / component
+        if folder.is_dir():
+            ident[component] = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir())
     return ident
 
 
@@ -221,12 +223,12 @@ def prepare(recipe: Recipe, strict: bool = False, dry_run: bool = False, prune: 
     vae_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     identity = {  # everything besides the input that changes what the VAE writes
         "format": FORMAT_VERSION,
-        "vae": model_identity(family, "vae"),
+        "vae": model_identity(family, family.vae_components),
         "vae_dtype": str(vae_dtype),
         "vae_tiling": recipe.data.vae_tiling,
         "cache_dtype": recipe.data.cache_dtype,
     }
-    te_ident = {**model_identity(family, "text_encoder"), "dtype": "fp32" if device.type == "cpu" else "bf16"}
+    te_ident = {**model_identity(family, family.text_components), "dtype": "fp32" if device.type == "cpu" else "bf16"}
 
     with state.main_process_first():  # the main process probes; the others then find its probe cache
         probes = ProbeCache(root / "probes.json")

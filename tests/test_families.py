@@ -31,3 +31,21 @@ def test_decode_video_inverts_the_cached_latent_scaling(family):
 
 def test_presets_and_defaults_are_declared(family):
     assert "default" in family.lora_presets and family.default_shift > 0 and family.native_fps > 0
+
+
+def test_cache_identity_covers_every_component_that_makes_a_cache(family):
+    """Editing any folder whose weights make latents or text embeddings (the I2V image encoder, HunyuanVideo's
+    second text encoder...) makes the cache entries stale."""
+    import os
+    from pathlib import Path
+
+    from data.prepare import model_identity
+
+    for components in (family.vae_components, family.text_components):
+        for component in components:
+            folder = Path(family.cfg.path) / component
+            assert folder.is_dir(), f"{family.name}: no {component} folder in its model"
+            before = model_identity(family, components)
+            first = next(p for p in sorted(folder.iterdir()) if p.is_file())
+            os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 1_000_000))
+            assert model_identity(family, components) != before, f"{family.name}: {component} is not in the identity"

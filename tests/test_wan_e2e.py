@@ -45,6 +45,7 @@ dataloader_workers = 0
 wandb = false
 [export]
 dtype = "fp32"
+formats = ["diffusers", "kohya"]
 {extra}
 """
 
@@ -124,6 +125,12 @@ def test_overfit_then_export_round_trip(tmp_path, tiny_wan, monkeypatch):
         expected = family.predict(trained, noisy, sigmas, text)
         got = family.predict(pipe.transformer, noisy, sigmas, text)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
+
+    # Training also wrote every other format of export.formats; the kohya file loads the same way.
+    kohya = WanPipeline.from_pretrained(tiny_wan)
+    kohya.load_lora_weights(str(run / f"{run.name}_kohya.safetensors"))
+    with torch.no_grad():
+        assert torch.allclose(family.predict(kohya.transformer, noisy, sigmas, text), expected, atol=1e-5, rtol=1e-5)
 
     # The final adapter in the run folder is the same diffusers file, with metadata in its header.
     from safetensors import safe_open

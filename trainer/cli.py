@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         "see docs/export.md. Each file is checked and carries its training metadata.",
     )
     p.add_argument("source", help="run folder, checkpoint folder or adapter file")
-    _output_args(p, "--format", "format (repeatable, or 'all'); default: the run's export.formats")
+    _output_args(
+        p, "--format", "format (repeatable, or 'all'); default: the run's export.formats (diffusers with --out)"
+    )
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: the run's export.dtype")
     p.add_argument("--name", help="file-name stem with --out-dir (default: the run's name)")
 

@@ -226,8 +226,8 @@ def export_files(
 ) -> list[Written]:
     """Write every source in every format: `vidlora export` and `vidlora convert`.
 
-    Defaults come from the source: formats and dtype from a vidlora run's recipe (`[export]`), else diffusers and
-    the source's own dtype; files go to ``out`` (one source, one format) or ``out_dir`` (default: next to the source)
+    Defaults come from the source: formats (diffusers when ``out`` names one file) and dtype from a vidlora
+    run's recipe (`[export]`), else diffusers and the source's own dtype; files go to ``out`` (one source, one format) or ``out_dir`` (default: next to the source)
     as ``<name>_<format>.safetensors``. Every source is read, and all of a source's files are built, before any file
     is written: a refusal leaves no partial set of its files.
     """
@@ -237,7 +237,8 @@ def export_files(
     written = []
     for lora in loras:
         export = _recipe_export(lora.meta)
-        fmts = expand_formats(formats, export.get("formats", ["diffusers"]))
+        # One named output file without --format: the diffusers layout, not the run's whole export.formats.
+        fmts = expand_formats(formats, ["diffusers"] if out is not None else export.get("formats", ["diffusers"]))
         if out is not None and len(fmts) > 1:
             raise UserError(f"--out names one file but {len(fmts)} formats were asked for; use --out-dir")
         try:

@@ -666,15 +666,19 @@ def finish(
     meta: dict,
     steps: int,
 ) -> None:
-    """Write the final adapter (canonical and diffusers format) and close the trackers."""
+    """Write the final adapter: canonical, diffusers (`pytorch_lora_weights.safetensors`, the name
+    `load_lora_weights` looks for in a folder) and every other format of `export.formats`."""
     accelerator.wait_for_everyone()
     lora = gather_lora(accelerator, transformer)  # every rank: ZeRO-3 gathers
     if accelerator.is_main_process:
-        from trainer.export import export_adapter
+        from trainer.export import export_adapter, export_files
 
         save_adapter(run / ADAPTER, accelerator.unwrap_model(transformer), {**meta, "steps": steps}, lora)
         out = export_adapter(run / ADAPTER, run / "pytorch_lora_weights.safetensors", "diffusers", recipe.export.dtype)
         print(f"adapter: {out}")
+        others = [f for f in recipe.export.formats if f != "diffusers"]
+        for written in export_files([run / ADAPTER], others, out_dir=run, dtype=recipe.export.dtype) if others else []:
+            print(f"adapter ({written.fmt}): {written.path}")
     accelerator.end_training()
 
 

@@ -35,6 +35,9 @@ class ModelFamily:
     lora_presets: ClassVar[dict[str, str | list[str]]]  # peft target_modules per preset name; "default" required
     text_keys: ClassVar[tuple[str, ...]]  # tensors a text cache entry holds
     sample_defaults: ClassVar[dict[str, Any]] = {}  # extra pipeline arguments for samples
+    # Folders of the model whose weights make the latent / text caches (a change there makes entries stale).
+    vae_components: ClassVar[tuple[str, ...]] = ("vae",)
+    text_components: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer")
     guidance_is_cfg: ClassVar[bool] = True  # the pipeline's guidance_scale is classifier-free (needs a negative)
     default_guidance: ClassVar[float | None] = None  # embedded guidance while training; None: no guidance input
 

@@ -57,6 +57,7 @@ class HunyuanVideo(ModelFamily):
     # The distilled model is trained with guidance 1.0 (musubi-tuner, finetrainers) and sampled at 6.0 (official).
     default_guidance = 1.0
     sample_defaults = {"guidance_scale": 6.0}
+    text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     guidance_is_cfg = False  # guidance_scale is the distilled model's embedded guidance, not CFG
 
     @staticmethod

@@ -50,6 +50,7 @@ class WanI2V(Wan):
         "t2v": f"({WAN_ATTENTION}|{WAN_FFN})",  # the modules a Wan T2V LoRA has
     }
     text_keys = ("prompt_embeds",)
+    vae_components = ("vae", "image_encoder", "image_processor")  # the condition is part of the latent entry
     # text_length stays 512: the I2V attention splits image from text tokens with a hard-coded 512, so any other
     # length is silently wrong.
 
