@@ -79,35 +79,31 @@ class Wan(ModelFamily):
 
     @classmethod
     def make_tiny(cls, out_dir: Path, seed: int = 0) -> Path:
-        from transformers import UMT5Config, UMT5EncoderModel
-
-        from trainer.models.tiny import t5_like_tokenizer
-
-        tokenizer = t5_like_tokenizer()
-        torch.manual_seed(seed)
-        transformer = WanTransformer3DModel(**tiny_transformer_config())
-        vae = AutoencoderKLWan(
-            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-        )
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=1000,
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=0,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        )
-        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-        pipe = WanPipeline(
-            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer, scheduler=scheduler
-        )
-        pipe.save_pretrained(out_dir)
+        WanPipeline(**tiny_components(seed)).save_pretrained(out_dir)
         return Path(out_dir)
+
+
+def tiny_components(seed: int = 0, **transformer_overrides) -> dict:
+    """Tokenizer, umT5, VAE, transformer and scheduler of a tiny Wan (the I2V family adds its image encoder)."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from trainer.models.tiny import t5_like_tokenizer
+
+    tokenizer = t5_like_tokenizer()
+    torch.manual_seed(seed)
+    umt5 = UMT5Config(
+        vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+        pad_token_id=0, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    return {
+        "tokenizer": tokenizer,
+        "transformer": WanTransformer3DModel(**tiny_transformer_config(**transformer_overrides)),
+        "vae": AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        ),
+        "text_encoder": UMT5EncoderModel(umt5),
+        "scheduler": UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+    }
 
 
 def tiny_transformer_config(**overrides) -> dict:

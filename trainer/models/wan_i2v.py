@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+from diffusers import WanImageToVideoPipeline
 from PIL import Image
 from torch import nn
 
 from trainer.config import UserError
-from trainer.models.wan import WAN_ATTENTION, WAN_FFN, Wan, tiny_transformer_config
+from trainer.models.wan import WAN_ATTENTION, WAN_FFN, Wan, tiny_components
 
 WAN_IMAGE_KV = r".*blocks\.\d+\.attn2\.(add_k_proj|add_v_proj)"  # cross-attention keys/values of the image tokens
 MASK_CHANNELS = 4  # the first-frame mask, one channel per frame folded into a latent frame (temporal compression)
@@ -129,55 +129,18 @@ class WanI2V(Wan):
 
     @classmethod
     def make_tiny(cls, out_dir: Path, seed: int = 0) -> Path:
-        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+        from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-        from trainer.models.tiny import t5_like_tokenizer
-
-        tokenizer = t5_like_tokenizer()
-        torch.manual_seed(seed)
-        inner = 2 * 12
         # image_dim = the CLIP hidden size (1280 real); added_kv_proj_dim = the inner dim (5120 for 14B).
-        transformer = WanTransformer3DModel(
-            **tiny_transformer_config(in_channels=36, image_dim=16, added_kv_proj_dim=inner)
-        )
-        vae = AutoencoderKLWan(
-            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
-        )
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=1000,
-                d_model=32,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=0,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        )
+        components = tiny_components(seed, in_channels=36, image_dim=16, added_kv_proj_dim=2 * 12)
         # CLIP ViT-H/14 at 224 px gives 257 tokens x 1280 (real); 32 px / patch 4 gives 65 x 16 here.
-        image_encoder = CLIPVisionModel(
-            CLIPVisionConfig(
-                hidden_size=16,
-                intermediate_size=32,
-                num_hidden_layers=3,
-                num_attention_heads=2,
-                image_size=32,
-                patch_size=4,
-                projection_dim=16,
-            )
-        )
-        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-        scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-        pipe = WanImageToVideoPipeline(
-            tokenizer=tokenizer,
-            text_encoder=text_encoder,
-            vae=vae,
-            scheduler=scheduler,
-            image_processor=image_processor,
-            image_encoder=image_encoder,
-            transformer=transformer,
-        )
-        pipe.save_pretrained(out_dir)
+        clip = CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+            patch_size=4, projection_dim=16,
+        )  # fmt: skip
+        WanImageToVideoPipeline(
+            **components,
+            image_encoder=CLIPVisionModel(clip),
+            image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        ).save_pretrained(out_dir)
         return Path(out_dir)
