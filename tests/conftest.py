@@ -54,3 +54,40 @@ def prepared(tmp_path_factory, tiny_wan) -> tuple[Path, Path]:
     from tests.training_setup import prepare_cache
 
     return prepare_cache(tmp_path_factory.mktemp("training"), tiny_wan)
+
+
+def train_capturing(recipe, on_build=None):
+    """`vidlora train` in-process (the real loop, unchanged), keeping the transformer build_model made.
+    `recipe` is a recipe path or a loaded Recipe; returns (run folder, trained transformer)."""
+    from trainer import train as train_module
+    from trainer.config import load_recipe
+
+    captured = {}
+    real = train_module.build_model
+
+    def spy(*args, **kwargs):
+        captured["model"] = real(*args, **kwargs)
+        if on_build:
+            on_build(captured["model"])
+        return captured["model"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "build_model", spy)
+        run = train_module.train(recipe if not isinstance(recipe, (str, Path)) else load_recipe(recipe))
+    return run, captured["model"]
+
+
+def fixed_eval_loss(family, transformer, latents, batch) -> float:
+    """Flow-matching loss at fixed noise levels and fixed noise: comparable before and after training."""
+    import torch
+
+    from trainer.flow_matching import noisy_and_target
+
+    losses = []
+    with torch.no_grad():
+        for i, s in enumerate([0.2, 0.4, 0.6, 0.8]):
+            sigmas = torch.tensor([s])
+            noisy, target = noisy_and_target(latents, sigmas, torch.Generator().manual_seed(100 + i))
+            pred = family.predict(transformer, noisy, sigmas, batch)
+            losses.append(torch.nn.functional.mse_loss(pred, target).item())
+    return sum(losses) / len(losses)

@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from data import synth
 from data.cache import load_entry
-from tests.conftest import run_cli, write_recipe
+from tests.conftest import run_cli, train_capturing, write_recipe
 from tests.test_formats import (
     HV_TARGETS_TINY,
     Trained,
@@ -91,23 +91,6 @@ class WanRun:
     def predict(self, transformer) -> torch.Tensor:
         with torch.no_grad():
             return get_family(load_recipe(self.tmp / "a.toml").model).predict(transformer, *self.inputs)
-
-
-def train_capturing(recipe_path: Path, on_build=None) -> tuple[Path, torch.nn.Module]:
-    """`vidlora train` in-process (the real loop, unchanged), keeping the transformer build_model made."""
-    captured = {}
-    real = train_module.build_model
-
-    def spy(*args, **kwargs):
-        captured["model"] = real(*args, **kwargs)
-        if on_build:
-            on_build(captured["model"])
-        return captured["model"]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "build_model", spy)
-        run = train_module.train(load_recipe(recipe_path))
-    return run, captured["model"]
 
 
 @pytest.fixture(scope="module")

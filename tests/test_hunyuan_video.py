@@ -13,8 +13,7 @@ from diffusers import HunyuanVideoPipeline
 from data import synth
 from data.cache import load_entry
 from data.media import probe
-from tests.conftest import run_cli, write_recipe
-from trainer import train as train_module
+from tests.conftest import fixed_eval_loss, run_cli, train_capturing, write_recipe
 from trainer.config import ModelSection, RecipeError, UserError, load_recipe
 from trainer.models import get_family
 from trainer.models.hunyuan_video import HunyuanVideo
@@ -100,18 +99,6 @@ def test_inputs_a_family_does_not_take_are_refused(tiny_hv):
         get_family(ModelSection(family="hunyuan_video", path=str(tiny_hv))).sample_kwargs("first.png", 32, 48)
 
 
-@torch.no_grad()
-def fixed_eval_loss(family, transformer, latents, text):
-    from trainer.flow_matching import noisy_and_target
-
-    losses = []
-    for i, s in enumerate([0.2, 0.4, 0.6, 0.8]):
-        sigmas = torch.tensor([s])
-        noisy, target = noisy_and_target(latents, sigmas, torch.Generator().manual_seed(100 + i))
-        losses.append(torch.nn.functional.mse_loss(family.predict(transformer, noisy, sigmas, text), target).item())
-    return sum(losses) / len(losses)
-
-
 @pytest.mark.slow
 def test_prepare_train_export_round_trip_and_sample(tmp_path, tiny_hv, monkeypatch):
     clips = tmp_path / "clips"
@@ -159,17 +146,9 @@ wandb = false
     text = load_entry(tmp_path / "cache/text" / f"{sample['text_ids'][0]}.safetensors")
     assert set(text) == {"prompt_embeds", "pooled_projections"} and text["prompt_embeds"].shape[0] < 256
 
-    captured = {}
-    real_build = train_module.build_model
-
-    def spy(*args, **kwargs):
-        captured["model"] = real_build(*args, **kwargs)
-        return captured["model"]
-
-    monkeypatch.setattr(train_module, "build_model", spy)
     recipe = load_recipe(recipe_path)
-    run = train_module.train(recipe)
-    trained = captured["model"].eval()
+    run, trained = train_capturing(recipe)
+    trained.eval()
     # A validation video at the last step, with the embedded guidance (no negative prompt needed).
     videos = list((run / "validation" / "step-000040").glob("*.mp4"))
     assert len(videos) == 1 and probe(videos[0]).num_frames == 5

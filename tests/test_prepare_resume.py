@@ -168,6 +168,7 @@ def test_changed_source_is_redone_and_orphans_are_only_pruned_on_request(tiny_wa
     assert not any((cache / o).exists() for o in old)
     assert (cache / "samples" / "notes.txt").exists()  # not ours: never deleted
     texts = {t for s in index["samples"] for t in s["text_ids"]} | set(index["validation"])
+    texts |= {index["validation_negative"]} - {None}  # the negative prompt of validation videos
     assert len(entries(cache)) == len(index["samples"]) + len(texts)
 
 

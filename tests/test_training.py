@@ -21,9 +21,8 @@ from transformers import UMT5EncoderModel
 from data.cache import load_entry, read_meta, save_entry
 from data.dataset import BucketBatchSampler, CachedDataset, holdout_sources
 from data.media import probe
-from tests.conftest import ROOT, run_cli, write_recipe
+from tests.conftest import ROOT, run_cli, train_capturing, write_recipe
 from tests.training_setup import copy_cache, losses, recipe_text, train_run
-from trainer import train as train_module
 from trainer.checkpoint import latest_checkpoint, read_adapter
 from trainer.config import UserError, load_recipe
 from trainer.memory import parameter_bytes
@@ -107,14 +106,8 @@ def test_nonfinite_steps_in_a_row_abort_with_the_checkpoint_intact(prepared, tmp
 
 def in_process_run(recipe_path: Path, monkeypatch, keep: dict) -> Path:
     """Train in this process (the real loop) and keep the trained transformer for inspection."""
-    real = train_module.build_model
-
-    def spy(*args, **kwargs):
-        keep["model"] = real(*args, **kwargs)
-        return keep["model"]
-
-    monkeypatch.setattr(train_module, "build_model", spy)
-    return train_module.train(load_recipe(recipe_path))
+    run, keep["model"] = train_capturing(recipe_path)
+    return run
 
 
 @pytest.mark.slow

@@ -11,10 +11,8 @@ from diffusers import WanPipeline
 
 from data import synth
 from data.cache import load_entry
-from tests.conftest import run_cli, write_recipe
-from trainer import train as train_module
+from tests.conftest import fixed_eval_loss, run_cli, train_capturing, write_recipe
 from trainer.config import ModelSection, load_recipe
-from trainer.flow_matching import noisy_and_target
 from trainer.models import get_family
 
 pytestmark = pytest.mark.slow
@@ -58,17 +56,6 @@ def test_make_tiny_loads_like_a_real_model(tiny_wan):
     assert sum(p.numel() for p in transformer.parameters()) == sum(p.numel() for p in pipe.transformer.parameters())
 
 
-@torch.no_grad()
-def fixed_eval_loss(family, transformer, latents, text):
-    """Flow-matching loss at fixed noise levels and fixed noise: comparable before and after training."""
-    losses = []
-    for i, s in enumerate([0.2, 0.4, 0.6, 0.8]):
-        sigmas = torch.tensor([s])
-        noisy, target = noisy_and_target(latents, sigmas, torch.Generator().manual_seed(100 + i))
-        losses.append(torch.nn.functional.mse_loss(family.predict(transformer, noisy, sigmas, text), target).item())
-    return sum(losses) / len(losses)
-
-
 def test_overfit_then_export_round_trip(tmp_path, tiny_wan, monkeypatch):
     clips = tmp_path / "clips"
     synth.write_video(clips / "one clip.mp4", synth.pattern_frames(9, 64, 64, seed=3))
@@ -79,17 +66,8 @@ def test_overfit_then_export_round_trip(tmp_path, tiny_wan, monkeypatch):
     assert report["counts"] == {"ok": 1} and report["samples"] == 1
 
     # Train in-process so the trained transformer can be inspected; the real loop runs unchanged.
-    captured = {}
-    real_build = train_module.build_model
-
-    def spy(*args, **kwargs):
-        captured["model"] = real_build(*args, **kwargs)
-        return captured["model"]
-
-    monkeypatch.setattr(train_module, "build_model", spy)
     recipe = load_recipe(recipe_path)
-    run = train_module.train(recipe)
-    trained = captured["model"]
+    run, trained = train_capturing(recipe)
 
     family = get_family(recipe.model)
     base = family.load_transformer(torch.float32)

@@ -14,9 +14,8 @@ from PIL import Image
 from data import synth
 from data.cache import load_entry
 from data.media import probe
-from tests.conftest import run_cli, write_recipe
-from tests.test_hunyuan_video import capture_step0, fixed_eval_loss
-from trainer import train as train_module
+from tests.conftest import fixed_eval_loss, run_cli, train_capturing, write_recipe
+from tests.test_hunyuan_video import capture_step0
 from trainer.config import ModelSection, UserError, load_recipe
 from trainer.models import get_family
 
@@ -108,17 +107,9 @@ wandb = false
     assert entry["condition_latents"].shape == entry["latents"].shape == (16, 3, height // 8, width // 8)
     text = load_entry(tmp_path / "cache/text" / f"{index['samples'][0]['text_ids'][0]}.safetensors")
 
-    captured = {}
-    real_build = train_module.build_model
-
-    def spy(*args, **kwargs):
-        captured["model"] = real_build(*args, **kwargs)
-        return captured["model"]
-
-    monkeypatch.setattr(train_module, "build_model", spy)
     recipe = load_recipe(recipe_path)
-    run = train_module.train(recipe)
-    trained = captured["model"].eval()
+    run, trained = train_capturing(recipe)
+    trained.eval()
     # The validation video at the last step: made by WanImageToVideoPipeline from the given first frame.
     videos = list((run / "validation" / "step-000060").glob("*.mp4"))
     assert len(videos) == 1 and probe(videos[0]).num_frames == 5
