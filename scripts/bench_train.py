@@ -6,7 +6,7 @@
 The transformer is built from the published config with random weights (no download), fed random latents
 and text embeddings of the right shapes. Each case runs in its own process (so peak memory is its own),
 one after the other:
-  vidlora         vidlora's step (trainer.train.build_model + flow_loss + the accelerate step of train.py)
+  vidlora         vidlora's step (trainer.train.build_model, forward_backward and optimizer_step: the loop's own)
   bare            the same model, LoRA config, optimizer and batch in a plain PyTorch loop (no vidlora)
   checkpointing   vidlora with train.gradient_checkpointing flipped
   adamw8bit       vidlora with bitsandbytes' 8-bit AdamW

@@ -26,7 +26,8 @@ from tests.training_setup import copy_cache, losses, recipe_text, train_run
 from trainer.checkpoint import latest_checkpoint, read_adapter
 from trainer.config import UserError, load_recipe
 from trainer.memory import parameter_bytes
-from trainer.train import FORMATS, configure_deepspeed
+from trainer.tracking import FORMATS
+from trainer.train import configure_deepspeed
 
 
 def corrupt(entry: Path) -> None:

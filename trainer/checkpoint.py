@@ -20,17 +20,24 @@ with `weights_only=True` (DeepSpeed's own checkpoint files are read by DeepSpeed
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft.utils import get_peft_model_state_dict
 
 from data.cache import atomic_write
+from trainer.config import Recipe, UserError
 from trainer.formats import alphas_from_model, load_lora, save_lora
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+log = logging.getLogger("vidlora.checkpoint")
 
 ADAPTER = "adapter.safetensors"
 STATE = "trainer_state.json"
@@ -190,3 +197,89 @@ def _fsync_tree(root: Path) -> None:
 
 def load_trainer_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
+
+
+def run_shape(recipe: Recipe, world: int, deepspeed: bool) -> dict[str, Any]:
+    """What a checkpoint's data position and optimizer shards depend on."""
+    t = recipe.train
+    return {
+        "world_size": world,
+        "batch_size": t.batch_size,
+        "gradient_accumulation": t.gradient_accumulation,
+        "seed": t.seed,
+        "deepspeed": deepspeed,
+    }
+
+
+def check_resumable(state: dict, recipe: Recipe, world: int, deepspeed: bool) -> None:
+    saved = {k: state.get(k) for k in run_shape(recipe, world, deepspeed)}
+    now = run_shape(recipe, world, deepspeed)
+    if saved["deepspeed"] != deepspeed or (deepspeed and saved["world_size"] != world):
+        raise UserError(
+            f"checkpoint was saved with deepspeed={saved['deepspeed']} on {saved['world_size']} processes; "
+            f"resume it the same way (now: deepspeed={deepspeed}, {world} processes)"
+        )
+    changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if saved[k] is not None and saved[k] != now[k]]
+    if changed:
+        log.warning("resuming with %s: the run continues, but not as the uninterrupted run would", ", ".join(changed))
+
+
+def find_resume_checkpoint(run: Path, resume: str | None) -> Path | None:
+    checkpoints = run / "checkpoints"
+    if not resume:
+        done = complete_checkpoints(checkpoints)
+        if done:
+            raise UserError(
+                f"{checkpoints} already holds {done[-1].name}: resume with --resume, or choose another train.output_dir"
+            )
+        return None
+    checkpoint = latest_checkpoint(checkpoints) if resume == "latest" else Path(resume)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{checkpoints}: no complete checkpoint to resume from")
+    if not (checkpoint / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{checkpoint}: not a complete vidlora checkpoint (no trainer_state.json)")
+    return checkpoint
+
+
+def start_run_folder(run: Path, recipe: Recipe, checkpoint: Path | None, step: int) -> None:
+    """Write the recipe; on resume, drop what happened after the checkpoint (metrics, newer checkpoints)."""
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
+    remove_partial(run / "checkpoints")
+    if checkpoint is None:
+        return
+    for moved in set_aside_newer(run / "checkpoints", step):
+        log.warning("resuming from step %d: newer checkpoint moved to %s", step, moved)
+    metrics = run / "metrics.jsonl"
+    if metrics.is_file():
+        kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        text = "".join(line + "\n" for line in kept)
+        from data.cache import atomic_write
+
+        atomic_write(metrics, lambda p: Path(p).write_text(text, encoding="utf-8"))
+
+
+def register_lora_only_state(accelerator: Accelerator) -> None:
+    """accelerate's save_state writes the whole model; keep only the trainable (LoRA) tensors."""
+
+    def keep_lora(models: list, weights: list, output_dir: str) -> None:
+        for i, model in enumerate(models):
+            names = {n for n, p in model.named_parameters() if p.requires_grad}
+            if i < len(weights):
+                weights[i] = {k: v for k, v in weights[i].items() if k in names}
+
+    def load_lora(models: list, input_dir: str) -> None:
+        from safetensors.torch import load_file
+
+        while models:  # popped models are skipped by accelerate's own (whole-model) loading
+            i = len(models) - 1
+            model = models.pop()
+            state = load_file(os.path.join(input_dir, "model.safetensors" if i == 0 else f"model_{i}.safetensors"))
+            result = model.load_state_dict(state, strict=False)
+            if result.unexpected_keys or set(state) == set():
+                raise ValueError(
+                    f"{input_dir}: checkpoint does not match this model's LoRA ({result.unexpected_keys[:3]})"
+                )
+
+    accelerator.register_save_state_pre_hook(keep_lora)
+    accelerator.register_load_state_pre_hook(load_lora)

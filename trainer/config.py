@@ -319,6 +319,12 @@ class Recipe(Section):
     def to_toml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 
+    def to_toml(self) -> str:
+        """The resolved recipe as TOML, for the run folder and the adapter header."""
+        import tomli_w
+
+        return tomli_w.dumps(self.to_toml_dict())
+
 
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a","b","c"], value); the value is read as TOML when it parses, else as a string."""

@@ -11,7 +11,6 @@ size B train on what one process with batch size N x B would.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -34,14 +33,16 @@ from tqdm.auto import tqdm
 from data.dataset import BucketBatchSampler, CachedDataset, collate
 from trainer.checkpoint import (
     ADAPTER,
-    complete_checkpoints,
+    check_resumable,
+    find_resume_checkpoint,
     gather_lora,
     latest_checkpoint,
     load_trainer_state,
-    remove_partial,
+    register_lora_only_state,
+    run_shape,
     save_adapter,
     save_checkpoint,
-    set_aside_newer,
+    start_run_folder,
 )
 from trainer.config import Recipe, UserError, resolve_device_precision
 from trainer.flow_matching import noisy_and_target, sample_sigmas, step_generator
@@ -49,6 +50,7 @@ from trainer.memory import apply_memory_modes, make_optimizer, offload_base_weig
 from trainer.models import get_family
 from trainer.models.base import DTYPES, ModelFamily
 from trainer.perf import apply_speed_options
+from trainer.tracking import Window, init_tracking, log_metrics, log_validation
 
 log = logging.getLogger("vidlora.train")
 
@@ -387,70 +389,6 @@ def step_seed(seed: int, micro: int, rank: int) -> int:
     return ((seed * 1_000_003 + micro) * 4099 + rank) % (2**63)
 
 
-class Window:
-    """Loss, samples and time since the last log; the per-step flags every rank must agree on."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.loss_sum = self.loss_n = self.samples = self.steps = 0.0
-        self.local_bad: list[str] = []  # this step's cache files whose loss was non-finite (this rank)
-        self.step_bad = self.step_loss = self.step_n = self.step_samples = 0.0
-
-    def add(self, loss: float, n: int, files: list[str]) -> None:
-        if math.isfinite(loss):
-            self.step_loss += loss
-            self.step_n += 1
-        else:
-            self.step_bad += 1
-            self.local_bad += files
-        self.step_samples += n
-
-    def end_step(self, accelerator: Accelerator, stop: bool) -> tuple[bool, bool]:
-        """Reduce this step's numbers over ranks; returns (some loss was non-finite, stop requested)."""
-        local = [self.step_bad, float(stop), self.step_loss, self.step_n, self.step_samples]
-        total = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum")
-        bad, stop_any, loss, n, samples = total.tolist()
-        self.last_bad_files, self.local_bad = self.local_bad, []
-        self.step_bad = self.step_loss = self.step_n = self.step_samples = 0.0
-        if not bad:
-            self.loss_sum += loss
-            self.loss_n += n
-        self.samples += samples
-        self.steps += 1
-        return bad > 0, stop_any > 0
-
-    def pause(self, seconds: float) -> None:
-        """Checkpoints and validation do not count as step time."""
-        self.start += seconds
-
-    def logs(self, scheduler: Any, grad_norm: float, pos: Position) -> dict[str, float]:
-        now = time.perf_counter()
-        elapsed = max(now - self.start, 1e-9)
-        logs = {
-            "loss": self.loss_sum / self.loss_n if self.loss_n else float("nan"),
-            "lr": scheduler.get_last_lr()[0],
-            "grad_norm": grad_norm,
-            "step_time": elapsed / self.steps,
-            "samples_per_s": self.samples / elapsed,
-            "memory_gb": memory_gb(),
-            "skipped_steps": pos.skipped,
-            "epoch": pos.epoch,
-        }
-        self.start, self.loss_sum, self.loss_n, self.samples, self.steps = now, 0.0, 0.0, 0.0, 0.0
-        return logs
-
-
-def memory_gb() -> float:
-    """Peak GPU memory allocated since the last log (CUDA), else this process's resident memory."""
-    if torch.cuda.is_available():
-        peak = torch.cuda.max_memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        return peak / 2**30
-    import psutil
-
-    return psutil.Process().memory_info().rss / 2**30
-
-
 def warn_skipped(accelerator: Accelerator, window: Window, pos: Position, grad_norm: float, in_row: int) -> None:
     files = f" (cache files on rank {accelerator.process_index}: {', '.join(window.last_bad_files)})"
     what = "loss" if window.last_bad_files else f"gradient (norm {grad_norm})"
@@ -470,177 +408,10 @@ def aborted_message(run: Path, step: int, in_row: int) -> str:
     )
 
 
-def run_shape(recipe: Recipe, world: int, deepspeed: bool) -> dict[str, Any]:
-    """What a checkpoint's data position and optimizer shards depend on."""
-    t = recipe.train
-    return {
-        "world_size": world,
-        "batch_size": t.batch_size,
-        "gradient_accumulation": t.gradient_accumulation,
-        "seed": t.seed,
-        "deepspeed": deepspeed,
-    }
-
-
-def check_resumable(state: dict, recipe: Recipe, world: int, deepspeed: bool) -> None:
-    saved = {k: state.get(k) for k in run_shape(recipe, world, deepspeed)}
-    now = run_shape(recipe, world, deepspeed)
-    if saved["deepspeed"] != deepspeed or (deepspeed and saved["world_size"] != world):
-        raise UserError(
-            f"checkpoint was saved with deepspeed={saved['deepspeed']} on {saved['world_size']} processes; "
-            f"resume it the same way (now: deepspeed={deepspeed}, {world} processes)"
-        )
-    changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if saved[k] is not None and saved[k] != now[k]]
-    if changed:
-        log.warning("resuming with %s: the run continues, but not as the uninterrupted run would", ", ".join(changed))
-
-
-def find_resume_checkpoint(run: Path, resume: str | None) -> Path | None:
-    checkpoints = run / "checkpoints"
-    if not resume:
-        done = complete_checkpoints(checkpoints)
-        if done:
-            raise UserError(
-                f"{checkpoints} already holds {done[-1].name}: resume with --resume, or choose another train.output_dir"
-            )
-        return None
-    checkpoint = latest_checkpoint(checkpoints) if resume == "latest" else Path(resume)
-    if checkpoint is None:
-        raise FileNotFoundError(f"{checkpoints}: no complete checkpoint to resume from")
-    if not (checkpoint / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a complete vidlora checkpoint (no trainer_state.json)")
-    return checkpoint
-
-
-def start_run_folder(run: Path, recipe: Recipe, checkpoint: Path | None, step: int) -> None:
-    """Write the recipe; on resume, drop what happened after the checkpoint (metrics, newer checkpoints)."""
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "recipe.toml").write_text(recipe_toml(recipe), encoding="utf-8")
-    remove_partial(run / "checkpoints")
-    if checkpoint is None:
-        return
-    for moved in set_aside_newer(run / "checkpoints", step):
-        log.warning("resuming from step %d: newer checkpoint moved to %s", step, moved)
-    metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        text = "".join(line + "\n" for line in kept)
-        from data.cache import atomic_write
-
-        atomic_write(metrics, lambda p: Path(p).write_text(text, encoding="utf-8"))
-
-
 def collate_batch(family: ModelFamily, items: list[dict[str, Any]]) -> dict[str, Any]:
     batch = collate(items)
     batch.update(family.collate_text(batch.pop("text")))
     return batch
-
-
-def register_lora_only_state(accelerator: Accelerator) -> None:
-    """accelerate's save_state writes the whole model; keep only the trainable (LoRA) tensors."""
-
-    def keep_lora(models: list, weights: list, output_dir: str) -> None:
-        for i, model in enumerate(models):
-            names = {n for n, p in model.named_parameters() if p.requires_grad}
-            if i < len(weights):
-                weights[i] = {k: v for k, v in weights[i].items() if k in names}
-
-    def load_lora(models: list, input_dir: str) -> None:
-        from safetensors.torch import load_file
-
-        while models:  # popped models are skipped by accelerate's own (whole-model) loading
-            i = len(models) - 1
-            model = models.pop()
-            state = load_file(os.path.join(input_dir, "model.safetensors" if i == 0 else f"model_{i}.safetensors"))
-            result = model.load_state_dict(state, strict=False)
-            if result.unexpected_keys or set(state) == set():
-                raise ValueError(
-                    f"{input_dir}: checkpoint does not match this model's LoRA ({result.unexpected_keys[:3]})"
-                )
-
-    accelerator.register_save_state_pre_hook(keep_lora)
-    accelerator.register_load_state_pre_hook(load_lora)
-
-
-def init_tracking(accelerator: Accelerator, recipe: Recipe, run: Path) -> None:
-    """wandb (offline without a key); a resumed run continues the same wandb run."""
-    if not recipe.logging.wandb:
-        return
-    mode = recipe.logging.wandb_mode
-    if mode == "auto":
-        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
-    id_file = run / "wandb_id"
-    if accelerator.is_main_process and not id_file.is_file():
-        import secrets
-
-        id_file.write_text(secrets.token_hex(4))
-    accelerator.wait_for_everyone()
-    accelerator.init_trackers(
-        recipe.logging.project,
-        config=recipe.to_toml_dict(),
-        init_kwargs={
-            "wandb": {
-                "name": recipe.logging.run_name or run.name,
-                "dir": str(run),
-                "mode": mode,
-                "id": id_file.read_text().strip(),
-                "resume": "allow",
-            }
-        },
-    )
-
-
-def wandb_logged_in() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
-
-
-def format_metrics(step: int, total: int | None, logs: dict[str, float]) -> str:
-    """The console line: the same numbers metrics.jsonl holds, rounded for reading."""
-    parts = [f"step {step}/{total}" if total else f"step {step}"]
-    for key, fmt in FORMATS.items():
-        if key in logs:
-            parts.append(f"{key} {logs[key]:{fmt}}")
-    return "  ".join(parts)
-
-
-FORMATS = {
-    "loss": ".5f",
-    "val_loss": ".5f",
-    "lr": ".3e",
-    "grad_norm": ".4f",
-    "step_time": ".3f",
-    "samples_per_s": ".2f",
-    "memory_gb": ".2f",
-    "skipped_steps": "d",
-    "epoch": "d",
-}
-
-
-def log_metrics(accelerator: Accelerator, bar: tqdm, run: Path, pos: Position, logs: dict[str, float]) -> None:
-    accelerator.log(logs, step=pos.step)
-    if not accelerator.is_main_process:
-        return
-    bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-    tqdm.write(format_metrics(pos.step, bar.total, logs))
-    append_metrics(run, {"step": pos.step, **logs})
-
-
-def log_validation(accelerator: Accelerator, run: Path, logs: dict[str, float], step: int) -> None:
-    if not logs:
-        return
-    accelerator.log(logs, step=step)
-    if accelerator.is_main_process:
-        tqdm.write(format_metrics(step, None, logs))
-        append_metrics(run, {"step": step, **logs})
-
-
-def append_metrics(run: Path, row: dict[str, Any]) -> None:
-    row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
-    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def adapter_meta(recipe: Recipe, family: ModelFamily) -> dict[str, Any]:
@@ -653,7 +424,7 @@ def adapter_meta(recipe: Recipe, family: ModelFamily) -> dict[str, Any]:
         "alpha": recipe.lora.alpha or recipe.lora.rank,
         "target_modules": lora_targets(family, recipe.lora.targets),
         "trigger_words": sorted({d.trigger for d in recipe.data.datasets if d.trigger}),
-        "recipe": recipe_toml(recipe),
+        "recipe": recipe.to_toml(),
     }
 
 
@@ -680,10 +451,3 @@ def finish(
         for written in export_files([run / ADAPTER], others, out_dir=run, dtype=recipe.export.dtype) if others else []:
             print(f"adapter ({written.fmt}): {written.path}")
     accelerator.end_training()
-
-
-def recipe_toml(recipe: Recipe) -> str:
-    """The resolved recipe as TOML, for the run folder and the adapter header."""
-    import tomli_w
-
-    return tomli_w.dumps(recipe.to_toml_dict())

@@ -1,0 +1,166 @@
+"""What a run reports, in one place: the console line, metrics.jsonl and wandb get the same numbers.
+
+wandb runs offline unless an API key or a login exists; a resumed run continues the same wandb run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from trainer.config import Recipe
+
+if TYPE_CHECKING:
+    from trainer.train import Position
+
+FORMATS = {
+    "loss": ".5f",
+    "val_loss": ".5f",
+    "lr": ".3e",
+    "grad_norm": ".4f",
+    "step_time": ".3f",
+    "samples_per_s": ".2f",
+    "memory_gb": ".2f",
+    "skipped_steps": "d",
+    "epoch": "d",
+}
+
+
+class Window:
+    """Loss, samples and time since the last log; the per-step flags every rank must agree on."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.loss_sum = self.loss_n = self.samples = self.steps = 0.0
+        self.local_bad: list[str] = []  # this step's cache files whose loss was non-finite (this rank)
+        self.step_bad = self.step_loss = self.step_n = self.step_samples = 0.0
+
+    def add(self, loss: float, n: int, files: list[str]) -> None:
+        if math.isfinite(loss):
+            self.step_loss += loss
+            self.step_n += 1
+        else:
+            self.step_bad += 1
+            self.local_bad += files
+        self.step_samples += n
+
+    def end_step(self, accelerator: Accelerator, stop: bool) -> tuple[bool, bool]:
+        """Reduce this step's numbers over ranks; returns (some loss was non-finite, stop requested)."""
+        local = [self.step_bad, float(stop), self.step_loss, self.step_n, self.step_samples]
+        total = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum")
+        bad, stop_any, loss, n, samples = total.tolist()
+        self.last_bad_files, self.local_bad = self.local_bad, []
+        self.step_bad = self.step_loss = self.step_n = self.step_samples = 0.0
+        if not bad:
+            self.loss_sum += loss
+            self.loss_n += n
+        self.samples += samples
+        self.steps += 1
+        return bad > 0, stop_any > 0
+
+    def pause(self, seconds: float) -> None:
+        """Checkpoints and validation do not count as step time."""
+        self.start += seconds
+
+    def logs(self, scheduler: Any, grad_norm: float, pos: Position) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self.start, 1e-9)
+        logs = {
+            "loss": self.loss_sum / self.loss_n if self.loss_n else float("nan"),
+            "lr": scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "step_time": elapsed / self.steps,
+            "samples_per_s": self.samples / elapsed,
+            "memory_gb": memory_gb(),
+            "skipped_steps": pos.skipped,
+            "epoch": pos.epoch,
+        }
+        self.start, self.loss_sum, self.loss_n, self.samples, self.steps = now, 0.0, 0.0, 0.0, 0.0
+        return logs
+
+
+def memory_gb() -> float:
+    """Peak GPU memory allocated since the last log (CUDA), else this process's resident memory."""
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        return peak / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def init_tracking(accelerator: Accelerator, recipe: Recipe, run: Path) -> None:
+    """wandb (offline without a key); a resumed run continues the same wandb run."""
+    if not recipe.logging.wandb:
+        return
+    mode = recipe.logging.wandb_mode
+    if mode == "auto":
+        mode = os.environ.get("WANDB_MODE") or ("online" if wandb_logged_in() else "offline")
+    id_file = run / "wandb_id"
+    if accelerator.is_main_process and not id_file.is_file():
+        import secrets
+
+        id_file.write_text(secrets.token_hex(4))
+    accelerator.wait_for_everyone()
+    accelerator.init_trackers(
+        recipe.logging.project,
+        config=recipe.to_toml_dict(),
+        init_kwargs={
+            "wandb": {
+                "name": recipe.logging.run_name or run.name,
+                "dir": str(run),
+                "mode": mode,
+                "id": id_file.read_text().strip(),
+                "resume": "allow",
+            }
+        },
+    )
+
+
+def wandb_logged_in() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def format_metrics(step: int, total: int | None, logs: dict[str, float]) -> str:
+    """The console line: the same numbers metrics.jsonl holds, rounded for reading."""
+    parts = [f"step {step}/{total}" if total else f"step {step}"]
+    for key, fmt in FORMATS.items():
+        if key in logs:
+            parts.append(f"{key} {logs[key]:{fmt}}")
+    return "  ".join(parts)
+
+
+def log_metrics(accelerator: Accelerator, bar: tqdm, run: Path, pos: Position, logs: dict[str, float]) -> None:
+    accelerator.log(logs, step=pos.step)
+    if not accelerator.is_main_process:
+        return
+    bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+    tqdm.write(format_metrics(pos.step, bar.total, logs))
+    append_metrics(run, {"step": pos.step, **logs})
+
+
+def log_validation(accelerator: Accelerator, run: Path, logs: dict[str, float], step: int) -> None:
+    if not logs:
+        return
+    accelerator.log(logs, step=step)
+    if accelerator.is_main_process:
+        tqdm.write(format_metrics(step, None, logs))
+        append_metrics(run, {"step": step, **logs})
+
+
+def append_metrics(run: Path, row: dict[str, Any]) -> None:
+    row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
