@@ -49,3 +49,19 @@ def test_cache_identity_covers_every_component_that_makes_a_cache(family):
             first = next(p for p in sorted(folder.iterdir()) if p.is_file())
             os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 1_000_000))
             assert model_identity(family, components) != before, f"{family.name}: {component} is not in the identity"
+
+
+def test_training_batches_have_a_flops_count(family):
+    """The loop logs TFLOP/s (and MFU on a GPU) for every family from trainer.perf's formula."""
+    from trainer.config import load_recipe
+    from trainer.perf import batch_step_flops
+
+    recipe = load_recipe(None, [f"model.family={family.name}", f"model.path={family.cfg.path}"])
+    transformer = family.load_transformer(torch.float32)
+    text = family.encode_prompts(family.load_text_pipeline(), ["a cat walks on the grass"])
+    batch = {"latents": torch.zeros(1, transformer.config.out_channels, 2, 4, 4), **family.collate_text(text)}
+    one = batch_step_flops(transformer, family.name, batch, recipe)
+    two = batch_step_flops(
+        transformer, family.name, {**batch, "latents": batch["latents"].repeat(2, 1, 1, 1, 1)}, recipe
+    )
+    assert one.model > 0 and two.model == pytest.approx(2 * one.model)

@@ -121,7 +121,7 @@ def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, i
 
 def patch(preset: ModelPreset) -> tuple[int, int, int]:
     c = preset.config
-    if preset.family == "wan":
+    if preset.family.startswith("wan"):
         return tuple(c["patch_size"])
     return c["patch_size_t"], c["patch_size"], c["patch_size"]
 
@@ -134,7 +134,7 @@ def video_tokens(preset: ModelPreset, latent: tuple[int, int, int, int]) -> int:
 def transformer_class(preset: ModelPreset) -> type[nn.Module]:
     from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
-    return WanTransformer3DModel if preset.family == "wan" else HunyuanVideoTransformer3DModel
+    return WanTransformer3DModel if preset.family.startswith("wan") else HunyuanVideoTransformer3DModel
 
 
 def build_transformer(
@@ -184,7 +184,7 @@ def random_batch(
     g = torch.Generator().manual_seed(seed)
     out = {"latents": torch.randn(batch_size, *latent, generator=g)}
     c = preset.config
-    if preset.family == "wan":
+    if preset.family.startswith("wan"):
         out["prompt_embeds"] = torch.randn(batch_size, text_tokens, c["text_dim"], generator=g)
     else:
         out["prompt_embeds"] = torch.randn(batch_size, text_tokens, c["text_embed_dim"], generator=g)

@@ -28,6 +28,8 @@ FORMATS = {
     "grad_norm": ".4f",
     "step_time": ".3f",
     "samples_per_s": ".2f",
+    "tflops": ".3f",
+    "mfu": ".3f",
     "memory_gb": ".2f",
     "skipped_steps": "d",
     "epoch": "d",
@@ -37,13 +39,16 @@ FORMATS = {
 class Window:
     """Loss, samples and time since the last log; the per-step flags every rank must agree on."""
 
-    def __init__(self) -> None:
+    def __init__(self, peak_flops: float | None = None) -> None:
+        self.peak_flops = peak_flops  # all processes together; None: no MFU (CPU, or a GPU not in the table)
         self.start = time.perf_counter()
-        self.loss_sum = self.loss_n = self.samples = self.steps = 0.0
+        self.loss_sum = self.loss_n = self.samples = self.steps = self.flops = 0.0
         self.local_bad: list[str] = []  # this step's cache files whose loss was non-finite (this rank)
-        self.step_bad = self.step_loss = self.step_n = self.step_samples = 0.0
+        self.step_bad = self.step_loss = self.step_n = self.step_samples = self.step_flops = 0.0
 
-    def add(self, loss: float, n: int, files: list[str]) -> None:
+    def add(self, loss: float, n: int, files: list[str], flops: float = 0.0) -> None:
+        """One micro-batch: its loss, samples, cache files and model FLOPs (trainer.perf's count)."""
+        self.step_flops += flops
         if math.isfinite(loss):
             self.step_loss += loss
             self.step_n += 1
@@ -54,11 +59,12 @@ class Window:
 
     def end_step(self, accelerator: Accelerator, stop: bool) -> tuple[bool, bool]:
         """Reduce this step's numbers over ranks; returns (some loss was non-finite, stop requested)."""
-        local = [self.step_bad, float(stop), self.step_loss, self.step_n, self.step_samples]
+        local = [self.step_bad, float(stop), self.step_loss, self.step_n, self.step_samples, self.step_flops]
         total = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum")
-        bad, stop_any, loss, n, samples = total.tolist()
+        bad, stop_any, loss, n, samples, flops = total.tolist()
         self.last_bad_files, self.local_bad = self.local_bad, []
-        self.step_bad = self.step_loss = self.step_n = self.step_samples = 0.0
+        self.step_bad = self.step_loss = self.step_n = self.step_samples = self.step_flops = 0.0
+        self.flops += flops
         if not bad:
             self.loss_sum += loss
             self.loss_n += n
@@ -79,11 +85,14 @@ class Window:
             "grad_norm": grad_norm,
             "step_time": elapsed / self.steps,
             "samples_per_s": self.samples / elapsed,
+            "tflops": self.flops / elapsed / 1e12,  # model FLOPs of a LoRA step (docs/performance.md), all ranks
             "memory_gb": memory_gb(),
             "skipped_steps": pos.skipped,
             "epoch": pos.epoch,
         }
-        self.start, self.loss_sum, self.loss_n, self.samples, self.steps = now, 0.0, 0.0, 0.0, 0.0
+        if self.peak_flops:
+            logs["mfu"] = self.flops / elapsed / self.peak_flops
+        self.start, self.loss_sum, self.loss_n, self.samples, self.steps, self.flops = now, 0.0, 0.0, 0.0, 0.0, 0.0
         return logs
 
 

@@ -49,7 +49,7 @@ from trainer.flow_matching import noisy_and_target, sample_sigmas, step_generato
 from trainer.memory import apply_memory_modes, make_optimizer, offload_base_weights
 from trainer.models import get_family
 from trainer.models.base import DTYPES, ModelFamily
-from trainer.perf import apply_speed_options
+from trainer.perf import apply_speed_options, batch_step_flops, device_peak_flops
 from trainer.tracking import Window, init_tracking, log_metrics, log_validation
 
 log = logging.getLogger("vidlora.train")
@@ -293,7 +293,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         if v.at_start and checkpoint is None:
             log_validation(accelerator, run, validator.run(transformer, 0), 0)
     bar = tqdm(total=t.max_steps, initial=pos.step, desc="train", disable=not accelerator.is_main_process)
-    window = Window()
+    window = Window(peak_flops(accelerator))
     bad_in_row = 0
 
     with StopRequest() as stop:
@@ -307,7 +307,9 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                     loss = forward_backward(accelerator, family, transformer, batch, recipe, pos.micro, slots)
                 pos.batch += 1
                 pos.micro += 1
-                window.add(loss.item(), n, batch["files"])
+                window.add(
+                    loss.item(), n, batch["files"], batch_step_flops(transformer, family.name, batch, recipe).model
+                )
                 if not accelerator.sync_gradients:
                     continue
 
@@ -383,6 +385,14 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return grad_norm, skipped
+
+
+def peak_flops(accelerator: Accelerator) -> float | None:
+    """bf16 peak of all processes' GPUs together, for MFU; None on the CPU or a GPU not in perf's table."""
+    if accelerator.device.type != "cuda":
+        return None
+    peak = device_peak_flops(torch.cuda.get_device_name(accelerator.device))
+    return peak * accelerator.num_processes if peak else None
 
 
 def step_seed(seed: int, micro: int, rank: int) -> int:
