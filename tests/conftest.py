@@ -91,3 +91,18 @@ def fixed_eval_loss(family, transformer, latents, batch) -> float:
             pred = family.predict(transformer, noisy, sigmas, batch)
             losses.append(torch.nn.functional.mse_loss(pred, target).item())
     return sum(losses) / len(losses)
+
+
+def assert_diffusers_reproduces(pipeline_class, model_dir, lora_file, family, trained, shape, batch) -> None:
+    """The real client: a fresh `pipeline_class` with `lora_file` loaded by diffusers' own `load_lora_weights`
+    gives the trained transformer's outputs on a fixed input (no vidlora code on the loading side)."""
+    import torch
+
+    pipe = pipeline_class.from_pretrained(model_dir)
+    pipe.load_lora_weights(str(lora_file))
+    noisy = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    sigmas = torch.tensor([0.5] * shape[0])
+    with torch.no_grad():
+        expected = family.predict(trained, noisy, sigmas, batch)
+        got = family.predict(pipe.transformer, noisy, sigmas, batch)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (Path(lora_file).name, (got - expected).abs().max())

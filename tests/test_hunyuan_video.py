@@ -13,7 +13,7 @@ from diffusers import HunyuanVideoPipeline
 from data import synth
 from data.cache import load_entry
 from data.media import probe
-from tests.conftest import fixed_eval_loss, run_cli, train_capturing, write_recipe
+from tests.conftest import assert_diffusers_reproduces, fixed_eval_loss, run_cli, train_capturing, write_recipe
 from trainer.config import ModelSection, RecipeError, UserError, load_recipe
 from trainer.models import get_family
 from trainer.models.hunyuan_video import HunyuanVideo
@@ -162,14 +162,9 @@ wandb = false
 
     out = tmp_path / "exported.safetensors"
     run_cli("export", run, "--out", out, "--dtype", "fp32")
-    pipe = HunyuanVideoPipeline.from_pretrained(tiny_hv)
-    pipe.load_lora_weights(str(out))
-    noisy = torch.randn(entry["latents"][None].shape, generator=torch.Generator().manual_seed(0))
-    sigmas = torch.tensor([0.5])
-    with torch.no_grad():
-        expected = family.predict(trained, noisy, sigmas, batch)
-        got = family.predict(pipe.transformer, noisy, sigmas, batch)
-    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert_diffusers_reproduces(
+        HunyuanVideoPipeline, tiny_hv, out, family, trained, entry["latents"][None].shape, batch
+    )
 
     video = tmp_path / "sample.mp4"
     args = ["--prompt", "a dog runs", "--frames", "5", "--height", "32", "--width", "48", "--steps", "2"]

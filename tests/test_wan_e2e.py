@@ -11,7 +11,7 @@ from diffusers import WanPipeline
 
 from data import synth
 from data.cache import load_entry
-from tests.conftest import fixed_eval_loss, run_cli, train_capturing, write_recipe
+from tests.conftest import assert_diffusers_reproduces, fixed_eval_loss, run_cli, train_capturing, write_recipe
 from trainer.config import ModelSection, load_recipe
 from trainer.models import get_family
 
@@ -95,20 +95,12 @@ def test_overfit_then_export_round_trip(tmp_path, tiny_wan, monkeypatch):
     # Export and load with diffusers' own loader into a fresh pipeline: same outputs as the trained model.
     out = tmp_path / "exported.safetensors"
     run_cli("export", run, "--out", out, "--dtype", "fp32")
-    pipe = WanPipeline.from_pretrained(tiny_wan)
-    pipe.load_lora_weights(str(out))
-    noisy = torch.randn(1, 16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    sigmas = torch.tensor([0.5])
-    with torch.no_grad():
-        expected = family.predict(trained, noisy, sigmas, text)
-        got = family.predict(pipe.transformer, noisy, sigmas, text)
-    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
-
+    shape = (1, 16, 3, 8, 8)
+    assert_diffusers_reproduces(WanPipeline, tiny_wan, out, family, trained, shape, text)
     # Training also wrote every other format of export.formats; the kohya file loads the same way.
-    kohya = WanPipeline.from_pretrained(tiny_wan)
-    kohya.load_lora_weights(str(run / f"{run.name}_kohya.safetensors"))
-    with torch.no_grad():
-        assert torch.allclose(family.predict(kohya.transformer, noisy, sigmas, text), expected, atol=1e-5, rtol=1e-5)
+    assert_diffusers_reproduces(
+        WanPipeline, tiny_wan, run / f"{run.name}_kohya.safetensors", family, trained, shape, text
+    )
 
     # The final adapter in the run folder is the same diffusers file, with metadata in its header.
     from safetensors import safe_open

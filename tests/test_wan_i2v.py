@@ -14,7 +14,7 @@ from PIL import Image
 from data import synth
 from data.cache import load_entry
 from data.media import probe
-from tests.conftest import fixed_eval_loss, run_cli, train_capturing, write_recipe
+from tests.conftest import assert_diffusers_reproduces, fixed_eval_loss, run_cli, train_capturing, write_recipe
 from tests.test_hunyuan_video import capture_step0
 from trainer.config import ModelSection, UserError, load_recipe
 from trainer.models import get_family
@@ -126,14 +126,9 @@ wandb = false
 
     out = tmp_path / "exported.safetensors"
     run_cli("export", run, "--out", out, "--dtype", "fp32")
-    pipe = WanImageToVideoPipeline.from_pretrained(tiny_i2v)
-    pipe.load_lora_weights(str(out))
-    noisy = torch.randn(entry["latents"][None].shape, generator=torch.Generator().manual_seed(0))
-    sigmas = torch.tensor([0.5])
-    with torch.no_grad():
-        expected = family.predict(trained, noisy, sigmas, batch)
-        got = family.predict(pipe.transformer, noisy, sigmas, batch)
-    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+    assert_diffusers_reproduces(
+        WanImageToVideoPipeline, tiny_i2v, out, family, trained, entry["latents"][None].shape, batch
+    )
 
     # Sampling needs a first frame (asked for before anything loads); any image size works: it is resized and
     # cropped like training frames.
