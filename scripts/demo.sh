@@ -26,6 +26,6 @@ Demo finished. Everything is under $OUT/:
   run/                                checkpoints/, metrics.jsonl, wandb/ (offline)
   run/pytorch_lora_weights.safetensors  the adapter (diffusers: pipe.load_lora_weights)
   run/run_comfyui.safetensors         the same adapter for ComfyUI (written by train: export.formats)
-  kohya_lora.safetensors              the same for kohya/musubi tools, from `vidlora export` (bf16)
+  kohya_lora.safetensors              the same for kohya/musubi tools, from "vidlora export" (bf16)
   sample.mp4                          a video from WanPipeline with the adapter loaded
 DONE
