@@ -18,7 +18,7 @@ def family(request, tmp_path_factory):
 def test_decode_video_inverts_the_cached_latent_scaling(family):
     """`vidlora inspect` shows what the model sees: decoding cached latents equals the VAE decoding its raw ones."""
     vae = family.load_vae().eval()
-    raw_vae = getattr(vae, "vae", vae)  # Wan I2V's VAE pass also holds the CLIP image encoder
+    raw_vae = family.vae_module(vae)  # Wan I2V's VAE pass also holds the CLIP image encoder
     pixels = torch.rand(1, 3, 5, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     with torch.no_grad():
         cached = family.encode_video(vae, pixels)["latents"]

@@ -245,16 +245,6 @@ def _family_names(family: str) -> FamilyNames:
     return FAMILY_NAMES[family]
 
 
-def to_original_name(family: str, diffusers_name: str) -> tuple[str, int]:
-    """Original checkpoint module name of a diffusers module, and which part of a fused layer it is (0 if unfused)."""
-    hit = _index(family).find("diffusers", diffusers_name)
-    if hit is None or hit[0].original is None:
-        why = hit[0].refused if hit else "not in the name map"
-        raise LoraFormatError(f"{family}: {diffusers_name!r} has no original-layout name ({why})")
-    rule, part, i = hit
-    return _fill(rule.original, i), part
-
-
 def to_diffusers_names(family: str, original_name: str) -> tuple[str, ...]:
     """Diffusers module name(s) of an original checkpoint module (several for a fused layer, in row order)."""
     hit = _index(family).find("original", original_name)

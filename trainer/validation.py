@@ -113,9 +113,13 @@ class Validator:
         if self.vae is None:
             self.vae = self.family.load_vae(torch.float32 if self.accelerator.device.type == "cpu" else torch.bfloat16)
         self.vae.to(self.accelerator.device)
-        vae = getattr(self.vae, "vae", self.vae)  # Wan I2V's VAE pass also holds its image encoder
         pipe = self.family.pipeline_class.from_pretrained(
-            m.path, revision=m.revision, transformer=model, vae=vae, text_encoder=None, tokenizer=None
+            m.path,
+            revision=m.revision,
+            transformer=model,
+            vae=self.family.vae_module(self.vae),
+            text_encoder=None,
+            tokenizer=None,
         )
         for name, component in pipe.components.items():  # e.g. the I2V image encoder, loaded on the CPU
             if isinstance(component, torch.nn.Module) and name not in ("transformer", "vae"):

@@ -65,6 +65,10 @@ class ModelFamily:
         pixels (Wan I2V's image encoder), so they share the pass and never meet the text encoder."""
         return self._from_pretrained(self.vae_class, "vae", dtype)
 
+    def vae_module(self, loaded: nn.Module) -> nn.Module:
+        """The autoencoder inside what `load_vae` returned (a family may load more for its VAE pass)."""
+        return loaded
+
     def load_text_pipeline(self, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
         """The family's pipeline with tokenizers and text encoders only (no transformer, no VAE)."""
         return self.pipeline_class.from_pretrained(

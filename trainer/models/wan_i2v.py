@@ -67,8 +67,11 @@ class WanI2V(Wan):
         )
         return VaePass(pipe)
 
+    def vae_module(self, loaded: nn.Module) -> nn.Module:
+        return loaded.vae if isinstance(loaded, VaePass) else loaded
+
     def decode_video(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
-        return super().decode_video(getattr(vae, "vae", vae), latents)  # the VAE pass holds the VAE
+        return super().decode_video(self.vae_module(vae), latents)
 
     def load_text_pipeline(self, dtype: torch.dtype = torch.float32) -> WanImageToVideoPipeline:
         return self.pipeline_class.from_pretrained(
