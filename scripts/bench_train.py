@@ -35,10 +35,10 @@ CASES = ("vidlora", "bare", "checkpointing", "adamw8bit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from trainer.perf import PRESETS
+    from trainer.perf import presets
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=sorted(PRESETS), default="small", help="model size (published configs)")
+    p.add_argument("--model", choices=sorted(presets()), default="small", help="model size (published configs)")
     p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default 81; small presets: 9)")
     p.add_argument("--height", type=int, help="pixel height, multiple of 16 (default 480; small presets: 128)")
     p.add_argument("--width", type=int, help="pixel width, multiple of 16 (default 832; small presets: 128)")
@@ -191,10 +191,10 @@ def bare_step(recipe, preset, optimizer_kind: str, batch: dict, tensors: dict):
 
 
 def bare_forward(preset, transformer, noisy, timestep, batch: dict):
-    """The transformer call of diffusers' own pipelines."""
+    """The transformer call of diffusers' own pipelines (Wan's, or HunyuanVideo's with its pooled text and mask)."""
     import torch
 
-    if preset.family == "wan":
+    if "pooled_projections" not in batch:
         return transformer(
             hidden_states=noisy, timestep=timestep, encoder_hidden_states=batch["prompt_embeds"], return_dict=False
         )[0]
@@ -227,15 +227,15 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
 
     import trainer.train  # noqa: F401
     from trainer.config import load_recipe
-    from trainer.perf import PRESETS, checkpointed_fractions, latent_shape, random_batch, step_flops, video_tokens
+    from trainer.perf import checkpointed_fractions, latent_shape, presets, random_batch, step_flops, video_tokens
 
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides, optimizer_kind = case_overrides(args, case)
     recipe = load_recipe(args.recipe, overrides)
     t = recipe.train
-    preset = PRESETS[args.model]
-    latent = latent_shape(args.frames, args.height, args.width)
+    preset = presets()[args.model]
+    latent = latent_shape(preset, args.frames, args.height, args.width)
     text_tokens = args.text_tokens or preset.text_tokens
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -334,12 +334,13 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def report(args: argparse.Namespace, results: list[dict]) -> None:
-    from trainer.perf import PRESETS, device_peak_flops, latent_shape, video_tokens
+    from trainer.perf import device_peak_flops, latent_shape, presets, video_tokens
 
     ok = [r for r in results if "error" not in r]
     device = ok[0]["device"] if ok else "?"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else device_peak_flops(device)
-    tokens = video_tokens(PRESETS[args.model], latent_shape(args.frames, args.height, args.width))
+    preset = presets()[args.model]
+    tokens = video_tokens(preset, latent_shape(preset, args.frames, args.height, args.width))
     print(f"\nmodel {args.model}, {args.frames}x{args.height}x{args.width} -> {tokens} video tokens; {device}")
     print(f"bf16 dense peak: {peak / 1e12:.0f} TFLOP/s" if peak else "no peak known for this device: no MFU")
     print(f"{'case':<15}{'s/step':>9}{'tokens/s':>10}{'peak mem':>11}{'TFLOP/s':>9}{'MFU':>7}{'HFU':>7}")
@@ -392,12 +393,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results))
         return 0
     from trainer.config import UserError, load_recipe
-    from trainer.perf import latent_shape
+    from trainer.perf import latent_shape, presets
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     try:  # bad arguments fail here, once, not in every child
         load_recipe(args.recipe, args.set)
-        latent_shape(args.frames, args.height, args.width)
+        latent_shape(presets()[args.model], args.frames, args.height, args.width)
         if "vidlora" not in cases or set(cases) - set(CASES):
             raise UserError(f"--cases {args.cases}: a comma list out of {', '.join(CASES)} that includes vidlora")
     except UserError as e:

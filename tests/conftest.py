@@ -15,17 +15,19 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline", HF_HUB_OFFLINE="1", **extra)
     return env
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`vidlora ARGS` exactly as a user runs it (python -m trainer.cli), output captured."""
+def run_cli(
+    *args: str, cwd: Path | None = None, check: bool = True, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`vidlora ARGS` exactly as a user runs it (python -m trainer.cli), output captured; `env` adds variables."""
     proc = subprocess.run(
         [sys.executable, "-m", "trainer.cli", *map(str, args)],
         cwd=cwd or ROOT,
-        env=cli_env(),
+        env=cli_env(**(env or {})),
         capture_output=True,
         text=True,
         timeout=timeout,

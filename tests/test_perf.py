@@ -111,8 +111,8 @@ def test_flops_of_a_training_batch_from_the_loaded_model():
 def test_lora_step_is_about_4n_not_6n_flops_per_token():
     """The issue's ~5 PFLOP for Wan 14B at 480x832x81 is 3x the forward (backward counted as for full
     fine-tuning); a LoRA step computes no weight gradients for the frozen base, so it needs less."""
-    preset = perf.PRESETS["wan-14b"]
-    latent = perf.latent_shape(81, 480, 832)
+    preset = perf.presets()["wan-14b"]
+    latent = perf.latent_shape(preset, 81, 480, 832)
     assert perf.video_tokens(preset, latent) == 32760
     f = perf.step_flops(preset, latent)
     assert 4.9e15 < 3 * f.forward < 5.2e15
@@ -249,7 +249,7 @@ def test_bench_small_prints_overhead_and_memory_ratios(tmp_path):
     assert results["checkpointing"]["gradient_checkpointing"] and results["adamw8bit"]["optimizer"] == "adamw8bit"
     for case in ("vidlora", "checkpointing", "adamw8bit"):
         assert results[case]["peak_memory_bytes"] > 0
-    flops = perf.step_flops(perf.PRESETS["small"], perf.latent_shape(9, 128, 128))
+    flops = perf.step_flops(perf.presets()["small"], perf.latent_shape(perf.presets()["small"], 9, 128, 128))
     assert results["vidlora"]["model_flops"] == flops.model
 
 

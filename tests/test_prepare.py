@@ -212,9 +212,10 @@ def test_strict_fails_a_run_with_bad_inputs_and_a_rerun_does_no_work(zoo_run):
 def test_dry_run_reports_the_plan_without_encoding(zoo, zoo_run, tiny_wan, tmp_path):
     from data.prepare import prepare
     from trainer.config import load_recipe
+    from trainer.models import get_family
 
     r = load_recipe(zoo_run[2], [f"data.cache_dir={json.dumps(str(tmp_path / 'dry'))}"])
-    assert prepare(r, dry_run=True) == 0
+    assert prepare(r, get_family(r.model), dry_run=True) == 0
     report = json.loads((tmp_path / "dry/report.json").read_text())
     assert report["dry_run"] and report["encoded_now"] == 0 and not (tmp_path / "dry/index.json").exists()
     assert not list((tmp_path / "dry").rglob("*.safetensors"))
@@ -385,13 +386,15 @@ def test_vae_tiling_is_used_for_large_frames_and_is_part_of_the_fingerprint(tiny
     in tiles (close to, but not the same as, one pass), and toggling tiling re-encodes the entry."""
     from data.prepare import prepare
     from trainer.config import load_recipe
+    from trainer.models import get_family
 
     synth.write_image(tmp_path / "clips/big.png", synth.pattern_frames(1, 320, 240, seed=8)[0])
     caption(tmp_path / "clips/big.png")
     r = recipe(tmp_path, tiny_wan, f'[[data.datasets]]\npath = "{tmp_path / "clips"}"\nresolutions = [288]')
     latents, encoded = {}, {}
     for tiling in ("false", "true"):
-        assert prepare(load_recipe(r, [f"data.vae_tiling={tiling}"])) == 0
+        tiled = load_recipe(r, [f"data.vae_tiling={tiling}"])
+        assert prepare(tiled, get_family(tiled.model)) == 0
         index = json.loads((tmp_path / "cache/index.json").read_text())
         (sample,) = index["samples"]
         assert sample["bucket"][0] > 256

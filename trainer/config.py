@@ -34,7 +34,9 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     family: str = Field(
-        "wan", description="Model family: one of the registry in trainer/models (wan, wan_i2v, hunyuan_video)."
+        default_factory=lambda: _default_family(),
+        description="Model family: one of the registry in trainer/models (`vidlora make-tiny --help` lists them; "
+        "docs/models.md describes each).",
     )
     path: str = Field(
         "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
@@ -46,6 +48,11 @@ class ModelSection(Section):
         description="Original single-file transformer checkpoint to use instead of the one in `path` "
         "(.safetensors, ComfyUI prefixes allowed; .pt/.pth read with torch.load(weights_only=True)); `path` then "
         "supplies the config and the other components.",
+    )
+    transformer_2_file: str | None = Field(
+        None,
+        description="The same for the second transformer of a two-expert family (Wan 2.2 A14B: the low-noise "
+        "expert, `transformer_2` in diffusers' layout).",
     )
     guidance: float | None = Field(
         None,
@@ -65,6 +72,12 @@ class ModelSection(Section):
         if value not in FAMILIES:
             raise ValueError(f"unknown family {value!r}; allowed: {', '.join(sorted(FAMILIES))}")
         return value
+
+
+def _default_family() -> str:
+    from trainer.models import DEFAULT_FAMILY
+
+    return DEFAULT_FAMILY
 
 
 class DatasetSection(Section):

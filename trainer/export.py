@@ -28,11 +28,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from data.cache import atomic_write
+from data.cache import DTYPES, atomic_write
 from trainer.checkpoint import ADAPTER, find_adapter, read_adapter
 from trainer.config import UserError
 from trainer.formats import (
-    FAMILY_NAMES,
     FORMATS,
     LoraFormatError,
     detect_format,
@@ -41,6 +40,7 @@ from trainer.formats import (
     merge_lora,
     save_lora,
 )
+from trainer.models import FAMILIES, family_class
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from trainer.config import LoraSection
     from trainer.models.base import ModelFamily
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # Training metadata a vidlora adapter carries into every file exported from it.
 CARRIED = ("base_model", "rank", "alpha", "target_modules", "trigger_words", "steps", "recipe")
@@ -57,18 +56,6 @@ OWN_KEYS = frozenset(
     {*CARRIED, "format", "family", "variant", "targets", "lora_modules", "export_format", "alpha_storage", "dtype"}
     | {"source", "source_format", "source_metadata", "exported_by", "alphas"}
 )
-TRANSFORMER_CLASSES = {
-    "wan": "WanTransformer3DModel",
-    "wan_i2v": "WanTransformer3DModel",
-    "hunyuan_video": "HunyuanVideoTransformer3DModel",
-}
-# (family, hidden size) -> the released model it belongs to.
-VARIANTS = {
-    ("wan", 1536): "Wan2.1-T2V-1.3B",
-    ("wan", 5120): "Wan2.1-T2V-14B",
-    ("wan_i2v", 5120): "Wan2.1-I2V-14B",
-    ("hunyuan_video", 3072): "HunyuanVideo-13B",
-}
 
 
 @dataclass
@@ -96,9 +83,9 @@ def read_adapter_file(src: str | Path, family: str | None = None) -> AdapterFile
     try:
         if meta.get("format") == "vidlora":  # canonical adapter: bare peft keys, alphas in the header
             own = meta.get("family")
-            if own not in FAMILY_NAMES:
+            if own not in FAMILIES:
                 raise LoraFormatError(f"vidlora header names no known family ({own!r})")
-            if family and FAMILY_NAMES.get(family) is not FAMILY_NAMES[own]:
+            if family and family_class(family).lora_names is not family_class(own).lora_names:
                 raise LoraFormatError(f"the header says family {own!r}, not {family!r}")
             peft_sd, _, fam = import_lora(sd, own)
             raw = meta.get("alphas") or meta.get("alpha")
@@ -107,7 +94,7 @@ def read_adapter_file(src: str | Path, family: str | None = None) -> AdapterFile
                 raise LoraFormatError("the vidlora header's alphas do not match the adapter's modules")
             alphas = {m: float(a) for m, a in raw.items()}
             return AdapterFile(path, peft_sd, alphas, fam, "vidlora", ["vidlora adapter"], meta)
-        hint = family or (meta.get("family") if meta.get("family") in FAMILY_NAMES else None)
+        hint = family or (meta.get("family") if meta.get("family") in FAMILIES else None)
         fmt, fam, notes = detect_format(sd, hint)
         peft_sd, alphas, fam = import_lora(sd, fam, metadata=meta)
         return AdapterFile(path, peft_sd, alphas, fam, fmt, notes, meta)
@@ -131,7 +118,7 @@ def variant(family: str, peft_sd: Mapping[str, torch.Tensor]) -> str:
     if not widths:
         return f"{family} (hidden size unknown: no attention or FFN module)"
     hidden = Counter(widths).most_common(1)[0][0]
-    return VARIANTS.get((family, hidden), f"{family} (hidden {hidden})")
+    return family_class(family).variants.get(hidden, f"{family} (hidden {hidden})")
 
 
 def adapter_metadata(lora: AdapterFile, fmt: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -299,7 +286,7 @@ def merge_into_folder(
     folder = transformer_folder(base)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     lora = read_adapter_file(adapter, family)
-    want = TRANSFORMER_CLASSES[lora.family]
+    want = family_class(lora.family).transformer_class.__name__
     if config.get("_class_name") != want:
         raise UserError(
             f"{lora.path}: a {lora.family} adapter does not fit {folder} ({config.get('_class_name')}, not {want})"

@@ -33,7 +33,7 @@ def sample(
     _, dtype = resolve_device_precision(recipe.train.mixed_precision, recipe.model.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extra = family.sample_kwargs(image, height, width)  # before loading: a missing --image fails fast
-    pipe = family.load_pipeline(None, DTYPES[dtype])
+    pipe = family.load_pipeline(DTYPES[dtype])
     if lora:
         pipe.load_lora_weights(str(lora))
     pipe.to(device)

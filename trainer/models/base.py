@@ -9,22 +9,45 @@ exactly what inference feeds the transformer.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
+from data.cache import DTYPES  # noqa: F401 - re-exported: the dtypes of model weights
 from trainer.config import ModelSection, RecipeError, UserError
+
+if TYPE_CHECKING:
+    from trainer.formats import FamilyNames
 
 log = logging.getLogger("vidlora.models")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+@dataclass(frozen=True)
+class Denoiser:
+    """One transformer of a family (most have one; Wan 2.2 A14B has a high- and a low-noise expert)."""
+
+    component: str = "transformer"  # diffusers subfolder, and the pipeline's argument name
+    label: str = ""  # "" for a family's only denoiser; names the expert in files, metrics and logs otherwise
+    sigmas: tuple[float, float] = (0.0, 1.0)  # the noise levels it serves: low <= sigma < high (1.0 inclusive)
+
+    @property
+    def file_key(self) -> str:
+        """The recipe key of its original single-file checkpoint (model.transformer_file, transformer_2_file)."""
+        return f"{self.component}_file"
+
+    @property
+    def suffix(self) -> str:
+        """What its adapter files carry after the name: `NAME_high_noise.safetensors`; nothing for a lone one."""
+        return f"_{self.label}" if self.label else ""
 
 
 class ModelFamily:
-    """A model family: how to load it, what to cache for it, and how to call its transformer."""
+    """A model family: how to load it, what to cache for it, how to call its transformer, and what its LoRA files
+    are called. Everything outside trainer/models/ asks the family; nothing else names one."""
 
     name: ClassVar[str]
     pipeline_class: ClassVar[type[DiffusionPipeline]]
@@ -40,6 +63,15 @@ class ModelFamily:
     text_components: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer")
     guidance_is_cfg: ClassVar[bool] = True  # the pipeline's guidance_scale is classifier-free (needs a negative)
     default_guidance: ClassVar[float | None] = None  # embedded guidance while training; None: no guidance input
+    # Latent geometry: VAE compression (frames, height, width), latent channels, transformer patch (f, h, w).
+    vae_stride: ClassVar[tuple[int, int, int]] = (4, 8, 8)
+    latent_channels: ClassVar[int] = 16
+    patch: ClassVar[tuple[int, int, int]] = (1, 2, 2)
+    # LoRA files: module names in every export layout, and released models by hidden size (for adapter headers).
+    lora_names: ClassVar[FamilyNames]
+    variants: ClassVar[dict[int, str]] = {}
+    # Benchmarks (scripts/bench_train.py): name -> (transformer config, text tokens, where it was published).
+    bench_presets: ClassVar[dict[str, tuple[dict[str, Any], int, str]]] = {}
 
     def __init__(self, cfg: ModelSection):
         if cfg.guidance is not None and self.default_guidance is None:
@@ -50,15 +82,54 @@ class ModelFamily:
     def guidance(self) -> float | None:
         return self.cfg.guidance or self.default_guidance
 
+    @classmethod
+    def bucket_step(cls) -> int:
+        """Bucket sides are multiples of this: the VAE's spatial stride times the patch size."""
+        return cls.vae_stride[1] * cls.patch[1]
+
+    @classmethod
+    def claims_lora(cls, modules: set[str]) -> bool:
+        """Whether a LoRA file with these (diffusers) modules is this family's rather than that of the first family
+        registered with the same name tables (e.g. image cross-attention makes a Wan LoRA an I2V one)."""
+        return False
+
+    @classmethod
+    def lora_reader_notes(cls, fmt: str, file_modules: set[str], modules: set[str]) -> list[str]:
+        """What readers of such a file should know (a loader that will not read it, or only partly): `file_modules`
+        are the names in the file's layout, `modules` the diffusers names they stand for."""
+        return []
+
+    @classmethod
+    def patch_of(cls, config: dict[str, Any]) -> tuple[int, int, int]:
+        """The patch (frames, height, width) of a transformer config."""
+        return tuple(config["patch_size"])
+
+    @classmethod
+    def step_ops(cls, config: dict[str, Any], latent: tuple[int, int, int, int], t: int) -> list:
+        """Every matrix product of one forward pass for one sample, for trainer/perf.py's FLOPs count."""
+        raise NotImplementedError
+
+    @classmethod
+    def random_text(cls, config: dict[str, Any], batch_size: int, tokens: int, g: torch.Generator) -> dict:
+        """Random text inputs shaped like a collated batch, for benchmarks."""
+        raise NotImplementedError
+
+    def denoisers(self) -> tuple[Denoiser, ...]:
+        """The transformers this family denoises with, in the pipeline's order."""
+        return (Denoiser(),)
+
     # --- loading -------------------------------------------------------------------------------------
     def _from_pretrained(self, cls: Any, subfolder: str, dtype: torch.dtype) -> Any:
         return cls.from_pretrained(self.cfg.path, subfolder=subfolder, revision=self.cfg.revision, dtype=dtype)
 
-    def load_transformer(self, dtype: torch.dtype) -> nn.Module:
-        """The transformer from the diffusers folder, or from an original single-file checkpoint."""
-        if self.cfg.transformer_file:
-            return load_single_file(self.transformer_class, self.cfg.transformer_file, self.cfg, dtype)
-        return self._from_pretrained(self.transformer_class, "transformer", dtype)
+    def load_transformer(self, dtype: torch.dtype, denoiser: Denoiser | None = None) -> nn.Module:
+        """A transformer (the first denoiser's by default) from the diffusers folder, or from an original single-file
+        checkpoint."""
+        denoiser = denoiser or self.denoisers()[0]
+        file = getattr(self.cfg, denoiser.file_key, None)
+        if file:
+            return load_single_file(self.transformer_class, file, self.cfg, dtype, denoiser.component)
+        return self._from_pretrained(self.transformer_class, denoiser.component, dtype)
 
     def load_vae(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """What the VAE pass of `prepare` needs: the VAE, plus any encoder the family's conditions need from
@@ -75,13 +146,13 @@ class ModelFamily:
             self.cfg.path, revision=self.cfg.revision, transformer=None, vae=None, dtype=dtype
         )
 
-    def load_pipeline(self, transformer: nn.Module | None, dtype: torch.dtype) -> DiffusionPipeline:
-        """A full pipeline for samples, around a given (LoRA-wrapped) transformer or the model's own
-        (`transformer_file` included)."""
-        if transformer is None:
-            transformer = self.load_transformer(dtype)
+    def load_pipeline(self, dtype: torch.dtype, denoisers: dict[str, nn.Module] | None = None) -> DiffusionPipeline:
+        """A full pipeline for samples, around given (LoRA-wrapped) transformers by component name, the model's own
+        for the others (single files included)."""
+        given = denoisers or {}
+        own = {d.component: self.load_transformer(dtype, d) for d in self.denoisers() if d.component not in given}
         return self.pipeline_class.from_pretrained(
-            self.cfg.path, revision=self.cfg.revision, transformer=transformer, dtype=dtype
+            self.cfg.path, revision=self.cfg.revision, dtype=dtype, **own, **given
         )
 
     def sample_kwargs(self, image: str | Path | None, height: int, width: int) -> dict[str, Any]:
@@ -179,14 +250,16 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_single_file(cls: Any, file: str | Path, cfg: ModelSection, dtype: torch.dtype) -> nn.Module:
+def load_single_file(
+    cls: Any, file: str | Path, cfg: ModelSection, dtype: torch.dtype, subfolder: str = "transformer"
+) -> nn.Module:
     """An original-layout checkpoint through diffusers' `from_single_file`, with `cfg.path`'s transformer config
     (offline, no model-type guessing). diffusers fails on a missing or misnamed key with an opaque meta-tensor
     error, so the keys are converted and checked here first and a mismatch names the keys."""
     from accelerate import init_empty_weights
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
-    config = cls.load_config(cfg.path, subfolder="transformer", revision=cfg.revision)
+    config = cls.load_config(cfg.path, subfolder=subfolder, revision=cfg.revision)
     with init_empty_weights():
         expected = cls.from_config(config).state_dict()
     sd = read_checkpoint(file)
@@ -212,9 +285,7 @@ def load_single_file(cls: Any, file: str | Path, cfg: ModelSection, dtype: torch
     if extra:
         log.warning("%s: %d key(s) not in the transformer are ignored: %s", file, len(extra), ", ".join(extra[:6]))
     sd = {k: sd[k] for k in expected}
-    model = cls.from_single_file(
-        sd, config=cfg.path, subfolder="transformer", config_revision=cfg.revision, dtype=dtype
-    )
+    model = cls.from_single_file(sd, config=cfg.path, subfolder=subfolder, config_revision=cfg.revision, dtype=dtype)
     on_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if on_meta:
         raise UserError(f"{file}: weights not loaded: {', '.join(on_meta[:6])}")

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from trainer.config import UserError
-from trainer.models.wan import WAN_ATTENTION, WAN_FFN, Wan, tiny_components
+from trainer.models.wan import WAN_ATTENTION, WAN_FFN, Wan, tiny_components, wan_reader_notes
 
 WAN_IMAGE_KV = r".*blocks\.\d+\.attn2\.(add_k_proj|add_v_proj)"  # cross-attention keys/values of the image tokens
 MASK_CHANNELS = 4  # the first-frame mask, one channel per frame folded into a latent frame (temporal compression)
@@ -51,8 +51,17 @@ class WanI2V(Wan):
     }
     text_keys = ("prompt_embeds",)
     vae_components = ("vae", "image_encoder", "image_processor")  # the condition is part of the latent entry
+    variants = {5120: "Wan2.1-I2V-14B"}
     # text_length stays 512: the I2V attention splits image from text tokens with a hard-coded 512, so any other
     # length is silently wrong.
+
+    @classmethod
+    def claims_lora(cls, modules: set[str]) -> bool:
+        return any(".attn2.add_" in m for m in modules)  # the image cross-attention only I2V has
+
+    @classmethod
+    def lora_reader_notes(cls, fmt: str, file_modules: set[str], modules: set[str]) -> list[str]:
+        return wan_reader_notes(fmt, file_modules)
 
     def load_vae(self, dtype: torch.dtype = torch.float32) -> VaePass:
         # The image encoder in fp32, as diffusers' Wan I2V examples load it; it is small next to the VAE activations.
