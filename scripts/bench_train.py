@@ -96,11 +96,11 @@ def vidlora_step(recipe, preset, optimizer_kind: str, batch: dict, family=None):
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=t.gradient_accumulation)
     set_seed(t.seed)
     family = family or bench_family(preset, recipe.model, accelerator.device)
-    transformer = build_model(recipe, family, DTYPES[weight_dtype])
-    params = [p for p in transformer.parameters() if p.requires_grad]
+    model = build_model(recipe, family, DTYPES[weight_dtype])
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=10**6)
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
     micro = 0
     slots = list(range(batch["latents"].shape[0]))
 
@@ -108,13 +108,13 @@ def vidlora_step(recipe, preset, optimizer_kind: str, batch: dict, family=None):
     def step() -> float:
         nonlocal micro
         for _ in range(t.gradient_accumulation):
-            with accelerator.accumulate(transformer):
-                loss = forward_backward(accelerator, family, transformer, batch, recipe, micro, slots)
+            with accelerator.accumulate(model):
+                loss = forward_backward(accelerator, model, batch, recipe, micro, slots)
             micro += 1
         optimizer_step(accelerator, params, optimizer, scheduler, t.max_grad_norm, bad=False)
         return loss.item()
 
-    return step, transformer, family
+    return step, model, family
 
 
 def bare_step(recipe, preset, optimizer_kind: str, batch: dict, tensors: dict):
@@ -255,7 +255,7 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
         return time.perf_counter() - start, time.process_time() - cpu
 
     bar = tqdm(total=args.warmup * (1 + with_bare + (case != "vidlora")) + args.steps, desc=case, leave=False)
-    step, transformer, family = vidlora_step(recipe, preset, optimizer_kind, batch)
+    step, model, family = vidlora_step(recipe, preset, optimizer_kind, batch)
     for _ in range(args.warmup):
         timed(step)
         bar.update()
@@ -282,13 +282,15 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
         bar.update()
     bar.close()
 
-    model = getattr(transformer, "module", transformer)  # the blocks are the same in every entry
+    from trainer.train import unwrapped
+
+    transformer = next(iter(unwrapped(model).experts.values()))  # the blocks are the same in every entry
     results = []
     for name, ts in times.items():
         _, r, optimizer = entries[name]
         per_step = r.train.batch_size * r.train.gradient_accumulation
         flops = step_flops(
-            preset, latent, text_tokens, per_step, r.lora.rank, r.lora.targets, checkpointed_fractions(model, r)
+            preset, latent, text_tokens, per_step, r.lora.rank, r.lora.targets, checkpointed_fractions(transformer, r)
         )
         s = statistics.median(wall for wall, _ in ts)
         results.append(

@@ -59,8 +59,9 @@ def prepared(tmp_path_factory, tiny_wan) -> tuple[Path, Path]:
 
 
 def train_capturing(recipe, on_build=None):
-    """`vidlora train` in-process (the real loop, unchanged), keeping the transformer build_model made.
-    `recipe` is a recipe path or a loaded Recipe; returns (run folder, trained transformer)."""
+    """`vidlora train` in-process (the real loop, unchanged), keeping what build_model made. `recipe` is a recipe path
+    or a loaded Recipe; returns (run folder, the trained transformer), or (run folder, the Denoisers) for a run with
+    several experts. `on_build` sees the Denoisers."""
     from trainer import train as train_module
     from trainer.config import load_recipe
 
@@ -76,7 +77,8 @@ def train_capturing(recipe, on_build=None):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_module, "build_model", spy)
         run = train_module.train(recipe if not isinstance(recipe, (str, Path)) else load_recipe(recipe))
-    return run, captured["model"]
+    experts = captured["model"].experts
+    return run, next(iter(experts.values())) if len(experts) == 1 else captured["model"]
 
 
 def fixed_eval_loss(family, transformer, latents, batch) -> float:

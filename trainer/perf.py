@@ -127,7 +127,7 @@ def bench_family(preset: ModelPreset, cfg: ModelSection, device: str | torch.dev
     base = preset.family_class
 
     class RandomWeights(base):
-        def load_transformer(self, dtype: torch.dtype) -> nn.Module:
+        def load_transformer(self, dtype: torch.dtype, denoiser: Any = None) -> nn.Module:
             """Random weights the first time; later calls share them (a second model costs no weights)."""
             model = build_transformer(preset, dtype, device, tensors=getattr(self, "base_tensors", None))
             self.base_tensors = model_tensors(model)  # before LoRA wraps the layers: what others can share

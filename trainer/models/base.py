@@ -70,6 +70,8 @@ class ModelFamily:
     # LoRA files: module names in every export layout, and released models by hidden size (for adapter headers).
     lora_names: ClassVar[FamilyNames]
     variants: ClassVar[dict[int, str]] = {}
+    # A family with several transformers: expert label (`Denoiser.label`) -> diffusers component it runs.
+    expert_components: ClassVar[dict[str, str]] = {}
     # Benchmarks (scripts/bench_train.py): name -> (transformer config, text tokens, where it was published).
     bench_presets: ClassVar[dict[str, tuple[dict[str, Any], int, str]]] = {}
 
@@ -117,6 +119,18 @@ class ModelFamily:
     def denoisers(self) -> tuple[Denoiser, ...]:
         """The transformers this family denoises with, in the pipeline's order."""
         return (Denoiser(),)
+
+    def trained_denoisers(self) -> tuple[Denoiser, ...]:
+        """The ones a run trains (`model.experts`): all, or the expert whose label starts with high / low."""
+        all_ = self.denoisers()
+        if self.cfg.experts == "both":
+            return all_
+        chosen = tuple(d for d in all_ if d.label.startswith(self.cfg.experts))
+        if not chosen:
+            raise RecipeError(
+                f"model.experts = {self.cfg.experts!r}: the {self.name} family has one transformer; use 'both'"
+            )
+        return chosen
 
     # --- loading -------------------------------------------------------------------------------------
     def _from_pretrained(self, cls: Any, subfolder: str, dtype: torch.dtype) -> Any:
@@ -200,6 +214,21 @@ class ModelFamily:
     def make_tiny(cls, out_dir: Path, seed: int = 0) -> Path:
         """Write a tiny randomly initialised model folder that `pipeline_class.from_pretrained` loads."""
         raise NotImplementedError
+
+
+class Denoisers(nn.Module):
+    """The transformers a run trains, as one module, so accelerate, DDP and DeepSpeed prepare, checkpoint and shard
+    them together; each call runs one of them (by component name) through the family's transformer call."""
+
+    def __init__(self, family: ModelFamily, models: dict[str, nn.Module]):
+        super().__init__()
+        self.family = family
+        self.experts = nn.ModuleDict(models)
+
+    def forward(
+        self, component: str, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        return self.family.predict(self.experts[component], noisy, sigmas, batch)
 
 
 def pad_stack(tensors: list[torch.Tensor], length: int | None = None) -> torch.Tensor:
