@@ -287,6 +287,27 @@ def _recipe_export(meta: Mapping[str, Any]) -> dict[str, Any]:
         return {}
 
 
+def pipeline_adapters(family: ModelFamily, lora: str | Path | list) -> dict[str, Path]:
+    """{component: diffusers-format file} for `ModelFamily.load_adapters`: a run folder's final
+    `pytorch_lora_weights*.safetensors`, or the given files, each placed by the expert its header or name says."""
+    sources = [Path(p) for p in (lora if isinstance(lora, list) else [lora])]
+    paths = [f for s in sources for f in (sorted(s.glob("pytorch_lora_weights*.safetensors")) if s.is_dir() else [s])]
+    if not paths:
+        raise UserError(f"{lora}: no pytorch_lora_weights*.safetensors in it")
+    out: dict[str, Path] = {}
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        with safe_open(str(path), framework="pt") as f:
+            expert = (f.metadata() or {}).get("expert", "")
+        expert = expert or next((e for e in family.expert_components if path.stem.endswith(f"_{e}")), "")
+        component = family.expert_components[expert] if expert else "transformer"
+        if component in out:
+            raise UserError(f"two adapters for the same transformer ({component}): {out[component]}, {path}")
+        out[component] = path
+    return out
+
+
 def export_adapter(src: str | Path, out: str | Path, fmt: str = "diffusers", dtype: str | None = "bf16") -> Path:
     """Write the adapter file ``src`` to ``out`` as ``fmt``."""
     return export_files([src], [fmt], out=out, dtype=dtype)[0].path

@@ -17,7 +17,7 @@ def sample(
     recipe: Recipe,
     prompt: str,
     out: str | Path,
-    lora: str | Path | None = None,
+    lora: str | Path | list | None = None,
     frames: int = 17,
     height: int = 480,
     width: int = 832,
@@ -27,15 +27,17 @@ def sample(
     image: str | Path | None = None,
 ) -> Path:
     """Generate with `pipeline_class.from_pretrained` + `load_lora_weights`: exactly what a user of
-    diffusers runs, so the sample shows what the exported adapter does outside vidlora. `image` is the first
-    frame for image-to-video families."""
+    diffusers runs, so the sample shows what the exported adapter does outside vidlora. `lora` is a diffusers-format
+    file, several (one per expert), or a run folder; `image` is the first frame for image-to-video families."""
     family = get_family(recipe.model)
     _, dtype = resolve_device_precision(recipe.train.mixed_precision, recipe.model.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extra = family.sample_kwargs(image, height, width)  # before loading: a missing --image fails fast
     pipe = family.load_pipeline(DTYPES[dtype])
     if lora:
-        pipe.load_lora_weights(str(lora))
+        from trainer.export import pipeline_adapters
+
+        family.load_adapters(pipe, pipeline_adapters(family, lora))
     pipe.to(device)
     pipe.set_progress_bar_config(desc="sample")
     video = pipe(

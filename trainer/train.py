@@ -536,7 +536,7 @@ def finish(
             expert_meta = {**meta, **denoiser_meta(denoiser), "steps": steps}
             save_adapter(path, experts[denoiser.component], expert_meta, loras[denoiser.component])
             written.append(path)
-            out = run / f"pytorch_lora_weights{denoiser.suffix}.safetensors"
+            out = run / "pytorch_lora_weights.safetensors"  # export adds the expert: ..._high_noise.safetensors
             print(f"adapter: {export_adapter(path, out, 'diffusers', recipe.export.dtype)}")
         others = [f for f in recipe.export.formats if f != "diffusers"]
         for w in export_files(written, others, out_dir=run, dtype=recipe.export.dtype) if others else []:

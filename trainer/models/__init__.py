@@ -14,6 +14,8 @@ if TYPE_CHECKING:
 FAMILIES: dict[str, str] = {
     "wan": "trainer.models.wan:Wan",
     "wan_i2v": "trainer.models.wan_i2v:WanI2V",
+    "wan22": "trainer.models.wan22:Wan22",
+    "wan22_i2v": "trainer.models.wan22_i2v:Wan22I2V",
     "hunyuan_video": "trainer.models.hunyuan_video:HunyuanVideo",
 }
 DEFAULT_FAMILY = "wan"  # a recipe without model.family

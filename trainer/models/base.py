@@ -169,6 +169,13 @@ class ModelFamily:
             self.cfg.path, revision=self.cfg.revision, dtype=dtype, **own, **given
         )
 
+    def load_adapters(self, pipe: DiffusionPipeline, files: dict[str, str | Path]) -> None:
+        """Load exported diffusers-format adapters (by component) into a pipeline, as diffusers' users do: the
+        second transformer's with `load_into_transformer_2=True`."""
+        for component, file in files.items():
+            extra = {} if component == "transformer" else {f"load_into_{component}": True}
+            pipe.load_lora_weights(str(file), **extra)
+
     def sample_kwargs(self, image: str | Path | None, height: int, width: int) -> dict[str, Any]:
         """Pipeline arguments a sample needs besides prompt, size, frames, steps and generator."""
         if image is not None:

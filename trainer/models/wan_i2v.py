@@ -104,14 +104,16 @@ class WanI2V(Wan):
             first = Image.fromarray(
                 ((video[:, 0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
             )
-            embeds.append(pipe.encode_image(first, device))
+            if pipe.image_encoder is not None:  # Wan 2.1 I2V's CLIP tokens (Wan 2.2 I2V has none)
+                embeds.append(pipe.encode_image(first, device))
             image = pipe.video_processor.preprocess(first, height=height, width=width).to(device, torch.float32)
             placeholder = torch.zeros(1, z, *out["latents"].shape[2:], device=device)  # so no noise is drawn
             _, condition = pipe.prepare_latents(
                 image, 1, z, height, width, frames, torch.float32, device, latents=placeholder
             )
             conditions.append(condition[:, MASK_CHANNELS:])
-        return {**out, "image_embeds": torch.cat(embeds), "condition_latents": torch.cat(conditions)}
+        out["condition_latents"] = torch.cat(conditions)
+        return {**out, "image_embeds": torch.cat(embeds)} if embeds else out
 
     def predict(self, transformer, noisy, sigmas, batch):
         condition = batch["condition_latents"].to(noisy.dtype)
@@ -121,7 +123,7 @@ class WanI2V(Wan):
             hidden_states=torch.cat([noisy, mask, condition], dim=1),
             timestep=sigmas * 1000,
             encoder_hidden_states=batch["prompt_embeds"].to(noisy.dtype),
-            encoder_hidden_states_image=batch["image_embeds"].to(noisy.dtype),
+            encoder_hidden_states_image=batch["image_embeds"].to(noisy.dtype) if "image_embeds" in batch else None,
             return_dict=False,
         )[0]
 
