@@ -431,3 +431,93 @@ def _read_decord(info: MediaInfo, unique: list[int]) -> np.ndarray | None:
         log.warning("decord returned %s %s for %s; decoding with PyAV", frames.dtype, frames.shape, info.path)
         return None
     return frames
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+# Friendly names -> PyAV encoder names.
+CODEC_ALIASES = {"h264": "libx264", "hevc": "libx265", "h265": "libx265", "vp9": "libvpx-vp9", "av1": "libsvtav1"}
+# A pixel format each encoder accepts, used when the caller gives none.
+DEFAULT_PIX_FMT = {
+    "libx264": "yuv420p",
+    "libx265": "yuv420p",
+    "libvpx-vp9": "yuv420p",
+    "libsvtav1": "yuv420p",
+    "mjpeg": "yuvj420p",
+    "prores": "yuv422p10le",
+    "prores_ks": "yuv422p10le",
+    "mpeg4": "yuv420p",
+}
+
+
+def write_video(
+    path: str | Path,
+    frames: np.ndarray,
+    fps: float | Fraction = 16,
+    codec: str = "libx264",
+    pix_fmt: str | None = None,
+    rotation: int = 0,
+    timestamps: Sequence[float] | None = None,
+    container_options: dict[str, str] | None = None,
+    **options: str,
+) -> Path:
+    """Encode `frames` (uint8 [F,H,W,3] RGB, or [F,H,W] grey) into `path`; the container follows the suffix.
+
+    rotation: degrees clockwise a player turns the stored frames for display (the phone / `rotate` tag
+        convention), written as a real display matrix and checked by reading the file back: a container
+        that cannot hold one (e.g. AVI) raises instead of silently writing an unrotated clip.
+    timestamps: seconds of each frame, strictly increasing, for a variable-frame-rate clip.
+    container_options: muxer options, e.g. {"movflags": "faststart"} puts the mp4 index first.
+    options: encoder options, e.g. g="12" for a keyframe every 12 frames.
+    """
+    path = Path(path)
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim not in (3, 4):
+        raise ValueError(f"frames must be uint8 [F,H,W,3] or [F,H,W], got {frames.dtype} {frames.shape}")
+    if rotation % 90:
+        raise ValueError(f"rotation must be a multiple of 90 degrees, got {rotation}")
+    if timestamps is not None and (
+        len(timestamps) != len(frames) or any(b <= a for a, b in zip(timestamps, timestamps[1:]))
+    ):
+        raise ValueError("timestamps must give one strictly increasing time per frame")
+    encoder = CODEC_ALIASES.get(codec, codec)
+    pix_fmt = pix_fmt or DEFAULT_PIX_FMT.get(encoder, "yuv420p")
+    if "420" in pix_fmt and (frames.shape[1] % 2 or frames.shape[2] % 2):
+        raise ValueError(f"{pix_fmt} needs even width and height, got {frames.shape[2]}x{frames.shape[1]}")
+    if encoder == "libx265":
+        options.setdefault("x265-params", "log-level=error")  # x265 otherwise prints a page per clip
+    if encoder == "libsvtav1":
+        os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 reads this; 1 = errors only
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rate = Fraction(fps).limit_denominator(100000)
+    with av.open(str(path), "w", options=container_options or {}) as container:
+        stream = container.add_stream(encoder, rate=rate, options=dict(options))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = pix_fmt
+        time_base = Fraction(1, 90000) if timestamps is not None else 1 / rate
+        stream.codec_context.time_base = time_base
+        if rotation % 360:
+            stream.set_display_rotation(-(rotation % 360))  # PyAV counts counter-clockwise
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="gray" if frames.ndim == 3 else "rgb24")
+            frame.pts = round(timestamps[i] / time_base) if timestamps is not None else i
+            frame.time_base = time_base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    if rotation % 360:
+        with av.open(str(path)) as container:
+            written = (-next(container.decode(video=0)).rotation) % 360
+        if written != rotation % 360:
+            path.unlink()
+            raise ValueError(f"{path.suffix} container did not keep rotation={rotation} (reads back {written})")
+    return path
+
+
+def write_image(path: str | Path, frame: np.ndarray, **save_options) -> Path:
+    """Save one uint8 [H,W,3] (or [H,W] grey) frame; the format follows the suffix (png, jpg, webp, bmp, gif)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(frame)).save(path, **save_options)
+    return path

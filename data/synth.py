@@ -1,35 +1,20 @@
-"""Real media files made with PyAV alone, for demos, tests and benchmarks.
+"""Synthetic media for demos, tests and benchmarks: moving patterns, audio, and broken files.
 
-No system ffmpeg is assumed anywhere in vidlora, so test clips are encoded with the encoders that PyAV's
-wheel bundles (libx264, libx265, libvpx-vp9, libsvtav1, mjpeg, prores, mpeg4; aac/mp3/opus for audio).
-The broken-file helpers exist because a real dataset always contains a few, and each must produce a clear
-report rather than kill a run.
+No system ffmpeg is assumed anywhere in vidlora, so clips are encoded with `media.write_video` (the encoders
+PyAV's wheel bundles) and audio with its aac/mp3/opus encoders. The broken-file helpers exist because a real
+dataset always contains a few, and each must produce a clear report rather than kill a run.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image
 
-# Friendly names -> PyAV encoder names.
-CODEC_ALIASES = {"h264": "libx264", "hevc": "libx265", "h265": "libx265", "vp9": "libvpx-vp9", "av1": "libsvtav1"}
-# A pixel format each encoder accepts, used when the caller gives none.
-DEFAULT_PIX_FMT = {
-    "libx264": "yuv420p",
-    "libx265": "yuv420p",
-    "libvpx-vp9": "yuv420p",
-    "libsvtav1": "yuv420p",
-    "mjpeg": "yuvj420p",
-    "prores": "yuv422p10le",
-    "prores_ks": "yuv422p10le",
-    "mpeg4": "yuv420p",
-}
+from data import media
+
 # (name, rgb) pairs so a caption can say what a clip shows.
 PALETTE = [
     ("red", (220, 40, 40)),
@@ -97,10 +82,6 @@ def pattern_frames(num_frames: int, width: int, height: int, seed: int = 0) -> n
     return out
 
 
-def _encoder(codec: str) -> str:
-    return CODEC_ALIASES.get(codec, codec)
-
-
 def _audio_stream(container: av.container.OutputContainer, path: Path, codec: str | None) -> av.AudioStream:
     # Streams must all exist before the first packet is muxed (the header is written then).
     if codec is None:
@@ -124,82 +105,23 @@ def _encode_tone(container: av.container.OutputContainer, stream: av.AudioStream
         container.mux(packet)
 
 
-def write_video(
-    path: str | Path,
-    frames: np.ndarray,
-    fps: float | Fraction = 16,
-    codec: str = "libx264",
-    pix_fmt: str | None = None,
-    rotation: int = 0,
-    timestamps: Sequence[float] | None = None,
-    audio: str | bool | None = None,
-    container_options: dict[str, str] | None = None,
-    **options: str,
-) -> Path:
-    """Encode `frames` (uint8 [F,H,W,3] RGB, or [F,H,W] grey) into `path`; the container follows the suffix.
-
-    rotation: degrees clockwise a player turns the stored frames for display (the phone / `rotate` tag
-        convention), written as a real display matrix and checked by reading the file back: a container
-        that cannot hold one (e.g. AVI) raises instead of silently writing an unrotated clip.
-    timestamps: seconds of each frame, strictly increasing, for a variable-frame-rate clip.
-    audio: True or an encoder name adds a tone track, which readers must ignore.
-    container_options: muxer options, e.g. {"movflags": "faststart"} puts the mp4 index first.
-    options: encoder options, e.g. g="12" for a keyframe every 12 frames.
-    """
+def add_tone_track(path: str | Path, codec: str | None = None) -> Path:
+    """Give a video file a tone track (remuxed in place, video untouched), which readers must ignore."""
     path = Path(path)
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim not in (3, 4):
-        raise ValueError(f"frames must be uint8 [F,H,W,3] or [F,H,W], got {frames.dtype} {frames.shape}")
-    if rotation % 90:
-        raise ValueError(f"rotation must be a multiple of 90 degrees, got {rotation}")
-    if timestamps is not None and (
-        len(timestamps) != len(frames) or any(b <= a for a, b in zip(timestamps, timestamps[1:]))
-    ):
-        raise ValueError("timestamps must give one strictly increasing time per frame")
-    encoder = _encoder(codec)
-    pix_fmt = pix_fmt or DEFAULT_PIX_FMT.get(encoder, "yuv420p")
-    if "420" in pix_fmt and (frames.shape[1] % 2 or frames.shape[2] % 2):
-        raise ValueError(f"{pix_fmt} needs even width and height, got {frames.shape[2]}x{frames.shape[1]}")
-    if encoder == "libx265":
-        options.setdefault("x265-params", "log-level=error")  # x265 otherwise prints a page per clip
-    if encoder == "libsvtav1":
-        os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 reads this; 1 = errors only
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rate = Fraction(fps).limit_denominator(100000)
-    with av.open(str(path), "w", options=container_options or {}) as container:
-        stream = container.add_stream(encoder, rate=rate, options=dict(options))
-        audio_stream = _audio_stream(container, path, None if audio is True else audio) if audio else None
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = pix_fmt
-        time_base = Fraction(1, 90000) if timestamps is not None else 1 / rate
-        stream.codec_context.time_base = time_base
-        if rotation % 360:
-            stream.set_display_rotation(-(rotation % 360))  # PyAV counts counter-clockwise
-        for i, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="gray" if frames.ndim == 3 else "rgb24")
-            frame.pts = round(timestamps[i] / time_base) if timestamps is not None else i
-            frame.time_base = time_base
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-        if audio_stream is not None:
-            seconds = timestamps[-1] if timestamps is not None else len(frames) / float(rate)
-            _encode_tone(container, audio_stream, max(seconds, 0.1))
-    if rotation % 360:
-        with av.open(str(path)) as container:
-            written = (-next(container.decode(video=0)).rotation) % 360
-        if written != rotation % 360:
-            path.unlink()
-            raise ValueError(f"{path.suffix} container did not keep rotation={rotation} (reads back {written})")
-    return path
-
-
-def write_image(path: str | Path, frame: np.ndarray, **save_options) -> Path:
-    """Save one uint8 [H,W,3] (or [H,W] grey) frame; the format follows the suffix (png, jpg, webp, bmp, gif)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(frame)).save(path, **save_options)
+    tmp = path.with_name(f".{path.stem}.remux{path.suffix}")
+    with av.open(str(path)) as source, av.open(str(tmp), "w") as out:
+        video = source.streams.video[0]
+        copy = out.add_stream_from_template(video)
+        audio = _audio_stream(out, path, codec)  # every stream exists before the first packet is muxed
+        last = 0.0
+        for packet in source.demux(video):
+            if packet.dts is None:  # the demuxer's final flush packet
+                continue
+            last = max(last, float((packet.pts + (packet.duration or 0)) * packet.time_base))
+            packet.stream = copy
+            out.mux(packet)
+        _encode_tone(out, audio, max(last, 0.1))
+    os.replace(tmp, path)
     return path
 
 
@@ -269,9 +191,11 @@ def make_sample_clips(out_dir: str | Path, n: int = 4, fps: float = 16, seed: in
     paths = []
     for i in range(n):
         w, h, f, suffix, codec = SAMPLE_CLIPS[i % len(SAMPLE_CLIPS)]
-        path = write_video(out_dir / f"clip_{i:03d}{suffix}", pattern_frames(f, w, h, seed + i), fps=fps, codec=codec)
+        path = media.write_video(
+            out_dir / f"clip_{i:03d}{suffix}", pattern_frames(f, w, h, seed + i), fps=fps, codec=codec
+        )
         path.with_suffix(".txt").write_text(pattern_caption(seed + i) + "\n", encoding="utf-8")
         paths.append(path)
-    still = write_image(out_dir / "still_000.png", pattern_frames(1, 128, 128, seed + n)[0])
+    still = media.write_image(out_dir / "still_000.png", pattern_frames(1, 128, 128, seed + n)[0])
     still.with_suffix(".txt").write_text(pattern_caption(seed + n) + "\n", encoding="utf-8")
     return [*paths, still]

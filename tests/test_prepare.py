@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import synth
+from data import media, synth
 from data.cache import load_entry, read_meta
 from data.dataset import CachedDataset
 from data.inspect import inspect_cache
@@ -55,23 +55,23 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
     """Every kind of file a user's folder holds, each with a sidecar caption; name -> path."""
     d = tmp_path_factory.mktemp("zoo")
     good = {
-        "h264": synth.write_video(d / "h264 clip.mp4", FRAMES),
-        "hevc10": synth.write_video(d / "hevc10.mp4", FRAMES, codec="hevc", pix_fmt="yuv420p10le"),
-        "vp9": synth.write_video(d / "vp9.webm", FRAMES, codec="vp9"),  # alt-ref frames: decord fails, PyAV reads
-        "mjpeg": synth.write_video(d / "mjpeg.avi", FRAMES, codec="mjpeg"),
-        "grey": synth.write_video(d / "grey.mp4", FRAMES[..., 1], codec="hevc", pix_fmt="gray"),
+        "h264": media.write_video(d / "h264 clip.mp4", FRAMES),
+        "hevc10": media.write_video(d / "hevc10.mp4", FRAMES, codec="hevc", pix_fmt="yuv420p10le"),
+        "vp9": media.write_video(d / "vp9.webm", FRAMES, codec="vp9"),  # alt-ref frames: decord fails, PyAV reads
+        "mjpeg": media.write_video(d / "mjpeg.avi", FRAMES, codec="mjpeg"),
+        "grey": media.write_video(d / "grey.mp4", FRAMES[..., 1], codec="hevc", pix_fmt="gray"),
         # Stored landscape, displayed portrait (a phone held upright): shows the PORTRAIT frames.
-        "rotated": synth.write_video(d / "rotated.mp4", np.rot90(PORTRAIT, k=1, axes=(1, 2)).copy(), rotation=90),
-        "portrait": synth.write_video(d / "portrait.mp4", PORTRAIT),
-        "upside_down": synth.write_video(d / "upside_down.mp4", PORTRAIT[:, ::-1, ::-1].copy()),
-        "vfr": synth.write_video(d / "vfr.mp4", synth.pattern_frames(15, W, H, seed=3), timestamps=VFR_TIMES),
-        "long": synth.write_video(d / "long.mp4", synth.pattern_frames(100, W, H, seed=4), g="24"),
-        "one": synth.write_video(d / "one frame.mp4", FRAMES[:1]),
-        "five": synth.write_video(d / "five.mp4", FRAMES[:5]),
-        "png": synth.write_image(d / "still.png", FRAMES[0]),
-        "jpg": synth.write_image(d / "фото café.jpg", FRAMES[3]),
+        "rotated": media.write_video(d / "rotated.mp4", np.rot90(PORTRAIT, k=1, axes=(1, 2)).copy(), rotation=90),
+        "portrait": media.write_video(d / "portrait.mp4", PORTRAIT),
+        "upside_down": media.write_video(d / "upside_down.mp4", PORTRAIT[:, ::-1, ::-1].copy()),
+        "vfr": media.write_video(d / "vfr.mp4", synth.pattern_frames(15, W, H, seed=3), timestamps=VFR_TIMES),
+        "long": media.write_video(d / "long.mp4", synth.pattern_frames(100, W, H, seed=4), g="24"),
+        "one": media.write_video(d / "one frame.mp4", FRAMES[:1]),
+        "five": media.write_video(d / "five.mp4", FRAMES[:5]),
+        "png": media.write_image(d / "still.png", FRAMES[0]),
+        "jpg": media.write_image(d / "фото café.jpg", FRAMES[3]),
         "cut_tail": synth.truncate_file(  # index first: the first part still decodes
-            synth.write_video(
+            media.write_video(
                 d / "cut_tail.mp4",
                 synth.pattern_frames(60, W, H, 5),
                 codec="mjpeg",
@@ -79,7 +79,7 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
             )
         ),
         "cut_webm": synth.truncate_file(
-            synth.write_video(d / "cut.webm", synth.pattern_frames(60, W, H, 9), codec="vp9")
+            media.write_video(d / "cut.webm", synth.pattern_frames(60, W, H, 9), codec="vp9")
         ),
     }
     broken = {
@@ -87,14 +87,14 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
         "text": synth.write_text(d / "notes.mp4"),
         "random": synth.write_random_bytes(d / "random.mov"),
         "audio": synth.write_audio(d / "song.m4a"),
-        "truncated": synth.truncate_file(synth.write_video(d / "truncated.mp4", synth.pattern_frames(60, W, H, 6))),
-        "broken_png": synth.truncate_file(synth.write_image(d / "broken.png", FRAMES[0]), keep=0.3),
-        "broken_jpg": synth.truncate_file(synth.write_image(d / "broken.jpg", FRAMES[0]), keep=0.3),
-        "stub_webm": synth.truncate_file(synth.write_video(d / "stub.webm", FRAMES, codec="vp9"), keep=0.02),
+        "truncated": synth.truncate_file(media.write_video(d / "truncated.mp4", synth.pattern_frames(60, W, H, 6))),
+        "broken_png": synth.truncate_file(media.write_image(d / "broken.png", FRAMES[0]), keep=0.3),
+        "broken_jpg": synth.truncate_file(media.write_image(d / "broken.jpg", FRAMES[0]), keep=0.3),
+        "stub_webm": synth.truncate_file(media.write_video(d / "stub.webm", FRAMES, codec="vp9"), keep=0.02),
     }
     for path in [*good.values(), *broken.values()]:
         caption(path)
-    good["no_caption"] = synth.write_video(d / "no caption.mp4", FRAMES[:9])  # missing_caption = "skip"
+    good["no_caption"] = media.write_video(d / "no caption.mp4", FRAMES[:9])  # missing_caption = "skip"
     return {**good, **broken}
 
 
@@ -242,9 +242,9 @@ def modes_run(tiny_wan, tmp_path_factory):
     several captions per clip, extra columns, a trigger word and repeats."""
     tmp = tmp_path_factory.mktemp("modes")
     clips = tmp / "clips"
-    caption(synth.write_video(clips / "forty.mp4", synth.pattern_frames(40, W, H, seed=7)))
-    caption(synth.write_video(clips / "three.mp4", FRAMES[:3]))
-    caption(synth.write_image(clips / "still.png", FRAMES[0]))
+    caption(media.write_video(clips / "forty.mp4", synth.pattern_frames(40, W, H, seed=7)))
+    caption(media.write_video(clips / "three.mp4", FRAMES[:3]))
+    caption(media.write_image(clips / "still.png", FRAMES[0]))
     (tmp / "meta.jsonl").write_text(
         json.dumps({"path": "clips/forty.mp4", "caption": ["first caption", "second caption"], "score": 0.9})
         + "\n"
@@ -386,7 +386,7 @@ def test_vae_tiling_is_used_for_large_frames_and_is_part_of_the_fingerprint(tiny
     from data.prepare import prepare
     from trainer.config import load_recipe
 
-    synth.write_image(tmp_path / "clips/big.png", synth.pattern_frames(1, 320, 240, seed=8)[0])
+    media.write_image(tmp_path / "clips/big.png", synth.pattern_frames(1, 320, 240, seed=8)[0])
     caption(tmp_path / "clips/big.png")
     r = recipe(tmp_path, tiny_wan, f'[[data.datasets]]\npath = "{tmp_path / "clips"}"\nresolutions = [288]')
     latents, encoded = {}, {}

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from data import media, synth
 from data import plan as plan_module
-from data import synth
 from data.cache import atomic_write, remove_temp_files, write_json
 from data.plan import ProbeCache, dataset_names, make_plan
 from data.prepare import fixed_batches
@@ -30,7 +30,7 @@ def test_dataset_names_are_unique_and_file_safe():
 
 
 def test_probe_cache_probes_each_file_once_until_it_changes(tmp_path, monkeypatch):
-    clip = synth.write_video(tmp_path / "c.mp4", synth.pattern_frames(5, 32, 32))
+    clip = media.write_video(tmp_path / "c.mp4", synth.pattern_frames(5, 32, 32))
     bad = synth.write_random_bytes(tmp_path / "bad.mp4")
     cache = ProbeCache(tmp_path / "probes.json")
     info = cache.probe(str(clip))
@@ -50,7 +50,7 @@ def test_probe_cache_probes_each_file_once_until_it_changes(tmp_path, monkeypatc
     again.save()
     assert (tmp_path / "probes.json").stat().st_mtime_ns == mtime  # nothing changed: not rewritten
 
-    synth.write_video(clip, synth.pattern_frames(9, 32, 32))  # edited
+    media.write_video(clip, synth.pattern_frames(9, 32, 32))  # edited
     assert ProbeCache(tmp_path / "probes.json").probe(str(clip)).num_frames == 9 and calls == [str(clip)]
 
 
@@ -85,8 +85,8 @@ def test_only_if_changed_keeps_the_file_and_temp_files_are_cleaned(tmp_path):
 
 
 def test_plan_dedupes_buckets_and_keeps_still_and_short_clips(tmp_path):
-    synth.write_video(tmp_path / "c.mp4", synth.pattern_frames(3, 64, 48))
-    synth.write_image(tmp_path / "s.png", synth.pattern_frames(1, 64, 48)[0])
+    media.write_video(tmp_path / "c.mp4", synth.pattern_frames(3, 64, 48))
+    media.write_image(tmp_path / "s.png", synth.pattern_frames(1, 64, 48)[0])
     for stem in ("c", "s"):
         (tmp_path / f"{stem}.txt").write_text("x")
     ds = DatasetSection(
