@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 MODES = ("head", "chunk", "slide", "uniform", "full")
-_EPS = 1e-6  # seconds; absorbs float error in timestamps that sit exactly on the target grid
+_EPS = 1e-6  # seconds; a grid time this close to the middle of two frames is a tie (float error)
 
 
 def longest_valid(n: int) -> int:
@@ -35,10 +35,12 @@ def check_target_frames(target_frames: Sequence[int]) -> list[int]:
 def resample(timestamps: Sequence[float], target_fps: float | None = None) -> list[int]:
     """Source frame index for every output frame of a uniform `target_fps` grid; None keeps every frame.
 
-    Output frame k shows the source frame on screen at time t0 + k / target_fps (the last frame whose
-    timestamp is <= that time), so variable-frame-rate clips resample by their real timestamps; raising
-    the rate repeats frames. The grid covers the clip up to the end of its last frame, whose display time
-    is taken as the median frame interval.
+    Output frame k is the source frame nearest to time t0 + k / target_fps (the earlier one on a tie), as
+    ffmpeg's fps filter picks by default. Picking by distance, not "the last frame at or before", keeps
+    timestamps the container rounded (Matroska and WebM store whole milliseconds: 24 fps frames at 0, 42,
+    83 ms against a grid of 0, 41.7, 83.3) from dropping and repeating frames. Variable-frame-rate clips
+    resample by their real times; raising the rate repeats frames. The grid covers the clip up to half a
+    frame past its last frame, whose duration is taken as the median frame interval.
     """
     n = len(timestamps)
     if target_fps is None or n <= 1:
@@ -46,9 +48,9 @@ def resample(timestamps: Sequence[float], target_fps: float | None = None) -> li
     if target_fps <= 0:
         raise ValueError(f"target_fps must be positive, got {target_fps}")
     t = np.asarray(timestamps, dtype=np.float64) - timestamps[0]
-    end = t[-1] + float(np.median(np.diff(t)))
-    grid = np.arange(max(1, int(np.ceil(end * target_fps - _EPS)))) / target_fps
-    return (np.searchsorted(t, grid + _EPS, side="right") - 1).clip(0).tolist()
+    end = t[-1] + float(np.median(np.diff(t))) / 2
+    grid = np.arange(int(np.floor(end * target_fps + 1e-9)) + 1) / target_fps
+    return np.searchsorted((t[:-1] + t[1:]) / 2, grid - _EPS, side="left").tolist()
 
 
 def frame_windows(

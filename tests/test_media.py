@@ -155,9 +155,9 @@ def test_vfr_timestamps_and_resample(clips):
     assert info.num_frames == 10
     assert np.allclose(info.timestamps, VFR_TIMES, atol=1e-3)
     assert info.fps == pytest.approx(9 / 1.5)
-    # At 10 fps, output frame k shows the source frame on screen at k/10 s.
+    # At 10 fps, output frame k is the source frame nearest to k/10 s (the earlier one on a tie).
     picks = resample(info.timestamps, 10)
-    assert picks[:12] == [0, 2, 2, 3, 4, 4, 5, 6, 6, 7, 8, 8]
+    assert picks[:12] == [0, 2, 2, 3, 4, 5, 5, 6, 7, 7, 8, 8]
     full = read_frames(info, range(10))
     assert np.array_equal(read_frames(info, picks), full[picks])
 

@@ -24,9 +24,9 @@ W, H = 64, 48
 FRAMES = synth.pattern_frames(17, W, H, seed=1)
 PORTRAIT = synth.pattern_frames(17, H, W, seed=2)  # 48 wide, 64 tall
 # A variable-frame-rate clip: 8 frames at ~33 fps, then 7 at ~6.7 fps. Resampled to Wan's 16 fps, output
-# frame k shows the last source frame at or before k/16 s (every time is >= 2.5 ms from a grid point).
+# frame k is the source frame nearest to k/16 s (every grid time is >= 2.5 ms from a tie).
 VFR_TIMES = [0.0, 0.03, 0.06, 0.09, 0.12, 0.15, 0.18, 0.21, 0.36, 0.51, 0.66, 0.81, 0.96, 1.11, 1.26]
-VFR_HEAD_9 = [0, 2, 4, 6, 7, 7, 8, 8, 8]  # grid 0, .0625, .125, .1875, .25, .3125, .375, .4375, .5
+VFR_HEAD_9 = [0, 2, 4, 6, 7, 8, 8, 9, 9]  # grid 0, .0625, .125, .1875, .25, .3125, .375, .4375, .5
 
 
 def recipe(tmp: Path, model: Path, datasets: str, cache: str = "cache", data: str = "") -> Path:
