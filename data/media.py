@@ -42,6 +42,10 @@ class MediaError(Exception):
         super().__init__(f"{path}: {reason}")
 
 
+class NotVideoError(MediaError):
+    """A readable file with no picture in it (audio only): not a broken video, so reports say skipped."""
+
+
 @dataclass(frozen=True)
 class MediaInfo:
     """What a clip really holds; JSON-friendly (`dataclasses.asdict`, `MediaInfo.from_dict`)."""
@@ -217,7 +221,9 @@ def _probe_video(path: Path) -> MediaInfo:
     with _open_video(path) as container:
         stream = _video_stream(container)
         if stream is None:
-            raise MediaError(path, "audio only, no video stream" if container.streams.audio else "no video stream")
+            if container.streams.audio:
+                raise NotVideoError(path, "audio only, no video stream")
+            raise MediaError(path, "no video stream")
         if stream.codec_context is None:
             raise MediaError(path, "no decoder for its video codec")
         codec, time_base, claimed = stream.codec_context.codec.canonical_name, stream.time_base, stream.frames

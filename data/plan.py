@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 from data.buckets import bucket_sizes, choose_bucket
 from data.cache import file_identity, fingerprint, write_json
 from data.discover import discover
-from data.media import MediaError, MediaInfo, probe
-from data.windows import source_windows
+from data.media import MediaError, MediaInfo, NotVideoError, probe
+from data.windows import frame_windows, resample
 from trainer.config import DatasetSection, RecipeError
 
-PROBE_VERSION = 1  # bump when probe() changes what it reports, so cached probes are redone
+PROBE_VERSION = 2  # bump when probe() changes what it reports, so cached probes are redone
 
 
 @dataclass
@@ -78,10 +78,10 @@ class ProbeCache:
             try:
                 hit = {"info": asdict(probe(file))}
             except MediaError as e:
-                hit = {"error": e.reason}
+                hit = {"error": e.reason, "not_video": isinstance(e, NotVideoError)}
         self.used[key] = hit
         if "error" in hit:
-            raise MediaError(file, hit["error"])
+            raise (NotVideoError if hit.get("not_video") else MediaError)(file, hit["error"])
         return MediaInfo.from_dict(hit["info"])
 
     def save(self) -> None:
@@ -153,20 +153,14 @@ def make_plan(
         inputs.append(row)
         try:
             info = probes.probe(item["path"])
-        except MediaError as e:
-            row.update(status="failed", reason=e.reason)
+        except MediaError as e:  # a file with no picture is skipped like other non-video files
+            row.update(status="skipped" if isinstance(e, NotVideoError) else "failed", reason=e.reason)
             continue
         media[item["path"]] = info
         fps = None if ds.keep_source_fps or info.kind == "image" else (ds.target_fps or default_fps)
-        windows = source_windows(
-            info.timestamps,
-            ds.target_frames,
-            ds.frame_window,
-            fps,
-            stride=ds.frame_stride,
-            count=ds.window_count,
-            max_frames=ds.max_frames,
-        )
+        order = resample(info.timestamps, fps)  # resampled frame -> source frame
+        options = {"stride": ds.frame_stride, "count": ds.window_count, "max_frames": ds.max_frames}
+        windows = frame_windows(len(order), ds.target_frames, ds.frame_window, **options)
         row.update(status="ok", width=info.width, height=info.height, frames=info.num_frames, fps=round(info.fps, 3))
         row.update(rotation=info.rotation, codec=info.codec, backend=info.backend, samples=[])
         if info.note:
@@ -177,7 +171,8 @@ def make_plan(
             for r in ds.resolutions
         ]
         for bucket in dict.fromkeys(buckets):  # two resolutions may give one bucket: one sample, not two
-            for window in windows:
+            for resampled in windows:
+                window = [order[i] for i in resampled]
                 key = fingerprint(source["path"], window, bucket)
                 file = f"samples/{item['dataset']}/{_safe(Path(item['path']).stem)}_{window[0]}+{len(window)}"
                 file += f"_{bucket[0]}x{bucket[1]}_{key[:8]}.safetensors"
@@ -193,7 +188,8 @@ def make_plan(
                     fingerprint=fingerprint(source, window, bucket, identity),
                 )
                 samples.append(sample)
-                row["samples"].append({"file": file, "start": window[0], "frames": len(window), "bucket": list(bucket)})
+                span = {"start": resampled[0], "frames": len(window), "source": [window[0], window[-1]]}
+                row["samples"].append({"file": file, **span, "bucket": list(bucket)})
     return Plan(samples, inputs + unused, manifest, media)
 
 

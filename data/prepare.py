@@ -373,7 +373,9 @@ def summarise(
         if row["status"] == "ok":
             row["samples"] = len(made)
             row["buckets"] = sorted({f"{x['bucket'][0]}x{x['bucket'][1]}" for x in made})
-            row["windows"] = sorted({(x["start"], x["frames"]) for x in made})
+            spans = sorted({(x["start"], x["frames"], *x["source"]) for x in made})
+            row["windows"] = [[start, frames] for start, frames, _, _ in spans]  # in resampled frames
+            row["source_frames"] = [[first, last] for _, _, first, last in spans]
         rows.append(row)
     counts: dict[str, int] = {}
     for row in rows:

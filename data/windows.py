@@ -102,15 +102,3 @@ def frame_windows(
             starts = dict.fromkeys(np.linspace(0, num_frames - f, count).round().astype(int).tolist())
         windows += [list(range(s, s + f)) for s in starts]
     return windows
-
-
-def source_windows(
-    timestamps: Sequence[float],
-    target_frames: Sequence[int] | None,
-    mode: str,
-    target_fps: float | None = None,
-    **options: int | None,
-) -> list[list[int]]:
-    """`frame_windows` over the clip resampled to `target_fps`, as source frame indices for `read_frames`."""
-    order = resample(timestamps, target_fps)
-    return [[order[i] for i in window] for window in frame_windows(len(order), target_frames, mode, **options)]

@@ -11,7 +11,7 @@ from data import media, synth
 from data import plan as plan_module
 from data.cache import atomic_write, remove_temp_files, write_json
 from data.plan import ProbeCache, dataset_names, make_plan
-from data.prepare import fixed_batches
+from data.prepare import fixed_batches, summarise
 from trainer.config import DatasetSection, RecipeError
 
 
@@ -96,3 +96,23 @@ def test_plan_dedupes_buckets_and_keeps_still_and_short_clips(tmp_path):
     assert [(s.frames, s.bucket) for s in plan.samples] == [([0], (80, 48)), ([0], (80, 48))]
     assert [r["status"] for r in plan.inputs] == ["ok", "ok"] and plan.samples[1].fps == 0.0
     assert len(plan.manifest) == 2 and set(plan.media) == {s.source for s in plan.samples}
+
+
+def test_report_gives_windows_in_resampled_frames_and_their_source_frames(tmp_path):
+    """docs/data.md: `windows` are [start, length] at target_fps; `source_frames` the source span of each."""
+    media.write_video(tmp_path / "c.mkv", synth.pattern_frames(40, 32, 32), fps=24)  # ms timestamps
+    synth.write_audio(tmp_path / "a.mp4")  # audio only, in a video container
+    for stem in ("c", "a"):
+        (tmp_path / f"{stem}.txt").write_text("x")
+    ds = DatasetSection(path=str(tmp_path), resolutions=[32], target_frames=[5], frame_window="chunk", target_fps=12)
+    probes = ProbeCache(tmp_path / "p.json")
+    plan = make_plan([ds], 16.0, {}, probes, show_progress=False)
+    probes.save()
+    assert [s.frames for s in plan.samples] == [list(range(k, k + 10, 2)) for k in (0, 10, 20, 30)]  # 24 -> 12 fps
+    rows = {Path(r["path"]).name: r for r in summarise(plan, plan.samples, {}, 0, 0, 0.0, dry_run=True)["inputs"]}
+    assert rows["c.mkv"]["windows"] == [[0, 5], [5, 5], [10, 5], [15, 5]]
+    assert rows["c.mkv"]["source_frames"] == [[0, 8], [10, 18], [20, 28], [30, 38]]
+    # An audio-only .mp4 is skipped, as docs/data.md says of audio-only files, not "failed" like a broken video.
+    assert rows["a.mp4"]["status"] == "skipped" and "audio only" in rows["a.mp4"]["reason"]
+    again = make_plan([ds], 16.0, {}, ProbeCache(tmp_path / "p.json"), show_progress=False)  # from the probe cache
+    assert [r["status"] for r in again.inputs if r["path"].endswith("a.mp4")] == ["skipped"]

@@ -4,7 +4,7 @@ import pytest
 
 from data.media import probe, write_video
 from data.synth import pattern_frames
-from data.windows import check_target_frames, frame_windows, longest_valid, resample, source_windows
+from data.windows import check_target_frames, frame_windows, longest_valid, resample
 
 
 def spans(windows):
@@ -90,12 +90,6 @@ def test_resample_offset_and_vfr():
     assert resample([5.0], 16) == [0]
     with pytest.raises(ValueError):
         resample([0, 1], 0)
-
-
-def test_source_windows_maps_to_source_indices():
-    t30 = [i / 30 for i in range(90)]
-    windows = source_windows(t30, [17], "chunk", target_fps=15)
-    assert len(windows) == 2 and windows[0] == list(range(0, 34, 2)) and windows[1][0] == 34
 
 
 # --- frame timing on real files: every container stores timestamps in its own time base --------------------
