@@ -165,6 +165,8 @@ def make_plan(
         row.update(rotation=info.rotation, codec=info.codec, backend=info.backend, samples=[])
         if info.note:
             row["note"] = "; ".join(filter(None, [row.get("note"), info.note]))
+        if info.transfer or info.gamut:
+            row["color"] = color_conversion(info)
         source = file_identity(item["path"])
         buckets = [
             choose_bucket(info.width, info.height, bucket_sizes(r, max_ratio=ds.max_aspect_ratio))
@@ -191,6 +193,13 @@ def make_plan(
                 span = {"start": resampled[0], "frames": len(window), "source": [window[0], window[-1]]}
                 row["samples"].append({"file": file, **span, "bucket": list(bucket)})
     return Plan(samples, inputs + unused, manifest, media)
+
+
+def color_conversion(info: MediaInfo) -> str:
+    """What decoding does to an HDR or wide-gamut clip, in words, e.g. 'HDR PQ, BT.2020: tone-mapped to SDR'."""
+    source = [f"HDR {info.transfer.upper()}"] if info.transfer else []
+    source += ["BT.2020"] if info.gamut == "bt2020" else []
+    return f"{', '.join(source)}: {'tone-mapped' if info.transfer else 'converted'} to BT.709 SDR"
 
 
 def _safe(text: str) -> str:

@@ -409,6 +409,11 @@ def format_summary(report: dict[str, Any], root: Path, max_lines: int = 40) -> s
         lines.append(f"  {row['status']}: {row['path']}: {row['reason']}")
     if len(problems) > max_lines:
         lines.append(f"  ... and {len(problems) - max_lines} more in report.json")
+    converted = [r for r in report["inputs"] if r.get("color")]
+    if converted:
+        lines.append(f"{len(converted)} HDR or wide-gamut clips converted to BT.709 SDR (`color` in report.json):")
+        lines += [f"  {row['path']}: {row['color']}" for row in converted[:10]]
+        lines += [f"  ... and {len(converted) - 10} more"] if len(converted) > 10 else []
     if report.get("orphans"):
         lines.append(f"{len(report['orphans'])} cache entries are not part of this plan (`--prune` deletes them)")
     if report.get("pruned"):

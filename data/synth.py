@@ -12,6 +12,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 
 from data import media
 
@@ -122,6 +123,48 @@ def add_tone_track(path: str | Path, codec: str | None = None) -> Path:
             out.mux(packet)
         _encode_tone(out, audio, max(last, 0.1))
     os.replace(tmp, path)
+    return path
+
+
+def write_hdr_video(path: str | Path, frames: np.ndarray, transfer: str = "pq", fps: float = 16) -> Path:
+    """SDR `frames` (uint8 [F,H,W,3], BT.709) graded into HDR the way cameras store it: BT.2020 primaries,
+    PQ or HLG (or "sdr": wide-gamut SDR, gamma 2.4), 10-bit HEVC with the colour tags on the stream.
+
+    The exact inverse of what `media` does to decode it below the tone curve's knee.
+    """
+    white = media.SDR_WHITE_NITS
+    light = (np.asarray(frames, np.float64) / 255) ** 2.4 @ np.linalg.inv(media.BT2020_TO_BT709).T
+    light = np.maximum(light, 0)
+    if transfer == "pq":  # inverse SMPTE ST 2084 EOTF
+        m1, m2, c1, c2, c3 = 2610 / 16384, 2523 / 32, 3424 / 4096, 2413 / 128, 2392 / 128
+        y = (light * white / 10000) ** m1
+        code, trc = ((c1 + c2 * y) / (1 + c3 * y)) ** m2, ColorTrc.SMPTE2084
+    elif transfer == "hlg":  # inverse BT.2100 display transform, then the HLG OETF
+        luma = light @ media.BT2020_LUMA.astype(np.float64)
+        scene_luma = (luma * white / media.HLG_PEAK_NITS) ** (1 / 1.2)
+        e = light * white / media.HLG_PEAK_NITS / np.maximum(scene_luma, 1e-12)[..., None] ** 0.2
+        a, b, c = 0.17883277, 0.28466892, 0.55991073
+        code = np.where(e <= 1 / 12, np.sqrt(3 * e), a * np.log(np.maximum(12 * e - b, 1e-12)) + c)
+        trc = ColorTrc.ARIB_STD_B67
+    else:
+        code, trc = light ** (1 / 2.4), ColorTrc.BT2020_10
+    rgb16 = (np.clip(code, 0, 1) * 65535 + 0.5).astype(np.uint16)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx265", rate=fps, options={"x265-params": "log-level=error", "crf": "8"})
+        stream.width, stream.height, stream.pix_fmt = rgb16.shape[2], rgb16.shape[1], "yuv420p10le"
+        tags = stream.codec_context
+        tags.color_primaries, tags.color_trc, tags.colorspace = ColorPrimaries.BT2020, trc, 9  # 9: BT.2020 NCL
+        tags.color_range = ColorRange.MPEG
+        for i, image in enumerate(rgb16):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb48le")
+            frame = frame.reformat(format="yuv420p10le", dst_colorspace=Colorspace.BT2020, dst_color_range="MPEG")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
     return path
 
 

@@ -7,8 +7,10 @@ import json
 import subprocess
 import sys
 
+import av
 import numpy as np
 import pytest
+from av.video.reformatter import ColorPrimaries, ColorTrc
 from PIL import Image
 
 from data import inspect as data_inspect
@@ -160,6 +162,40 @@ def test_vfr_timestamps_and_resample(clips):
     assert picks[:12] == [0, 2, 2, 3, 4, 5, 5, 6, 7, 7, 8, 8]
     full = read_frames(info, range(10))
     assert np.array_equal(read_frames(info, picks), full[picks])
+
+
+@pytest.fixture(scope="module")
+def hdr_clips(tmp_path_factory):
+    """The SDR pattern graded into PQ, HLG and wide-gamut SDR, all BT.2020 10-bit HEVC: transfer -> path."""
+    d = tmp_path_factory.mktemp("hdr")
+    sdr = synth.pattern_frames(5, W, H, seed=6)
+    return sdr, {t: synth.write_hdr_video(d / f"{t}.mp4", sdr, transfer=t) for t in ("pq", "hlg", "sdr")}
+
+
+@pytest.mark.parametrize(
+    ("transfer", "trc"), [("pq", ColorTrc.SMPTE2084), ("hlg", ColorTrc.ARIB_STD_B67), ("sdr", ColorTrc.BT2020_10)]
+)
+def test_hdr_and_wide_gamut_are_detected_and_converted_to_sdr(hdr_clips, transfer, trc):
+    sdr, paths = hdr_clips
+    with av.open(str(paths[transfer])) as container:  # what the encoder really wrote
+        tags = container.streams.video[0].codec_context
+        assert (tags.color_trc, tags.color_primaries, tags.colorspace) == (trc, ColorPrimaries.BT2020, 9)
+    info = probe(paths[transfer])
+    assert (info.transfer, info.gamut, info.bit_depth) == ("" if transfer == "sdr" else transfer, "bt2020", 10)
+    assert info.backend == "pyav"  # decord would convert as if it were BT.709 SDR
+    frames = read_frames(info, range(5))
+    # What an HDR-unaware decode shows: flat and desaturated (PQ) or washed out (HLG, BT.2020 as BT.709).
+    naive = read_frames(dataclasses.replace(info, transfer="", gamut=""), range(5))
+    assert mean_diff(frames, sdr) < 5 and mean_diff(naive, sdr) > 3 * mean_diff(frames, sdr)
+
+
+def test_hdr_highlights_roll_off_instead_of_clipping():
+    """PQ greys at 100, 203 (reference white), 400 and 1000 nits stay distinct and below full white."""
+    pq = {100: 0.5081, 203: 0.5807, 400: 0.6526, 1000: 0.7518}  # ST 2084 code values of those nits
+    grey = np.array([[[round(v * 65535)] * 3 for v in pq.values()]], np.uint16)
+    levels = media._to_sdr(grey, "pq", "bt2020")[0, :, 0].tolist()
+    assert levels == sorted(set(levels)) and levels[-1] < 255
+    assert levels[0] == pytest.approx(255 * (100 / 203) ** (1 / 2.4), abs=1)  # below the knee: unchanged
 
 
 def test_long_clip_seeking_matches_sequential(clips):

@@ -11,7 +11,7 @@ from data import media, synth
 from data import plan as plan_module
 from data.cache import atomic_write, remove_temp_files, write_json
 from data.plan import ProbeCache, dataset_names, make_plan
-from data.prepare import fixed_batches, summarise
+from data.prepare import fixed_batches, format_summary, summarise
 from trainer.config import DatasetSection, RecipeError
 
 
@@ -116,3 +116,19 @@ def test_report_gives_windows_in_resampled_frames_and_their_source_frames(tmp_pa
     assert rows["a.mp4"]["status"] == "skipped" and "audio only" in rows["a.mp4"]["reason"]
     again = make_plan([ds], 16.0, {}, ProbeCache(tmp_path / "p.json"), show_progress=False)  # from the probe cache
     assert [r["status"] for r in again.inputs if r["path"].endswith("a.mp4")] == ["skipped"]
+
+
+def test_hdr_clips_are_named_in_the_report_and_the_summary(tmp_path):
+    synth.write_hdr_video(tmp_path / "phone.mp4", synth.pattern_frames(5, 32, 32), transfer="hlg")
+    media.write_video(tmp_path / "plain.mp4", synth.pattern_frames(5, 32, 32))
+    for stem in ("phone", "plain"):
+        (tmp_path / f"{stem}.txt").write_text("x")
+    ds = DatasetSection(path=str(tmp_path), resolutions=[32], target_frames=[5])
+    plan = make_plan([ds], 16.0, {}, ProbeCache(tmp_path / "p.json"), show_progress=False)
+    report = summarise(plan, plan.samples, {}, 0, 0, 0.0, dry_run=True)
+    rows = {Path(r["path"]).name: r for r in report["inputs"]}
+    assert rows["phone.mp4"]["color"] == "HDR HLG, BT.2020: tone-mapped to BT.709 SDR"
+    assert "color" not in rows["plain.mp4"]
+    summary = format_summary(report, tmp_path)
+    assert "1 HDR or wide-gamut clips converted to BT.709 SDR" in summary
+    assert f"{tmp_path / 'phone.mp4'}: HDR HLG, BT.2020: tone-mapped" in summary and "plain.mp4" not in summary
