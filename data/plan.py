@@ -167,6 +167,10 @@ def make_plan(
             row["note"] = "; ".join(filter(None, [row.get("note"), info.note]))
         if info.transfer or info.gamut:
             row["color"] = color_conversion(info)
+        wants_motion = ds.max_frames >= 5 if ds.frame_window == "full" else max(ds.target_frames) > 1
+        if info.kind == "video" and wants_motion and all(len(w) == 1 for w in windows):
+            rate = f"{fps or info.fps:.5g} fps"
+            row["no_motion"] = f"{len(order)} frame{'s' * (len(order) > 1)} at {rate}; the shortest window is 5"
         source = file_identity(item["path"])
         buckets = [
             choose_bucket(info.width, info.height, bucket_sizes(r, max_ratio=ds.max_aspect_ratio))

@@ -409,11 +409,16 @@ def format_summary(report: dict[str, Any], root: Path, max_lines: int = 40) -> s
         lines.append(f"  {row['status']}: {row['path']}: {row['reason']}")
     if len(problems) > max_lines:
         lines.append(f"  ... and {len(problems) - max_lines} more in report.json")
+    still = [r for r in report["inputs"] if r.get("no_motion") and r["status"] == "ok"]
+    if still:
+        lines.append(f"no multi-frame sample from {len(still)} video(s) (too short; each trains as a still):")
+        lines += [f"  {row['path']}: {row['no_motion']}" for row in still[:10]]
+        lines += [f"  ... and {len(still) - 10} more in report.json (`no_motion`)"] if len(still) > 10 else []
     converted = [r for r in report["inputs"] if r.get("color")]
     if converted:
-        lines.append(f"{len(converted)} HDR or wide-gamut clips converted to BT.709 SDR (`color` in report.json):")
+        lines.append(f"converted to BT.709 SDR: {len(converted)} HDR or wide-gamut video(s) (`color` in report.json):")
         lines += [f"  {row['path']}: {row['color']}" for row in converted[:10]]
-        lines += [f"  ... and {len(converted) - 10} more"] if len(converted) > 10 else []
+        lines += [f"  ... and {len(converted) - 10} more in report.json"] if len(converted) > 10 else []
     if report.get("orphans"):
         lines.append(f"{len(report['orphans'])} cache entries are not part of this plan (`--prune` deletes them)")
     if report.get("pruned"):

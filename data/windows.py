@@ -72,6 +72,8 @@ def frame_windows(
       full:    one window of the largest 4k+1 <= min(num_frames, max_frames); target_frames is ignored.
     A clip shorter than every target length gives ONE window of the largest 4k+1 it holds (a still or a
     1-frame clip gives a 1-frame window) in every mode, so no clip ever yields zero windows silently.
+    Length 1 (stills) does not count as a fit when other lengths are asked for: a clip that only fits 1
+    also gets its largest 4k+1 window, so short clips keep their motion.
     Windows come ordered by length, then start.
     """
     if num_frames < 1:
@@ -88,8 +90,8 @@ def frame_windows(
     if mode == "uniform" and (count is None or count < 1):
         raise ValueError(f"uniform mode needs count >= 1, got {count}")
     fitting = [f for f in targets if f <= num_frames]
-    if not fitting:
-        return [list(range(longest_valid(num_frames)))]
+    # Shorter than every length asked for (stills aside): the longest window it has, so its motion is kept.
+    short = not fitting or (fitting == [1] and targets != [1])
     windows = []
     for f in fitting:
         if mode == "head":
@@ -101,4 +103,6 @@ def frame_windows(
         else:  # uniform
             starts = dict.fromkeys(np.linspace(0, num_frames - f, count).round().astype(int).tolist())
         windows += [list(range(s, s + f)) for s in starts]
+    if short and longest_valid(num_frames) not in fitting:
+        windows.append(list(range(longest_valid(num_frames))))
     return windows

@@ -12,7 +12,8 @@ from data import plan as plan_module
 from data.cache import atomic_write, remove_temp_files, write_json
 from data.plan import ProbeCache, dataset_names, make_plan
 from data.prepare import fixed_batches, format_summary, summarise
-from trainer.config import DatasetSection, RecipeError
+from tests.conftest import ROOT
+from trainer.config import DatasetSection, RecipeError, load_recipe
 
 
 def test_dataset_names_are_unique_and_file_safe():
@@ -130,5 +131,31 @@ def test_hdr_clips_are_named_in_the_report_and_the_summary(tmp_path):
     assert rows["phone.mp4"]["color"] == "HDR HLG, BT.2020: tone-mapped to BT.709 SDR"
     assert "color" not in rows["plain.mp4"]
     summary = format_summary(report, tmp_path)
-    assert "1 HDR or wide-gamut clips converted to BT.709 SDR" in summary
+    assert "converted to BT.709 SDR: 1 HDR or wide-gamut video(s)" in summary
     assert f"{tmp_path / 'phone.mp4'}: HDR HLG, BT.2020: tone-mapped" in summary and "plain.mp4" not in summary
+
+
+@pytest.mark.parametrize("shipped", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "recipes").rglob("*.toml")))
+def test_short_clips_keep_their_motion_and_a_clip_without_any_is_named(shipped, tmp_path):
+    """Issue 19: with target_frames = [1, 33, 49], clips under ~2 s used to give only 1-frame samples, silently."""
+    recipe = load_recipe(ROOT / shipped)
+    if not recipe.data.datasets:
+        pytest.skip("no dataset in this recipe")
+    for name, frames in (("half_second", 15), ("second", 36), ("blink", 3)):  # 30 fps
+        media.write_video(tmp_path / f"{name}.mp4", synth.pattern_frames(frames, 32, 32), fps=30)
+    media.write_image(tmp_path / "still.png", synth.pattern_frames(1, 32, 32)[0])
+    for stem in ("half_second", "second", "blink", "still"):
+        (tmp_path / f"{stem}.txt").write_text("x")
+    ds = recipe.data.datasets[0].model_copy(update={"path": str(tmp_path), "resolutions": [32]})
+    plan = make_plan([ds], 16.0, {}, ProbeCache(tmp_path / "p.json"), show_progress=False)
+    longest = {}
+    for s in plan.samples:
+        longest[Path(s.source).stem] = max(longest.get(Path(s.source).stem, 0), len(s.frames))
+    assert longest["half_second"] >= 5 and longest["second"] >= 17, longest  # their longest 4k+1 window at least
+    assert longest["blink"] == longest["still"] == 1
+    report = summarise(plan, plan.samples, {}, 0, 0, 0.0, dry_run=True)
+    rows = {Path(r["path"]).stem: r for r in report["inputs"]}
+    assert [k for k, r in rows.items() if "no_motion" in r] == ["blink"]  # the still is no video
+    assert "the shortest window is 5" in rows["blink"]["no_motion"]
+    summary = format_summary(report, tmp_path)
+    assert "no multi-frame sample from 1 video(s)" in summary and f"{tmp_path / 'blink.mp4'}: " in summary

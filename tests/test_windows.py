@@ -67,6 +67,15 @@ def test_short_clip_gives_one_window_in_every_mode(mode, num_frames, expected):
     assert spans(windows) == [(0, expected)]
 
 
+@pytest.mark.parametrize("mode", ["head", "chunk", "slide", "uniform"])
+def test_a_clip_that_only_fits_stills_also_gives_its_longest_window(mode):
+    """With target_frames = [1, 33, 49] a 20-frame clip keeps its motion: 1-frame windows plus (0, 17)."""
+    windows = spans(frame_windows(20, [1, 33, 49], mode, stride=8, count=2))
+    assert windows[-1] == (0, 17) and {f for _, f in windows} == {1, 17}
+    assert {f for _, f in spans(frame_windows(4, [1, 33], mode, stride=8, count=1))} == {1}  # no motion to keep
+    assert {f for _, f in spans(frame_windows(20, [1], mode, stride=8, count=1))} == {1}  # stills asked for
+
+
 def test_unknown_mode_and_empty_clip():
     with pytest.raises(ValueError, match="mode must be one of"):
         frame_windows(10, [5], "random")
