@@ -105,7 +105,7 @@ def tree(sources, tmp_path):
     put(sources, "mp4", root / "latin1.mp4", "caf\xe9".encode("latin-1"))
     synth.write_text(root / "fake.mp4")
     synth.write_random_bytes(root / "random.mkv")
-    put(sources, "m4a", root / "song.m4a")
+    put(sources, "m4a", root / "song.m4a", "a song")  # a caption for a file that is media, but not video
     synth.write_text(root / "notes.md", "# notes\n")
     synth.write_text(root / "orphan.txt", "caption of nothing")
     synth.write_text(root / "stats.csv", "a,b\n1,2\n")
@@ -134,6 +134,7 @@ def test_walk_finds_media_by_content_and_reports_the_rest(tree):
     assert "not a media file" in skipped["notes.md"]
     assert "audio only" in skipped["song.m4a"]
     assert "no media file" in skipped["orphan.txt"]
+    assert skipped["song.txt"] == "caption file for song.m4a, which is not used: audio only, no video"
     assert "not read as metadata" in skipped["stats.csv"]
     assert skipped[".DS_Store"] == "hidden file" and "hidden folder" in skipped[".cache"]
     assert found.notes == []

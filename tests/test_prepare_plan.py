@@ -3,6 +3,7 @@ cache writes that keep a re-run with nothing to do from touching anything."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,37 @@ def test_short_clips_keep_their_motion_and_a_clip_without_any_is_named(shipped, 
     assert "the shortest window is 5" in rows["blink"]["no_motion"]
     summary = format_summary(report, tmp_path)
     assert "no multi-frame sample from 1 video(s)" in summary and f"{tmp_path / 'blink.mp4'}: " in summary
+
+
+def test_a_folder_used_by_two_datasets_is_summarised_once(tmp_path):
+    media.write_video(tmp_path / "c.mp4", synth.pattern_frames(9, 32, 32))
+    synth.write_text(tmp_path / "notes.mp4")  # not media
+    for stem in ("c", "notes"):
+        (tmp_path / f"{stem}.txt").write_text("x")
+    datasets = [
+        DatasetSection(path=str(tmp_path), resolutions=[32], target_frames=[9]),
+        DatasetSection(path=str(tmp_path), name="short", resolutions=[32], target_frames=[5]),
+    ]
+    plan = make_plan(datasets, 16.0, {}, ProbeCache(tmp_path / "p.json"), show_progress=False)
+    report = summarise(plan, plan.samples, {}, 0, 0, 0.0, dry_run=True)
+    assert len(report["inputs"]) == 6  # report.json keeps a row per dataset and file: each has its own samples
+    assert report["counts"] == {"ok": 1, "skipped": 2}  # files: c.mp4; notes.mp4 and its caption notes.txt
+    summary = format_summary(report, tmp_path)
+    assert summary.count("notes.mp4: not a media file") == 1
+    assert summary.count("notes.txt: caption file for notes.mp4, which is not used: not a media file") == 1
+
+
+def test_extra_metadata_columns_survive_the_manifest_whatever_their_types(tmp_path):
+    """docs/data.md: other columns go into `extra`, a JSON object string, so rows may disagree on types."""
+    from datasets import load_dataset
+
+    from data.prepare import _write_manifest
+
+    for name in ("a", "b"):
+        media.write_video(tmp_path / f"{name}.mp4", synth.pattern_frames(5, 32, 32))
+    rows = [{"path": "a.mp4", "caption": "x", "score": 0.9}, {"path": "b.mp4", "caption": "y", "score": "high"}]
+    (tmp_path / "meta.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = DatasetSection(path=str(tmp_path / "meta.jsonl"), resolutions=[32], target_frames=[5])
+    _write_manifest(make_plan([ds], 16.0, {}, ProbeCache(tmp_path / "p.json"), False), tmp_path / "manifest.jsonl")
+    loaded = load_dataset("json", data_files=str(tmp_path / "manifest.jsonl"), cache_dir=str(tmp_path / "hf"))
+    assert [json.loads(e) for e in loaded["train"]["extra"]] == [{"score": 0.9}, {"score": "high"}]
