@@ -288,6 +288,7 @@ def _probe_video(path: Path) -> MediaInfo:
     transfer = HDR_TRANSFERS.get(first.color_trc, "")
     primaries = first.color_primaries  # PQ and HLG are BT.2100: BT.2020 primaries unless tagged otherwise
     wide = primaries == ColorPrimaries.BT2020 or (bool(transfer) and primaries == ColorPrimaries.UNSPECIFIED)
+    plain = rotation == 0 and not transfer and not wide  # decord would neither rotate nor convert colours
     problems = [damage] if damage else []
     if n < max(packets, claimed):
         problems.append(f"only {n} of {max(packets, claimed)} frames decode (truncated or damaged file)")
@@ -306,7 +307,7 @@ def _probe_video(path: Path) -> MediaInfo:
         codec=codec,
         pix_fmt=first.format.name,
         bit_depth=first.format.components[0].bits,
-        backend="decord" if rotation == 0 and not wide and _decord_reads(path, n, width, height) else "pyav",
+        backend="decord" if plain and _decord_reads(path, n, width, height) else "pyav",
         note="; ".join(problems),
         transfer=transfer,
         gamut="bt2020" if wide else "",
