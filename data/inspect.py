@@ -91,7 +91,7 @@ def pick(samples: list[dict], n: int) -> list[dict]:
 @torch.no_grad()
 def decode_samples(root: Path, index: dict, n: int, out_dir: str | Path | None, model: str | None) -> list[Path]:
     """Decode `n` cached latents with the VAE of the index's model; writes videos and returns their paths."""
-    from data.synth import write_image, write_video
+    from data.media import write_image, write_video
     from trainer.config import ModelSection
     from trainer.models import get_family
 
