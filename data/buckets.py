@@ -58,12 +58,13 @@ def resize_crop(frames: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [N,H,W,3], got {frames.dtype} {frames.shape}")
+    frames = np.require(frames, requirements="CW")  # torch warns on read-only arrays (e.g. np.asarray(PIL image))
     height, width = frames.shape[1:3]
     out_w, out_h = size
     scale = max(out_w / width, out_h / height)
     new_w, new_h = max(out_w, round(width * scale)), max(out_h, round(height * scale))
     if (new_w, new_h) != (width, height):
-        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+        x = torch.from_numpy(frames).permute(0, 3, 1, 2)
         x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True)
         frames = x.permute(0, 2, 3, 1).numpy()
     top, left = (new_h - out_h) // 2, (new_w - out_w) // 2

@@ -195,6 +195,7 @@ def discover(
             add(path, kind, captions, f"metadata {meta.name}:{line}", f"no caption in {meta.name}:{line}", extra)
 
     stems: set[tuple[Path, str]] = set()
+    rejected: dict[tuple[Path, str], Issue] = {}  # files that are not media, by stem, for their caption files
     sidecars = []
     for path in files:
         if path.resolve() in claimed:
@@ -205,6 +206,7 @@ def discover(
         kind = sniff(path)
         if kind not in ("video", "image"):
             found.skipped.append(Issue(str(path), _not_media(kind, path)))
+            rejected.setdefault((path.parent, path.stem), found.skipped[-1])
             continue
         stems.add((path.parent, path.stem))
         sidecar = path.with_name(path.stem + caption_ext)
@@ -220,6 +222,10 @@ def discover(
     for path in sidecars:
         if (path.parent, path.stem) in listed:
             found.skipped.append(Issue(str(path), "caption file not used: a metadata file captions this media"))
+        elif (path.parent, path.stem) in rejected:
+            media = rejected[path.parent, path.stem]
+            reason = f"caption file for {Path(media.path).name}, which is not used: {media.reason}"
+            found.skipped.append(Issue(str(path), reason))
         elif (path.parent, path.stem) not in stems:
             found.skipped.append(Issue(str(path), f"caption file with no media file named {path.stem}.*"))
 

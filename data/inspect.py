@@ -93,7 +93,7 @@ def pick(samples: list[dict], n: int) -> list[dict]:
 @torch.no_grad()
 def decode_samples(root: Path, index: dict, n: int, out_dir: str | Path | None, family: Encoders) -> list[Path]:
     """Decode `n` cached latents with `family`'s VAE; writes videos and returns their paths."""
-    from data.synth import write_image, write_video
+    from data.media import write_image, write_video
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae = family.load_vae(torch.float32 if device.type == "cpu" else torch.bfloat16).to(device).eval()

@@ -9,6 +9,7 @@ where it was checked, falling back to PyAV on any failure.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -21,6 +22,7 @@ from types import ModuleType
 
 import av
 import numpy as np
+from av.video.reformatter import ColorPrimaries, ColorTrc
 from PIL import Image, ImageOps
 
 log = logging.getLogger(__name__)
@@ -31,6 +33,15 @@ PIL_FORMATS = {"PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP", "TIFF", "ICO", "TGA",
 EXIF_ROTATION = {1: 0, 2: 0, 3: 180, 4: 180, 5: 270, 6: 90, 7: 90, 8: 270}
 # Beyond this many frames ahead, seeking to the target's keyframe beats decoding through.
 SEEK_AHEAD = 48
+# HDR / wide-gamut video -> BT.709 SDR, in display light where 1.0 is SDR white (see `_to_sdr`).
+HDR_TRANSFERS = {ColorTrc.SMPTE2084: "pq", ColorTrc.ARIB_STD_B67: "hlg"}
+SDR_WHITE_NITS = 203.0  # BT.2408: HDR reference white, shown as SDR white
+HLG_PEAK_NITS = 1000.0  # the nominal HLG display of BT.2100 (system gamma 1.2)
+KNEE = 0.75  # tone curve: unchanged below this fraction of SDR white, a smooth shoulder above
+BT2020_TO_BT709 = np.array(  # linear light, from the two sets of primaries (BT.2087)
+    [[1.6605, -0.5876, -0.0728], [-0.1246, 1.1329, -0.0083], [-0.0182, -0.1006, 1.1187]], np.float32
+)
+BT2020_LUMA = np.array([0.2627, 0.6780, 0.0593], np.float32)
 
 
 class MediaError(Exception):
@@ -40,6 +51,10 @@ class MediaError(Exception):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+class NotVideoError(MediaError):
+    """A readable file with no picture in it (audio only): not a broken video, so reports say skipped."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,8 @@ class MediaInfo:
     bit_depth: int  # bits per sample as stored; frames are always returned as 8-bit RGB
     backend: str  # decoder read_frames will use: "decord", "pyav" or "pillow"
     note: str = ""  # anything a user should hear about, e.g. a truncated tail; empty when clean
+    transfer: str = ""  # "pq" or "hlg" for HDR video, tone-mapped to SDR when decoded; "" for SDR
+    gamut: str = ""  # "bt2020" for wide-gamut video, converted to BT.709 when decoded; "" for BT.709 or untagged
 
     @classmethod
     def from_dict(cls, d: dict) -> MediaInfo:
@@ -217,7 +234,9 @@ def _probe_video(path: Path) -> MediaInfo:
     with _open_video(path) as container:
         stream = _video_stream(container)
         if stream is None:
-            raise MediaError(path, "audio only, no video stream" if container.streams.audio else "no video stream")
+            if container.streams.audio:
+                raise NotVideoError(path, "audio only, no video stream")
+            raise MediaError(path, "no video stream")
         if stream.codec_context is None:
             raise MediaError(path, "no decoder for its video codec")
         codec, time_base, claimed = stream.codec_context.codec.canonical_name, stream.time_base, stream.frames
@@ -266,6 +285,10 @@ def _probe_video(path: Path) -> MediaInfo:
     timestamps = tuple(_seconds(p, time_base) for p in pts)
     n, span = len(timestamps), timestamps[-1] - timestamps[0]
     fps = (n - 1) / span if n > 1 and span > 0 else float(rate)
+    transfer = HDR_TRANSFERS.get(first.color_trc, "")
+    primaries = first.color_primaries  # PQ and HLG are BT.2100: BT.2020 primaries unless tagged otherwise
+    wide = primaries == ColorPrimaries.BT2020 or (bool(transfer) and primaries == ColorPrimaries.UNSPECIFIED)
+    plain = rotation == 0 and not transfer and not wide  # decord would neither rotate nor convert colours
     problems = [damage] if damage else []
     if n < max(packets, claimed):
         problems.append(f"only {n} of {max(packets, claimed)} frames decode (truncated or damaged file)")
@@ -284,8 +307,10 @@ def _probe_video(path: Path) -> MediaInfo:
         codec=codec,
         pix_fmt=first.format.name,
         bit_depth=first.format.components[0].bits,
-        backend="decord" if rotation == 0 and _decord_reads(path, n, width, height) else "pyav",
+        backend="decord" if plain and _decord_reads(path, n, width, height) else "pyav",
         note="; ".join(problems),
+        transfer=transfer,
+        gamut="bt2020" if wide else "",
     )
 
 
@@ -306,9 +331,52 @@ def _decode_pts(path: Path, seek: int | None = None) -> tuple[av.VideoFrame | No
     return first, pts
 
 
-def _to_rgb(frame: av.VideoFrame, rotation: int) -> np.ndarray:
-    rgb = frame.to_ndarray(format="rgb24")  # swscale handles grey, 10-bit, full/limited range
-    return np.ascontiguousarray(np.rot90(rgb, k=-rotation // 90)) if rotation else rgb
+def _to_rgb(frame: av.VideoFrame, info: MediaInfo) -> np.ndarray:
+    if info.transfer or info.gamut:
+        rgb = _to_sdr(frame.to_ndarray(format="rgb48le"), info.transfer, info.gamut)
+    else:
+        rgb = frame.to_ndarray(format="rgb24")  # swscale handles grey, 10-bit, full/limited range
+    return np.ascontiguousarray(np.rot90(rgb, k=-info.rotation // 90)) if info.rotation else rgb
+
+
+def _to_sdr(rgb: np.ndarray, transfer: str, gamut: str) -> np.ndarray:
+    """16-bit R'G'B' of an HDR (PQ, HLG) or BT.2020 frame -> 8-bit BT.709 SDR, as a grading tool would show it.
+
+    In display light with SDR white = 1.0: PQ is absolute, and its 203 nits (BT.2408's reference white) become
+    SDR white; HLG goes through the BT.2100 display transform for a 1000-nit display, which puts its
+    reference white there too; SDR BT.2020 is gamma 2.4. Then BT.2020 -> BT.709 primaries (colours outside
+    BT.709 clip), and highlights are compressed per pixel, on the largest channel so hues keep: unchanged
+    below KNEE, then KNEE + (1 - KNEE) e / (e + 1 - KNEE) with e = x - KNEE (Reinhard on the excess: slope 1
+    at the knee, SDR white only at infinity, so 400 and 1000 nits stay apart). Finally gamma 1/2.4 (BT.1886).
+    Several times slower than an SDR decode (numpy, per pixel).
+    """
+    x = _linear_lut(transfer)[rgb]
+    if transfer == "hlg":  # scene light -> display light: Lw * Ys^(gamma - 1) * E, gamma 1.2
+        x *= (HLG_PEAK_NITS / SDR_WHITE_NITS) * (x @ BT2020_LUMA)[..., None] ** 0.2
+    if gamut == "bt2020":
+        x = x @ BT2020_TO_BT709.T
+    np.maximum(x, 0, out=x)
+    peak = np.maximum(np.maximum(x[..., 0], x[..., 1]), x[..., 2])
+    excess = np.maximum(peak - KNEE, 0)
+    shoulder = KNEE + (1 - KNEE) * excess / (excess + 1 - KNEE)
+    x *= np.divide(shoulder, peak, out=np.ones_like(peak), where=peak > KNEE)[..., None]
+    return (np.power(x, 1 / 2.4) * 255 + 0.5).astype(np.uint8)
+
+
+@functools.cache
+def _linear_lut(transfer: str) -> np.ndarray:
+    """16-bit code value -> linear light (SDR white = 1.0; HLG: scene light, 1.0 = peak)."""
+    v = np.arange(65536, dtype=np.float64) / 65535
+    if transfer == "pq":  # SMPTE ST 2084 EOTF, in nits
+        m1, m2, c1, c2, c3 = 2610 / 16384, 2523 / 32, 3424 / 4096, 2413 / 128, 2392 / 128
+        p = v ** (1 / m2)
+        x = 10000 * (np.maximum(p - c1, 0) / (c2 - c3 * p)) ** (1 / m1) / SDR_WHITE_NITS
+    elif transfer == "hlg":  # ARIB STD-B67 inverse OETF
+        a, b, c = 0.17883277, 0.28466892, 0.55991073
+        x = np.where(v <= 0.5, v * v / 3, (np.exp((v - c) / a) + b) / 12)
+    else:
+        x = v**2.4
+    return x.astype(np.float32)
 
 
 def _read_pyav(info: MediaInfo, unique: list[int]) -> np.ndarray:
@@ -322,7 +390,7 @@ def _read_pyav(info: MediaInfo, unique: list[int]) -> np.ndarray:
         for index, frame in frames:
             first = index if first < 0 else first
             if index in wanted:
-                got[index] = _to_rgb(frame, info.rotation)
+                got[index] = _to_rgb(frame, info)
             if index >= target:
                 break
         return first, index
@@ -431,3 +499,93 @@ def _read_decord(info: MediaInfo, unique: list[int]) -> np.ndarray | None:
         log.warning("decord returned %s %s for %s; decoding with PyAV", frames.dtype, frames.shape, info.path)
         return None
     return frames
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+# Friendly names -> PyAV encoder names.
+CODEC_ALIASES = {"h264": "libx264", "hevc": "libx265", "h265": "libx265", "vp9": "libvpx-vp9", "av1": "libsvtav1"}
+# A pixel format each encoder accepts, used when the caller gives none.
+DEFAULT_PIX_FMT = {
+    "libx264": "yuv420p",
+    "libx265": "yuv420p",
+    "libvpx-vp9": "yuv420p",
+    "libsvtav1": "yuv420p",
+    "mjpeg": "yuvj420p",
+    "prores": "yuv422p10le",
+    "prores_ks": "yuv422p10le",
+    "mpeg4": "yuv420p",
+}
+
+
+def write_video(
+    path: str | Path,
+    frames: np.ndarray,
+    fps: float | Fraction = 16,
+    codec: str = "libx264",
+    pix_fmt: str | None = None,
+    rotation: int = 0,
+    timestamps: Sequence[float] | None = None,
+    container_options: dict[str, str] | None = None,
+    **options: str,
+) -> Path:
+    """Encode `frames` (uint8 [F,H,W,3] RGB, or [F,H,W] grey) into `path`; the container follows the suffix.
+
+    rotation: degrees clockwise a player turns the stored frames for display (the phone / `rotate` tag
+        convention), written as a real display matrix and checked by reading the file back: a container
+        that cannot hold one (e.g. AVI) raises instead of silently writing an unrotated clip.
+    timestamps: seconds of each frame, strictly increasing, for a variable-frame-rate clip.
+    container_options: muxer options, e.g. {"movflags": "faststart"} puts the mp4 index first.
+    options: encoder options, e.g. g="12" for a keyframe every 12 frames.
+    """
+    path = Path(path)
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim not in (3, 4):
+        raise ValueError(f"frames must be uint8 [F,H,W,3] or [F,H,W], got {frames.dtype} {frames.shape}")
+    if rotation % 90:
+        raise ValueError(f"rotation must be a multiple of 90 degrees, got {rotation}")
+    if timestamps is not None and (
+        len(timestamps) != len(frames) or any(b <= a for a, b in zip(timestamps, timestamps[1:]))
+    ):
+        raise ValueError("timestamps must give one strictly increasing time per frame")
+    encoder = CODEC_ALIASES.get(codec, codec)
+    pix_fmt = pix_fmt or DEFAULT_PIX_FMT.get(encoder, "yuv420p")
+    if "420" in pix_fmt and (frames.shape[1] % 2 or frames.shape[2] % 2):
+        raise ValueError(f"{pix_fmt} needs even width and height, got {frames.shape[2]}x{frames.shape[1]}")
+    if encoder == "libx265":
+        options.setdefault("x265-params", "log-level=error")  # x265 otherwise prints a page per clip
+    if encoder == "libsvtav1":
+        os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 reads this; 1 = errors only
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rate = Fraction(fps).limit_denominator(100000)
+    with av.open(str(path), "w", options=container_options or {}) as container:
+        stream = container.add_stream(encoder, rate=rate, options=dict(options))
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = pix_fmt
+        time_base = Fraction(1, 90000) if timestamps is not None else 1 / rate
+        stream.codec_context.time_base = time_base
+        if rotation % 360:
+            stream.set_display_rotation(-(rotation % 360))  # PyAV counts counter-clockwise
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="gray" if frames.ndim == 3 else "rgb24")
+            frame.pts = round(timestamps[i] / time_base) if timestamps is not None else i
+            frame.time_base = time_base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    if rotation % 360:
+        with av.open(str(path)) as container:
+            written = (-next(container.decode(video=0)).rotation) % 360
+        if written != rotation % 360:
+            path.unlink()
+            raise ValueError(f"{path.suffix} container did not keep rotation={rotation} (reads back {written})")
+    return path
+
+
+def write_image(path: str | Path, frame: np.ndarray, **save_options) -> Path:
+    """Save one uint8 [H,W,3] (or [H,W] grey) frame; the format follows the suffix (png, jpg, webp, bmp, gif)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(frame)).save(path, **save_options)
+    return path

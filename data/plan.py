@@ -21,11 +21,11 @@ from tqdm.auto import tqdm
 from data.buckets import bucket_sizes, choose_bucket
 from data.cache import file_identity, fingerprint, write_json
 from data.discover import discover
-from data.media import MediaError, MediaInfo, probe
-from data.windows import source_windows
+from data.media import MediaError, MediaInfo, NotVideoError, probe
+from data.windows import frame_windows, resample
 from trainer.config import DatasetSection, RecipeError
 
-PROBE_VERSION = 1  # bump when probe() changes what it reports, so cached probes are redone
+PROBE_VERSION = 2  # bump when probe() changes what it reports, so cached probes are redone
 
 
 @dataclass
@@ -78,10 +78,10 @@ class ProbeCache:
             try:
                 hit = {"info": asdict(probe(file))}
             except MediaError as e:
-                hit = {"error": e.reason}
+                hit = {"error": e.reason, "not_video": isinstance(e, NotVideoError)}
         self.used[key] = hit
         if "error" in hit:
-            raise MediaError(file, hit["error"])
+            raise (NotVideoError if hit.get("not_video") else MediaError)(file, hit["error"])
         return MediaInfo.from_dict(hit["info"])
 
     def save(self) -> None:
@@ -155,31 +155,32 @@ def make_plan(
         inputs.append(row)
         try:
             info = probes.probe(item["path"])
-        except MediaError as e:
-            row.update(status="failed", reason=e.reason)
+        except MediaError as e:  # a file with no picture is skipped like other non-video files
+            row.update(status="skipped" if isinstance(e, NotVideoError) else "failed", reason=e.reason)
             continue
         media[item["path"]] = info
         fps = None if ds.keep_source_fps or info.kind == "image" else (ds.target_fps or default_fps)
-        windows = source_windows(
-            info.timestamps,
-            ds.target_frames,
-            ds.frame_window,
-            fps,
-            stride=ds.frame_stride,
-            count=ds.window_count,
-            max_frames=ds.max_frames,
-        )
+        order = resample(info.timestamps, fps)  # resampled frame -> source frame
+        options = {"stride": ds.frame_stride, "count": ds.window_count, "max_frames": ds.max_frames}
+        windows = frame_windows(len(order), ds.target_frames, ds.frame_window, **options)
         row.update(status="ok", width=info.width, height=info.height, frames=info.num_frames, fps=round(info.fps, 3))
         row.update(rotation=info.rotation, codec=info.codec, backend=info.backend, samples=[])
         if info.note:
             row["note"] = "; ".join(filter(None, [row.get("note"), info.note]))
+        if info.transfer or info.gamut:
+            row["color"] = color_conversion(info)
+        wants_motion = ds.max_frames >= 5 if ds.frame_window == "full" else max(ds.target_frames) > 1
+        if info.kind == "video" and wants_motion and all(len(w) == 1 for w in windows):
+            rate = f"{fps or info.fps:.5g} fps"
+            row["no_motion"] = f"{len(order)} frame{'s' * (len(order) > 1)} at {rate}; the shortest window is 5"
         source = file_identity(item["path"])
         buckets = [
             choose_bucket(info.width, info.height, bucket_sizes(r, max_ratio=ds.max_aspect_ratio, step=bucket_step))
             for r in ds.resolutions
         ]
         for bucket in dict.fromkeys(buckets):  # two resolutions may give one bucket: one sample, not two
-            for window in windows:
+            for resampled in windows:
+                window = [order[i] for i in resampled]
                 key = fingerprint(source["path"], window, bucket)
                 file = f"samples/{item['dataset']}/{_safe(Path(item['path']).stem)}_{window[0]}+{len(window)}"
                 file += f"_{bucket[0]}x{bucket[1]}_{key[:8]}.safetensors"
@@ -195,8 +196,16 @@ def make_plan(
                     fingerprint=fingerprint(source, window, bucket, identity),
                 )
                 samples.append(sample)
-                row["samples"].append({"file": file, "start": window[0], "frames": len(window), "bucket": list(bucket)})
+                span = {"start": resampled[0], "frames": len(window), "source": [window[0], window[-1]]}
+                row["samples"].append({"file": file, **span, "bucket": list(bucket)})
     return Plan(samples, inputs + unused, manifest, media)
+
+
+def color_conversion(info: MediaInfo) -> str:
+    """What decoding does to an HDR or wide-gamut clip, in words, e.g. 'HDR PQ, BT.2020: tone-mapped to SDR'."""
+    source = [f"HDR {info.transfer.upper()}"] if info.transfer else []
+    source += ["BT.2020"] if info.gamut == "bt2020" else []
+    return f"{', '.join(source)}: {'tone-mapped' if info.transfer else 'converted'} to BT.709 SDR"
 
 
 def _safe(text: str) -> str:

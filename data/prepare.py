@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -141,7 +142,7 @@ def encode_latents(
     errors: dict[str, str] = {}
     if not flat:
         return errors, 0
-    workers = recipe.data.decode_workers
+    workers = min(recipe.data.decode_workers, cpu_cores())  # more than the cores only contend (torch warns)
     # Workers start (fork) before the VAE loads, so they never hold a copy of it.
     decoded = iter(
         DataLoader(_Decode(flat, media), batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
@@ -214,6 +215,11 @@ def encode_texts(
     del pipe
     _free(device)
     return written
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (its affinity mask, as torch's DataLoader counts them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _free(device: torch.device) -> None:
@@ -397,11 +403,13 @@ def summarise(
         if row["status"] == "ok":
             row["samples"] = len(made)
             row["buckets"] = sorted({f"{x['bucket'][0]}x{x['bucket'][1]}" for x in made})
-            row["windows"] = sorted({(x["start"], x["frames"]) for x in made})
+            spans = sorted({(x["start"], x["frames"], *x["source"]) for x in made})
+            row["windows"] = [[start, frames] for start, frames, _, _ in spans]  # in resampled frames
+            row["source_frames"] = [[first, last] for _, _, first, last in spans]
         rows.append(row)
     counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    for status, _ in {(row["status"], row["path"]): None for row in rows}:  # a file in two datasets counts once
+        counts[status] = counts.get(status, 0) + 1
     buckets: dict[str, int] = {}
     for s in good:
         key = "x".join(map(str, s.shape))
@@ -426,17 +434,32 @@ def format_summary(report: dict[str, Any], root: Path, max_lines: int = 40) -> s
     lines[0] += f"{report['texts_encoded_now']} captions encoded now) in {report['seconds']} s"
     lines.append("inputs: " + ", ".join(f"{k} {v}" for k, v in sorted(report["counts"].items())))
     lines.append("buckets (WxHxF): " + ", ".join(f"{k}: {v}" for k, v in report["buckets"].items()))
-    problems = [r for r in report["inputs"] if r["status"] in ("failed", "skipped")]
+    problems = _once([r for r in report["inputs"] if r["status"] in ("failed", "skipped")], "reason")
     for row in problems[:max_lines]:
         lines.append(f"  {row['status']}: {row['path']}: {row['reason']}")
     if len(problems) > max_lines:
         lines.append(f"  ... and {len(problems) - max_lines} more in report.json")
+    still = _once([r for r in report["inputs"] if r.get("no_motion") and r["status"] == "ok"], "no_motion")
+    if still:
+        lines.append(f"no multi-frame sample from {len(still)} video(s) (too short; each trains as a still):")
+        lines += [f"  {row['path']}: {row['no_motion']}" for row in still[:10]]
+        lines += [f"  ... and {len(still) - 10} more in report.json (`no_motion`)"] if len(still) > 10 else []
+    converted = _once([r for r in report["inputs"] if r.get("color")], "color")
+    if converted:
+        lines.append(f"converted to BT.709 SDR: {len(converted)} HDR or wide-gamut video(s) (`color` in report.json):")
+        lines += [f"  {row['path']}: {row['color']}" for row in converted[:10]]
+        lines += [f"  ... and {len(converted) - 10} more in report.json"] if len(converted) > 10 else []
     if report.get("orphans"):
         lines.append(f"{len(report['orphans'])} cache entries are not part of this plan (`--prune` deletes them)")
     if report.get("pruned"):
         lines.append(f"pruned {report['pruned']} cache entries that are not part of this plan")
     lines.append(f"cache: {root}  report: {root / 'report.json'}")
     return "\n".join(lines)
+
+
+def _once(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """One row per (file, status, `key`): a folder used by two datasets is listed once, not twice."""
+    return list({(r["path"], r["status"], r[key]): r for r in rows}.values())
 
 
 def load_index(cache_dir: str | Path) -> dict[str, Any]:

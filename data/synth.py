@@ -1,35 +1,21 @@
-"""Real media files made with PyAV alone, for demos, tests and benchmarks.
+"""Synthetic media for demos, tests and benchmarks: moving patterns, audio, and broken files.
 
-No system ffmpeg is assumed anywhere in vidlora, so test clips are encoded with the encoders that PyAV's
-wheel bundles (libx264, libx265, libvpx-vp9, libsvtav1, mjpeg, prores, mpeg4; aac/mp3/opus for audio).
-The broken-file helpers exist because a real dataset always contains a few, and each must produce a clear
-report rather than kill a run.
+No system ffmpeg is assumed anywhere in vidlora, so clips are encoded with `media.write_video` (the encoders
+PyAV's wheel bundles) and audio with its aac/mp3/opus encoders. The broken-file helpers exist because a real
+dataset always contains a few, and each must produce a clear report rather than kill a run.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
-from PIL import Image
+from av.video.reformatter import ColorPrimaries, ColorRange, Colorspace, ColorTrc
 
-# Friendly names -> PyAV encoder names.
-CODEC_ALIASES = {"h264": "libx264", "hevc": "libx265", "h265": "libx265", "vp9": "libvpx-vp9", "av1": "libsvtav1"}
-# A pixel format each encoder accepts, used when the caller gives none.
-DEFAULT_PIX_FMT = {
-    "libx264": "yuv420p",
-    "libx265": "yuv420p",
-    "libvpx-vp9": "yuv420p",
-    "libsvtav1": "yuv420p",
-    "mjpeg": "yuvj420p",
-    "prores": "yuv422p10le",
-    "prores_ks": "yuv422p10le",
-    "mpeg4": "yuv420p",
-}
+from data import media
+
 # (name, rgb) pairs so a caption can say what a clip shows.
 PALETTE = [
     ("red", (220, 40, 40)),
@@ -97,10 +83,6 @@ def pattern_frames(num_frames: int, width: int, height: int, seed: int = 0) -> n
     return out
 
 
-def _encoder(codec: str) -> str:
-    return CODEC_ALIASES.get(codec, codec)
-
-
 def _audio_stream(container: av.container.OutputContainer, path: Path, codec: str | None) -> av.AudioStream:
     # Streams must all exist before the first packet is muxed (the header is written then).
     if codec is None:
@@ -124,82 +106,65 @@ def _encode_tone(container: av.container.OutputContainer, stream: av.AudioStream
         container.mux(packet)
 
 
-def write_video(
-    path: str | Path,
-    frames: np.ndarray,
-    fps: float | Fraction = 16,
-    codec: str = "libx264",
-    pix_fmt: str | None = None,
-    rotation: int = 0,
-    timestamps: Sequence[float] | None = None,
-    audio: str | bool | None = None,
-    container_options: dict[str, str] | None = None,
-    **options: str,
-) -> Path:
-    """Encode `frames` (uint8 [F,H,W,3] RGB, or [F,H,W] grey) into `path`; the container follows the suffix.
-
-    rotation: degrees clockwise a player turns the stored frames for display (the phone / `rotate` tag
-        convention), written as a real display matrix and checked by reading the file back: a container
-        that cannot hold one (e.g. AVI) raises instead of silently writing an unrotated clip.
-    timestamps: seconds of each frame, strictly increasing, for a variable-frame-rate clip.
-    audio: True or an encoder name adds a tone track, which readers must ignore.
-    container_options: muxer options, e.g. {"movflags": "faststart"} puts the mp4 index first.
-    options: encoder options, e.g. g="12" for a keyframe every 12 frames.
-    """
+def add_tone_track(path: str | Path, codec: str | None = None) -> Path:
+    """Give a video file a tone track (remuxed in place, video untouched), which readers must ignore."""
     path = Path(path)
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8 or frames.ndim not in (3, 4):
-        raise ValueError(f"frames must be uint8 [F,H,W,3] or [F,H,W], got {frames.dtype} {frames.shape}")
-    if rotation % 90:
-        raise ValueError(f"rotation must be a multiple of 90 degrees, got {rotation}")
-    if timestamps is not None and (
-        len(timestamps) != len(frames) or any(b <= a for a, b in zip(timestamps, timestamps[1:]))
-    ):
-        raise ValueError("timestamps must give one strictly increasing time per frame")
-    encoder = _encoder(codec)
-    pix_fmt = pix_fmt or DEFAULT_PIX_FMT.get(encoder, "yuv420p")
-    if "420" in pix_fmt and (frames.shape[1] % 2 or frames.shape[2] % 2):
-        raise ValueError(f"{pix_fmt} needs even width and height, got {frames.shape[2]}x{frames.shape[1]}")
-    if encoder == "libx265":
-        options.setdefault("x265-params", "log-level=error")  # x265 otherwise prints a page per clip
-    if encoder == "libsvtav1":
-        os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 reads this; 1 = errors only
+    tmp = path.with_name(f".{path.stem}.remux{path.suffix}")
+    with av.open(str(path)) as source, av.open(str(tmp), "w") as out:
+        video = source.streams.video[0]
+        copy = out.add_stream_from_template(video)
+        audio = _audio_stream(out, path, codec)  # every stream exists before the first packet is muxed
+        last = 0.0
+        for packet in source.demux(video):
+            if packet.dts is None:  # the demuxer's final flush packet
+                continue
+            last = max(last, float((packet.pts + (packet.duration or 0)) * packet.time_base))
+            packet.stream = copy
+            out.mux(packet)
+        _encode_tone(out, audio, max(last, 0.1))
+    os.replace(tmp, path)
+    return path
+
+
+def write_hdr_video(path: str | Path, frames: np.ndarray, transfer: str = "pq", fps: float = 16) -> Path:
+    """SDR `frames` (uint8 [F,H,W,3], BT.709) graded into HDR the way cameras store it: BT.2020 primaries,
+    PQ or HLG (or "sdr": wide-gamut SDR, gamma 2.4), 10-bit HEVC with the colour tags on the stream.
+
+    The exact inverse of what `media` does to decode it below the tone curve's knee.
+    """
+    white = media.SDR_WHITE_NITS
+    light = (np.asarray(frames, np.float64) / 255) ** 2.4 @ np.linalg.inv(media.BT2020_TO_BT709).T
+    light = np.maximum(light, 0)
+    if transfer == "pq":  # inverse SMPTE ST 2084 EOTF
+        m1, m2, c1, c2, c3 = 2610 / 16384, 2523 / 32, 3424 / 4096, 2413 / 128, 2392 / 128
+        y = (light * white / 10000) ** m1
+        code, trc = ((c1 + c2 * y) / (1 + c3 * y)) ** m2, ColorTrc.SMPTE2084
+    elif transfer == "hlg":  # inverse BT.2100 display transform, then the HLG OETF
+        luma = light @ media.BT2020_LUMA.astype(np.float64)
+        scene_luma = (luma * white / media.HLG_PEAK_NITS) ** (1 / 1.2)
+        e = light * white / media.HLG_PEAK_NITS / np.maximum(scene_luma, 1e-12)[..., None] ** 0.2
+        a, b, c = 0.17883277, 0.28466892, 0.55991073
+        code = np.where(e <= 1 / 12, np.sqrt(3 * e), a * np.log(np.maximum(12 * e - b, 1e-12)) + c)
+        trc = ColorTrc.ARIB_STD_B67
+    else:
+        code, trc = light ** (1 / 2.4), ColorTrc.BT2020_10
+    rgb16 = (np.clip(code, 0, 1) * 65535 + 0.5).astype(np.uint16)
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rate = Fraction(fps).limit_denominator(100000)
-    with av.open(str(path), "w", options=container_options or {}) as container:
-        stream = container.add_stream(encoder, rate=rate, options=dict(options))
-        audio_stream = _audio_stream(container, path, None if audio is True else audio) if audio else None
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = pix_fmt
-        time_base = Fraction(1, 90000) if timestamps is not None else 1 / rate
-        stream.codec_context.time_base = time_base
-        if rotation % 360:
-            stream.set_display_rotation(-(rotation % 360))  # PyAV counts counter-clockwise
-        for i, image in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(image, format="gray" if frames.ndim == 3 else "rgb24")
-            frame.pts = round(timestamps[i] / time_base) if timestamps is not None else i
-            frame.time_base = time_base
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx265", rate=fps, options={"x265-params": "log-level=error", "crf": "8"})
+        stream.width, stream.height, stream.pix_fmt = rgb16.shape[2], rgb16.shape[1], "yuv420p10le"
+        tags = stream.codec_context
+        tags.color_primaries, tags.color_trc, tags.colorspace = ColorPrimaries.BT2020, trc, 9  # 9: BT.2020 NCL
+        tags.color_range = ColorRange.MPEG
+        for i, image in enumerate(rgb16):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb48le")
+            frame = frame.reformat(format="yuv420p10le", dst_colorspace=Colorspace.BT2020, dst_color_range="MPEG")
+            frame.pts = i
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-        if audio_stream is not None:
-            seconds = timestamps[-1] if timestamps is not None else len(frames) / float(rate)
-            _encode_tone(container, audio_stream, max(seconds, 0.1))
-    if rotation % 360:
-        with av.open(str(path)) as container:
-            written = (-next(container.decode(video=0)).rotation) % 360
-        if written != rotation % 360:
-            path.unlink()
-            raise ValueError(f"{path.suffix} container did not keep rotation={rotation} (reads back {written})")
-    return path
-
-
-def write_image(path: str | Path, frame: np.ndarray, **save_options) -> Path:
-    """Save one uint8 [H,W,3] (or [H,W] grey) frame; the format follows the suffix (png, jpg, webp, bmp, gif)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.asarray(frame)).save(path, **save_options)
     return path
 
 
@@ -269,9 +234,11 @@ def make_sample_clips(out_dir: str | Path, n: int = 4, fps: float = 16, seed: in
     paths = []
     for i in range(n):
         w, h, f, suffix, codec = SAMPLE_CLIPS[i % len(SAMPLE_CLIPS)]
-        path = write_video(out_dir / f"clip_{i:03d}{suffix}", pattern_frames(f, w, h, seed + i), fps=fps, codec=codec)
+        path = media.write_video(
+            out_dir / f"clip_{i:03d}{suffix}", pattern_frames(f, w, h, seed + i), fps=fps, codec=codec
+        )
         path.with_suffix(".txt").write_text(pattern_caption(seed + i) + "\n", encoding="utf-8")
         paths.append(path)
-    still = write_image(out_dir / "still_000.png", pattern_frames(1, 128, 128, seed + n)[0])
+    still = media.write_image(out_dir / "still_000.png", pattern_frames(1, 128, 128, seed + n)[0])
     still.with_suffix(".txt").write_text(pattern_caption(seed + n) + "\n", encoding="utf-8")
     return [*paths, still]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 MODES = ("head", "chunk", "slide", "uniform", "full")
-_EPS = 1e-6  # seconds; absorbs float error in timestamps that sit exactly on the target grid
+_EPS = 1e-6  # seconds; a grid time this close to the middle of two frames is a tie (float error)
 
 
 def longest_valid(n: int) -> int:
@@ -35,10 +35,12 @@ def check_target_frames(target_frames: Sequence[int]) -> list[int]:
 def resample(timestamps: Sequence[float], target_fps: float | None = None) -> list[int]:
     """Source frame index for every output frame of a uniform `target_fps` grid; None keeps every frame.
 
-    Output frame k shows the source frame on screen at time t0 + k / target_fps (the last frame whose
-    timestamp is <= that time), so variable-frame-rate clips resample by their real timestamps; raising
-    the rate repeats frames. The grid covers the clip up to the end of its last frame, whose display time
-    is taken as the median frame interval.
+    Output frame k is the source frame nearest to time t0 + k / target_fps (the earlier one on a tie), as
+    ffmpeg's fps filter picks by default. Picking by distance, not "the last frame at or before", keeps
+    timestamps the container rounded (Matroska and WebM store whole milliseconds: 24 fps frames at 0, 42,
+    83 ms against a grid of 0, 41.7, 83.3) from dropping and repeating frames. Variable-frame-rate clips
+    resample by their real times; raising the rate repeats frames. The grid covers the clip up to half a
+    frame past its last frame, whose duration is taken as the median frame interval.
     """
     n = len(timestamps)
     if target_fps is None or n <= 1:
@@ -46,9 +48,9 @@ def resample(timestamps: Sequence[float], target_fps: float | None = None) -> li
     if target_fps <= 0:
         raise ValueError(f"target_fps must be positive, got {target_fps}")
     t = np.asarray(timestamps, dtype=np.float64) - timestamps[0]
-    end = t[-1] + float(np.median(np.diff(t)))
-    grid = np.arange(max(1, int(np.ceil(end * target_fps - _EPS)))) / target_fps
-    return (np.searchsorted(t, grid + _EPS, side="right") - 1).clip(0).tolist()
+    end = t[-1] + float(np.median(np.diff(t))) / 2
+    grid = np.arange(int(np.floor(end * target_fps + 1e-9)) + 1) / target_fps
+    return np.searchsorted((t[:-1] + t[1:]) / 2, grid - _EPS, side="left").tolist()
 
 
 def frame_windows(
@@ -70,6 +72,8 @@ def frame_windows(
       full:    one window of the largest 4k+1 <= min(num_frames, max_frames); target_frames is ignored.
     A clip shorter than every target length gives ONE window of the largest 4k+1 it holds (a still or a
     1-frame clip gives a 1-frame window) in every mode, so no clip ever yields zero windows silently.
+    Length 1 (stills) does not count as a fit when other lengths are asked for: a clip that only fits 1
+    also gets its largest 4k+1 window, so short clips keep their motion.
     Windows come ordered by length, then start.
     """
     if num_frames < 1:
@@ -86,8 +90,8 @@ def frame_windows(
     if mode == "uniform" and (count is None or count < 1):
         raise ValueError(f"uniform mode needs count >= 1, got {count}")
     fitting = [f for f in targets if f <= num_frames]
-    if not fitting:
-        return [list(range(longest_valid(num_frames)))]
+    # Shorter than every length asked for (stills aside): the longest window it has, so its motion is kept.
+    short = not fitting or (fitting == [1] and targets != [1])
     windows = []
     for f in fitting:
         if mode == "head":
@@ -99,16 +103,6 @@ def frame_windows(
         else:  # uniform
             starts = dict.fromkeys(np.linspace(0, num_frames - f, count).round().astype(int).tolist())
         windows += [list(range(s, s + f)) for s in starts]
+    if short and longest_valid(num_frames) not in fitting:
+        windows.append(list(range(longest_valid(num_frames))))
     return windows
-
-
-def source_windows(
-    timestamps: Sequence[float],
-    target_frames: Sequence[int] | None,
-    mode: str,
-    target_fps: float | None = None,
-    **options: int | None,
-) -> list[list[int]]:
-    """`frame_windows` over the clip resampled to `target_fps`, as source frame indices for `read_frames`."""
-    order = resample(timestamps, target_fps)
-    return [[order[i] for i in window] for window in frame_windows(len(order), target_frames, mode, **options)]

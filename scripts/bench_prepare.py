@@ -23,7 +23,7 @@ import decord
 import torch
 from safetensors.torch import save_file
 
-from data import synth
+from data import media, synth
 from data.buckets import bucket_sizes, choose_bucket, resize_crop
 from data.prepare import prepare
 from trainer.config import Recipe
@@ -35,7 +35,7 @@ WIDTH, HEIGHT, FRAMES, TARGET, RESOLUTION = 160, 120, 49, 33, 128
 def make_clips(folder: Path, n: int) -> list[Path]:
     paths = []
     for i in range(n):
-        path = synth.write_video(folder / f"clip_{i:03d}.mp4", synth.pattern_frames(FRAMES, WIDTH, HEIGHT, seed=i))
+        path = media.write_video(folder / f"clip_{i:03d}.mp4", synth.pattern_frames(FRAMES, WIDTH, HEIGHT, seed=i))
         path.with_suffix(".txt").write_text(synth.pattern_caption(i) + "\n", encoding="utf-8")
         paths.append(path)
     return paths

@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -74,6 +75,19 @@ def test_resize_crop_antialiases():
     frames = np.repeat(board[None, ..., None], 3, axis=3)
     out = resize_crop(frames, (32, 32)).astype(int)
     assert abs(out.mean() - 127.5) < 2 and out.std() < 3
+
+
+def test_resize_crop_takes_read_only_frames_without_a_warning():
+    """np.asarray of a PIL image is read-only; torch.from_numpy used to warn "not writable" on it."""
+    frames = pattern_frames(2, 64, 48, seed=1)
+    locked = frames.copy()
+    locked.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = resize_crop(locked, (32, 32))
+        same = resize_crop(locked, (64, 48))
+    assert np.array_equal(out, resize_crop(frames, (32, 32))) and np.array_equal(same, frames)
+    assert out.flags.writeable and same.flags.writeable  # callers hand it to torch.from_numpy too
 
 
 def test_resize_crop_rejects_bad_input():

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from data import synth
+from data import media, synth
 from data.discover import DiscoveryError, apply_trigger, discover, read_captions, sniff
 
 FRAMES = synth.pattern_frames(5, 32, 32, seed=0)
@@ -14,23 +14,23 @@ def sources(tmp_path_factory):
     """One file of each kind, copied into each test's tree (encoding once keeps the suite fast)."""
     d = tmp_path_factory.mktemp("sources")
     return {
-        "mp4": synth.write_video(d / "a.mp4", FRAMES),
-        "webm": synth.write_video(d / "a.webm", FRAMES, codec="vp9"),
-        "ts": synth.write_video(d / "a.ts", FRAMES),
-        "avi": synth.write_video(d / "a.avi", FRAMES, codec="mjpeg"),
-        "mov": synth.write_video(d / "a.mov", FRAMES, codec="prores"),
-        "png": synth.write_image(d / "a.png", FRAMES[0]),
-        "jpg": synth.write_image(d / "a.jpg", FRAMES[0]),
-        "webp": synth.write_image(d / "a.webp", FRAMES[0]),
-        "gif": synth.write_image(d / "a.gif", FRAMES[0]),
-        "bmp": synth.write_image(d / "a.bmp", FRAMES[0]),
-        "y4m": synth.write_video(d / "a.y4m", FRAMES, codec="rawvideo", pix_fmt="yuv420p"),
-        "h264": synth.write_video(d / "a.h264", FRAMES),  # Annex B elementary stream: no container magic
-        "ivf": synth.write_video(d / "a.ivf", FRAMES, codec="vp9"),
+        "mp4": media.write_video(d / "a.mp4", FRAMES),
+        "webm": media.write_video(d / "a.webm", FRAMES, codec="vp9"),
+        "ts": media.write_video(d / "a.ts", FRAMES),
+        "avi": media.write_video(d / "a.avi", FRAMES, codec="mjpeg"),
+        "mov": media.write_video(d / "a.mov", FRAMES, codec="prores"),
+        "png": media.write_image(d / "a.png", FRAMES[0]),
+        "jpg": media.write_image(d / "a.jpg", FRAMES[0]),
+        "webp": media.write_image(d / "a.webp", FRAMES[0]),
+        "gif": media.write_image(d / "a.gif", FRAMES[0]),
+        "bmp": media.write_image(d / "a.bmp", FRAMES[0]),
+        "y4m": media.write_video(d / "a.y4m", FRAMES, codec="rawvideo", pix_fmt="yuv420p"),
+        "h264": media.write_video(d / "a.h264", FRAMES),  # Annex B elementary stream: no container magic
+        "ivf": media.write_video(d / "a.ivf", FRAMES, codec="vp9"),
         "m4a": synth.write_audio(d / "a.m4a"),
         "mp3": synth.write_audio(d / "a.mp3"),
         "ogg": synth.write_audio(d / "a.ogg"),
-        "truncated": synth.truncate_file(synth.write_video(d / "t.mp4", FRAMES)),
+        "truncated": synth.truncate_file(media.write_video(d / "t.mp4", FRAMES)),
     }
 
 
@@ -105,7 +105,7 @@ def tree(sources, tmp_path):
     put(sources, "mp4", root / "latin1.mp4", "caf\xe9".encode("latin-1"))
     synth.write_text(root / "fake.mp4")
     synth.write_random_bytes(root / "random.mkv")
-    put(sources, "m4a", root / "song.m4a")
+    put(sources, "m4a", root / "song.m4a", "a song")  # a caption for a file that is media, but not video
     synth.write_text(root / "notes.md", "# notes\n")
     synth.write_text(root / "orphan.txt", "caption of nothing")
     synth.write_text(root / "stats.csv", "a,b\n1,2\n")
@@ -134,6 +134,7 @@ def test_walk_finds_media_by_content_and_reports_the_rest(tree):
     assert "not a media file" in skipped["notes.md"]
     assert "audio only" in skipped["song.m4a"]
     assert "no media file" in skipped["orphan.txt"]
+    assert skipped["song.txt"] == "caption file for song.m4a, which is not used: audio only, no video"
     assert "not read as metadata" in skipped["stats.csv"]
     assert skipped[".DS_Store"] == "hidden file" and "hidden folder" in skipped[".cache"]
     assert found.notes == []

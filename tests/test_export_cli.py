@@ -25,7 +25,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from data import synth
+from data import media, synth
 from data.cache import load_entry
 from tests import comfyui_rules as comfy
 from tests.conftest import run_cli, train_capturing, write_recipe
@@ -97,7 +97,7 @@ class WanRun:
 def wan_run(tmp_path_factory, tiny_wan) -> WanRun:
     tmp = tmp_path_factory.mktemp("export_cli")
     clips = tmp / "clips"
-    synth.write_video(clips / "clip.mp4", synth.pattern_frames(9, 64, 64, seed=3))
+    media.write_video(clips / "clip.mp4", synth.pattern_frames(9, 64, 64, seed=3))
     (clips / "clip.txt").write_text("a red car drives through a city street at night\n", encoding="utf-8")
     recipe = write_recipe(tmp / "a.toml", recipe_text(tmp, tiny_wan, clips, "run", "rank = 4\nalpha = 8"))
     run_cli("prepare", recipe)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import HunyuanVideoPipeline
 
-from data import synth
+from data import media, synth
 from data.cache import load_entry
 from data.media import probe
 from tests.conftest import assert_diffusers_reproduces, fixed_eval_loss, run_cli, train_capturing, write_recipe
@@ -102,7 +102,7 @@ def test_inputs_a_family_does_not_take_are_refused(tiny_hv):
 @pytest.mark.slow
 def test_prepare_train_export_round_trip_and_sample(tmp_path, tiny_hv, monkeypatch):
     clips = tmp_path / "clips"
-    synth.write_video(clips / "clip.mp4", synth.pattern_frames(12, 64, 48, seed=5), fps=24)
+    media.write_video(clips / "clip.mp4", synth.pattern_frames(12, 64, 48, seed=5), fps=24)
     (clips / "clip.txt").write_text("a dog runs along the beach at sunset\n", encoding="utf-8")
     recipe_path = write_recipe(
         tmp_path / "r.toml",

@@ -2,15 +2,22 @@
 stills, grey, audio tracks and each kind of broken file. No decoder is mocked."""
 
 import dataclasses
+import inspect
 import json
+import subprocess
+import sys
 
+import av
 import numpy as np
 import pytest
+from av.video.reformatter import ColorPrimaries, ColorTrc
 from PIL import Image
 
+from data import inspect as data_inspect
 from data import media, synth
 from data.media import MediaError, MediaInfo, probe, read_frames
 from data.windows import resample
+from tests.conftest import ROOT, cli_env
 
 W, H, N = 64, 48, 9
 HAS_DECORD = media._import_decord() is not None
@@ -40,29 +47,29 @@ def clips(tmp_path_factory):
     f = synth.pattern_frames(N, W, H, seed=1)
     out = {}
     for name, (file, codec, pix_fmt, *_) in CODECS.items():
-        out[name] = synth.write_video(d / file, f, codec=codec, pix_fmt=pix_fmt)
-    out["rot90"] = synth.write_video(d / "rot90.mp4", f, rotation=90)
-    out["rot180"] = synth.write_video(d / "rot180.mp4", f, rotation=180)
-    out["rot270"] = synth.write_video(d / "rot270.mkv", f, rotation=270)
-    out["portrait"] = synth.write_video(d / "portrait.mp4", synth.pattern_frames(N, H, W, seed=2))
-    out["vfr"] = synth.write_video(d / "vfr.mkv", synth.pattern_frames(10, W, H, seed=3), timestamps=VFR_TIMES)
-    out["long"] = synth.write_video(d / "long.mp4", synth.pattern_frames(300, W, H, seed=4), g="24")
-    out["raw_h264"] = synth.write_video(d / "raw.h264", f)  # no container: no timestamps, cannot seek
-    out["one"] = synth.write_video(d / "one.mp4", f[:1])
-    out["five"] = synth.write_video(d / "five.mp4", f[:5])
-    out["grey"] = synth.write_video(d / "grey.mp4", f[..., 1], codec="hevc", pix_fmt="gray")
-    out["audio_track"] = synth.write_video(d / "with audio.mp4", f, audio=True)
-    out["audio_track_webm"] = synth.write_video(d / "with_audio.webm", f, codec="vp9", audio=True)
+        out[name] = media.write_video(d / file, f, codec=codec, pix_fmt=pix_fmt)
+    out["rot90"] = media.write_video(d / "rot90.mp4", f, rotation=90)
+    out["rot180"] = media.write_video(d / "rot180.mp4", f, rotation=180)
+    out["rot270"] = media.write_video(d / "rot270.mkv", f, rotation=270)
+    out["portrait"] = media.write_video(d / "portrait.mp4", synth.pattern_frames(N, H, W, seed=2))
+    out["vfr"] = media.write_video(d / "vfr.mkv", synth.pattern_frames(10, W, H, seed=3), timestamps=VFR_TIMES)
+    out["long"] = media.write_video(d / "long.mp4", synth.pattern_frames(300, W, H, seed=4), g="24")
+    out["raw_h264"] = media.write_video(d / "raw.h264", f)  # no container: no timestamps, cannot seek
+    out["one"] = media.write_video(d / "one.mp4", f[:1])
+    out["five"] = media.write_video(d / "five.mp4", f[:5])
+    out["grey"] = media.write_video(d / "grey.mp4", f[..., 1], codec="hevc", pix_fmt="gray")
+    out["audio_track"] = synth.add_tone_track(media.write_video(d / "with audio.mp4", f))
+    out["audio_track_webm"] = synth.add_tone_track(media.write_video(d / "with_audio.webm", f, codec="vp9"))
     for ext in ("png", "jpg", "webp", "bmp", "gif"):
-        out[ext] = synth.write_image(d / f"still.{ext}", f[0])
-    out["grey_png"] = synth.write_image(d / "grey.png", f[0, ..., 0])
+        out[ext] = media.write_image(d / f"still.{ext}", f[0])
+    out["grey_png"] = media.write_image(d / "grey.png", f[0, ..., 0])
     out["grey16_png"] = d / "grey16.png"
     Image.fromarray(f[0, ..., 0].astype(np.uint16) * 257).save(out["grey16_png"])
     rgba = np.dstack([f[0], np.where(np.arange(W) < W // 2, 255, 0).astype(np.uint8)[None].repeat(H, 0)])
-    out["rgba_png"] = synth.write_image(d / "rgba.png", rgba)
+    out["rgba_png"] = media.write_image(d / "rgba.png", rgba)
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 clockwise to display"
-    out["exif_jpg"] = synth.write_image(d / "exif.jpg", f[0], exif=exif, quality=95)
+    out["exif_jpg"] = media.write_image(d / "exif.jpg", f[0], exif=exif, quality=95)
     # Broken files.
     out["empty"] = synth.write_empty(d / "empty.mp4")
     out["random"] = synth.write_random_bytes(d / "random.mp4")
@@ -71,12 +78,12 @@ def clips(tmp_path_factory):
     out["audio_mp4"] = synth.write_audio(d / "audio_only.mp4")
     out["audio_mp3"] = synth.write_audio(d / "audio.mp3")
     long = synth.pattern_frames(60, W, H, seed=5)
-    out["trunc_noindex"] = synth.truncate_file(synth.write_video(d / "trunc_noindex.mp4", long))
-    out["trunc_full"] = synth.write_video(d / "trunc_full.mp4", long, container_options={"movflags": "faststart"})
+    out["trunc_noindex"] = synth.truncate_file(media.write_video(d / "trunc_noindex.mp4", long))
+    out["trunc_full"] = media.write_video(d / "trunc_full.mp4", long, container_options={"movflags": "faststart"})
     out["trunc_faststart"] = synth.truncate_file(
-        synth.write_video(d / "trunc_faststart.mp4", long, codec="mjpeg", container_options={"movflags": "faststart"})
+        media.write_video(d / "trunc_faststart.mp4", long, codec="mjpeg", container_options={"movflags": "faststart"})
     )
-    out["trunc_mkv"] = synth.truncate_file(synth.write_video(d / "trunc.mkv", long))
+    out["trunc_mkv"] = synth.truncate_file(media.write_video(d / "trunc.mkv", long))
     out["frames"] = f
     return out
 
@@ -150,11 +157,45 @@ def test_vfr_timestamps_and_resample(clips):
     assert info.num_frames == 10
     assert np.allclose(info.timestamps, VFR_TIMES, atol=1e-3)
     assert info.fps == pytest.approx(9 / 1.5)
-    # At 10 fps, output frame k shows the source frame on screen at k/10 s.
+    # At 10 fps, output frame k is the source frame nearest to k/10 s (the earlier one on a tie).
     picks = resample(info.timestamps, 10)
-    assert picks[:12] == [0, 2, 2, 3, 4, 4, 5, 6, 6, 7, 8, 8]
+    assert picks[:12] == [0, 2, 2, 3, 4, 5, 5, 6, 7, 7, 8, 8]
     full = read_frames(info, range(10))
     assert np.array_equal(read_frames(info, picks), full[picks])
+
+
+@pytest.fixture(scope="module")
+def hdr_clips(tmp_path_factory):
+    """The SDR pattern graded into PQ, HLG and wide-gamut SDR, all BT.2020 10-bit HEVC: transfer -> path."""
+    d = tmp_path_factory.mktemp("hdr")
+    sdr = synth.pattern_frames(5, W, H, seed=6)
+    return sdr, {t: synth.write_hdr_video(d / f"{t}.mp4", sdr, transfer=t) for t in ("pq", "hlg", "sdr")}
+
+
+@pytest.mark.parametrize(
+    ("transfer", "trc"), [("pq", ColorTrc.SMPTE2084), ("hlg", ColorTrc.ARIB_STD_B67), ("sdr", ColorTrc.BT2020_10)]
+)
+def test_hdr_and_wide_gamut_are_detected_and_converted_to_sdr(hdr_clips, transfer, trc):
+    sdr, paths = hdr_clips
+    with av.open(str(paths[transfer])) as container:  # what the encoder really wrote
+        tags = container.streams.video[0].codec_context
+        assert (tags.color_trc, tags.color_primaries, tags.colorspace) == (trc, ColorPrimaries.BT2020, 9)
+    info = probe(paths[transfer])
+    assert (info.transfer, info.gamut, info.bit_depth) == ("" if transfer == "sdr" else transfer, "bt2020", 10)
+    assert info.backend == "pyav"  # decord would convert as if it were BT.709 SDR
+    frames = read_frames(info, range(5))
+    # What an HDR-unaware decode shows: flat and desaturated (PQ) or washed out (HLG, BT.2020 as BT.709).
+    naive = read_frames(dataclasses.replace(info, transfer="", gamut=""), range(5))
+    assert mean_diff(frames, sdr) < 5 and mean_diff(naive, sdr) > 3 * mean_diff(frames, sdr)
+
+
+def test_hdr_highlights_roll_off_instead_of_clipping():
+    """PQ greys at 100, 203 (reference white), 400 and 1000 nits stay distinct and below full white."""
+    pq = {100: 0.5081, 203: 0.5807, 400: 0.6526, 1000: 0.7518}  # ST 2084 code values of those nits
+    grey = np.array([[[round(v * 65535)] * 3 for v in pq.values()]], np.uint16)
+    levels = media._to_sdr(grey, "pq", "bt2020")[0, :, 0].tolist()
+    assert levels == sorted(set(levels)) and levels[-1] < 255
+    assert levels[0] == pytest.approx(255 * (100 / 203) ** (1 / 2.4), abs=1)  # below the knee: unchanged
 
 
 def test_long_clip_seeking_matches_sequential(clips):
@@ -272,12 +313,19 @@ def test_mediainfo_round_trips_json(clips):
     assert MediaInfo.from_dict(json.loads(json.dumps(dataclasses.asdict(info)))) == info
 
 
-def test_synth_refuses_what_it_cannot_write(tmp_path):
+def test_write_video_refuses_what_it_cannot_write(tmp_path):
     f = synth.pattern_frames(3, W, H)
     with pytest.raises(ValueError, match="did not keep rotation"):
-        synth.write_video(tmp_path / "r.avi", f, codec="mjpeg", rotation=90)  # AVI has no display matrix
+        media.write_video(tmp_path / "r.avi", f, codec="mjpeg", rotation=90)  # AVI has no display matrix
     assert not (tmp_path / "r.avi").exists()
     with pytest.raises(ValueError, match="even width and height"):
-        synth.write_video(tmp_path / "odd.mp4", synth.pattern_frames(3, 33, 20))
+        media.write_video(tmp_path / "odd.mp4", synth.pattern_frames(3, 33, 20))
     with pytest.raises(ValueError, match="strictly increasing"):
-        synth.write_video(tmp_path / "t.mkv", f, timestamps=[0.0, 0.2, 0.1])
+        media.write_video(tmp_path / "t.mkv", f, timestamps=[0.0, 0.2, 0.1])
+
+
+def test_product_code_writes_video_without_the_synthetic_data_module():
+    """write_video/write_image live in data.media; data.synth (patterns, broken files) is for demos and tests."""
+    code = "import sys, data.inspect, trainer.sample, trainer.validation; assert 'data.synth' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=cli_env(), timeout=300)
+    assert "data.synth" not in inspect.getsource(data_inspect)  # its writer import is inside a function

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from data import synth
+from data import media, synth
 from data.cache import load_entry, read_meta
 from data.dataset import CachedDataset
 from data.inspect import inspect_cache
@@ -24,9 +25,9 @@ W, H = 64, 48
 FRAMES = synth.pattern_frames(17, W, H, seed=1)
 PORTRAIT = synth.pattern_frames(17, H, W, seed=2)  # 48 wide, 64 tall
 # A variable-frame-rate clip: 8 frames at ~33 fps, then 7 at ~6.7 fps. Resampled to Wan's 16 fps, output
-# frame k shows the last source frame at or before k/16 s (every time is >= 2.5 ms from a grid point).
+# frame k is the source frame nearest to k/16 s (every grid time is >= 2.5 ms from a tie).
 VFR_TIMES = [0.0, 0.03, 0.06, 0.09, 0.12, 0.15, 0.18, 0.21, 0.36, 0.51, 0.66, 0.81, 0.96, 1.11, 1.26]
-VFR_HEAD_9 = [0, 2, 4, 6, 7, 7, 8, 8, 8]  # grid 0, .0625, .125, .1875, .25, .3125, .375, .4375, .5
+VFR_HEAD_9 = [0, 2, 4, 6, 7, 8, 8, 9, 9]  # grid 0, .0625, .125, .1875, .25, .3125, .375, .4375, .5
 
 
 def recipe(tmp: Path, model: Path, datasets: str, cache: str = "cache", data: str = "") -> Path:
@@ -55,23 +56,23 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
     """Every kind of file a user's folder holds, each with a sidecar caption; name -> path."""
     d = tmp_path_factory.mktemp("zoo")
     good = {
-        "h264": synth.write_video(d / "h264 clip.mp4", FRAMES),
-        "hevc10": synth.write_video(d / "hevc10.mp4", FRAMES, codec="hevc", pix_fmt="yuv420p10le"),
-        "vp9": synth.write_video(d / "vp9.webm", FRAMES, codec="vp9"),  # alt-ref frames: decord fails, PyAV reads
-        "mjpeg": synth.write_video(d / "mjpeg.avi", FRAMES, codec="mjpeg"),
-        "grey": synth.write_video(d / "grey.mp4", FRAMES[..., 1], codec="hevc", pix_fmt="gray"),
+        "h264": media.write_video(d / "h264 clip.mp4", FRAMES),
+        "hevc10": media.write_video(d / "hevc10.mp4", FRAMES, codec="hevc", pix_fmt="yuv420p10le"),
+        "vp9": media.write_video(d / "vp9.webm", FRAMES, codec="vp9"),  # alt-ref frames: decord fails, PyAV reads
+        "mjpeg": media.write_video(d / "mjpeg.avi", FRAMES, codec="mjpeg"),
+        "grey": media.write_video(d / "grey.mp4", FRAMES[..., 1], codec="hevc", pix_fmt="gray"),
         # Stored landscape, displayed portrait (a phone held upright): shows the PORTRAIT frames.
-        "rotated": synth.write_video(d / "rotated.mp4", np.rot90(PORTRAIT, k=1, axes=(1, 2)).copy(), rotation=90),
-        "portrait": synth.write_video(d / "portrait.mp4", PORTRAIT),
-        "upside_down": synth.write_video(d / "upside_down.mp4", PORTRAIT[:, ::-1, ::-1].copy()),
-        "vfr": synth.write_video(d / "vfr.mp4", synth.pattern_frames(15, W, H, seed=3), timestamps=VFR_TIMES),
-        "long": synth.write_video(d / "long.mp4", synth.pattern_frames(100, W, H, seed=4), g="24"),
-        "one": synth.write_video(d / "one frame.mp4", FRAMES[:1]),
-        "five": synth.write_video(d / "five.mp4", FRAMES[:5]),
-        "png": synth.write_image(d / "still.png", FRAMES[0]),
-        "jpg": synth.write_image(d / "фото café.jpg", FRAMES[3]),
+        "rotated": media.write_video(d / "rotated.mp4", np.rot90(PORTRAIT, k=1, axes=(1, 2)).copy(), rotation=90),
+        "portrait": media.write_video(d / "portrait.mp4", PORTRAIT),
+        "upside_down": media.write_video(d / "upside_down.mp4", PORTRAIT[:, ::-1, ::-1].copy()),
+        "vfr": media.write_video(d / "vfr.mp4", synth.pattern_frames(15, W, H, seed=3), timestamps=VFR_TIMES),
+        "long": media.write_video(d / "long.mp4", synth.pattern_frames(100, W, H, seed=4), g="24"),
+        "one": media.write_video(d / "one frame.mp4", FRAMES[:1]),
+        "five": media.write_video(d / "five.mp4", FRAMES[:5]),
+        "png": media.write_image(d / "still.png", FRAMES[0]),
+        "jpg": media.write_image(d / "фото café.jpg", FRAMES[3]),
         "cut_tail": synth.truncate_file(  # index first: the first part still decodes
-            synth.write_video(
+            media.write_video(
                 d / "cut_tail.mp4",
                 synth.pattern_frames(60, W, H, 5),
                 codec="mjpeg",
@@ -79,7 +80,7 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
             )
         ),
         "cut_webm": synth.truncate_file(
-            synth.write_video(d / "cut.webm", synth.pattern_frames(60, W, H, 9), codec="vp9")
+            media.write_video(d / "cut.webm", synth.pattern_frames(60, W, H, 9), codec="vp9")
         ),
     }
     broken = {
@@ -87,14 +88,14 @@ def zoo(tmp_path_factory) -> dict[str, Path]:
         "text": synth.write_text(d / "notes.mp4"),
         "random": synth.write_random_bytes(d / "random.mov"),
         "audio": synth.write_audio(d / "song.m4a"),
-        "truncated": synth.truncate_file(synth.write_video(d / "truncated.mp4", synth.pattern_frames(60, W, H, 6))),
-        "broken_png": synth.truncate_file(synth.write_image(d / "broken.png", FRAMES[0]), keep=0.3),
-        "broken_jpg": synth.truncate_file(synth.write_image(d / "broken.jpg", FRAMES[0]), keep=0.3),
-        "stub_webm": synth.truncate_file(synth.write_video(d / "stub.webm", FRAMES, codec="vp9"), keep=0.02),
+        "truncated": synth.truncate_file(media.write_video(d / "truncated.mp4", synth.pattern_frames(60, W, H, 6))),
+        "broken_png": synth.truncate_file(media.write_image(d / "broken.png", FRAMES[0]), keep=0.3),
+        "broken_jpg": synth.truncate_file(media.write_image(d / "broken.jpg", FRAMES[0]), keep=0.3),
+        "stub_webm": synth.truncate_file(media.write_video(d / "stub.webm", FRAMES, codec="vp9"), keep=0.02),
     }
     for path in [*good.values(), *broken.values()]:
         caption(path)
-    good["no_caption"] = synth.write_video(d / "no caption.mp4", FRAMES[:9])  # missing_caption = "skip"
+    good["no_caption"] = media.write_video(d / "no caption.mp4", FRAMES[:9])  # missing_caption = "skip"
     return {**good, **broken}
 
 
@@ -243,9 +244,9 @@ def modes_run(tiny_wan, tmp_path_factory):
     several captions per clip, extra columns, a trigger word and repeats."""
     tmp = tmp_path_factory.mktemp("modes")
     clips = tmp / "clips"
-    caption(synth.write_video(clips / "forty.mp4", synth.pattern_frames(40, W, H, seed=7)))
-    caption(synth.write_video(clips / "three.mp4", FRAMES[:3]))
-    caption(synth.write_image(clips / "still.png", FRAMES[0]))
+    caption(media.write_video(clips / "forty.mp4", synth.pattern_frames(40, W, H, seed=7)))
+    caption(media.write_video(clips / "three.mp4", FRAMES[:3]))
+    caption(media.write_image(clips / "still.png", FRAMES[0]))
     (tmp / "meta.jsonl").write_text(
         json.dumps({"path": "clips/forty.mp4", "caption": ["first caption", "second caption"], "score": 0.9})
         + "\n"
@@ -388,7 +389,7 @@ def test_vae_tiling_is_used_for_large_frames_and_is_part_of_the_fingerprint(tiny
     from trainer.config import load_recipe
     from trainer.models import get_family
 
-    synth.write_image(tmp_path / "clips/big.png", synth.pattern_frames(1, 320, 240, seed=8)[0])
+    media.write_image(tmp_path / "clips/big.png", synth.pattern_frames(1, 320, 240, seed=8)[0])
     caption(tmp_path / "clips/big.png")
     r = recipe(tmp_path, tiny_wan, f'[[data.datasets]]\npath = "{tmp_path / "clips"}"\nresolutions = [288]')
     latents, encoded = {}, {}
@@ -404,3 +405,16 @@ def test_vae_tiling_is_used_for_large_frames_and_is_part_of_the_fingerprint(tiny
     one_pass, tiled = latents["false"], latents["true"]
     assert one_pass.shape == tiled.shape and not torch.equal(one_pass, tiled)
     assert (one_pass - tiled).abs().mean() < 0.05 * one_pass.abs().mean()
+
+
+def test_decode_workers_above_the_core_count_are_capped_without_a_torch_warning(tiny_wan, tmp_path):
+    from data.prepare import cpu_cores, prepare
+    from trainer.config import load_recipe
+
+    caption(media.write_video(tmp_path / "clips/c.mp4", FRAMES[:5]))
+    datasets = f'[[data.datasets]]\npath = "{tmp_path / "clips"}"\nresolutions = [64]\ntarget_frames = [5]'
+    r = load_recipe(recipe(tmp_path, tiny_wan, datasets), [f"data.decode_workers={cpu_cores() + 2}"])
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert prepare(r) == 0
+    assert not [w for w in seen if "worker processes in total" in str(w.message)]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import synth
+from data import media, synth
 from data.cache import load_entry, read_meta
 from tests.conftest import ROOT, cli_env, write_recipe
 
@@ -47,7 +47,7 @@ def clips(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("resume_clips")
     for i in range(8):
         w, h = (64, 48) if i % 2 else (48, 64)
-        path = synth.write_video(d / f"clip {i}.mp4", synth.pattern_frames(27, w, h, seed=i))
+        path = media.write_video(d / f"clip {i}.mp4", synth.pattern_frames(27, w, h, seed=i))
         path.with_suffix(".txt").write_text(f"clip {i} in colour\nclip number {i}\n", encoding="utf-8")
     return d
 
@@ -152,7 +152,7 @@ def test_changed_source_is_redone_and_orphans_are_only_pruned_on_request(tiny_wa
     cache = tmp_path / "cache"
     assert prepare(recipe, get_family(recipe.model)) == 0
     clip = sorted(local.glob("*.mp4"))[0]
-    synth.write_video(clip, synth.pattern_frames(20, 64, 48, seed=99))  # edited: now landscape, 20 frames
+    media.write_video(clip, synth.pattern_frames(20, 64, 48, seed=99))  # edited: now landscape, 20 frames
     (cache / "samples" / "notes.txt").write_text("a user's file in the cache folder\n")
     assert prepare(recipe, get_family(recipe.model)) == 0
     report = json.loads((cache / "report.json").read_text())

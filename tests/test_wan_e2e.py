@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import WanPipeline
 
-from data import synth
+from data import media, synth
 from data.cache import load_entry
 from tests.conftest import assert_diffusers_reproduces, fixed_eval_loss, run_cli, train_capturing, write_recipe
 from trainer.config import ModelSection, load_recipe
@@ -58,7 +58,7 @@ def test_make_tiny_loads_like_a_real_model(tiny_wan):
 
 def test_overfit_then_export_round_trip(tmp_path, tiny_wan, monkeypatch):
     clips = tmp_path / "clips"
-    synth.write_video(clips / "one clip.mp4", synth.pattern_frames(9, 64, 64, seed=3))
+    media.write_video(clips / "one clip.mp4", synth.pattern_frames(9, 64, 64, seed=3))
     (clips / "one clip.txt").write_text("a red car drives through a city street at night\n", encoding="utf-8")
     recipe_path = write_recipe(tmp_path / "r.toml", recipe_text(tmp_path, tiny_wan, clips, steps=200))
     run_cli("prepare", recipe_path)

@@ -11,7 +11,7 @@ import torch
 from diffusers import WanImageToVideoPipeline
 from PIL import Image
 
-from data import synth
+from data import media, synth
 from data.cache import load_entry
 from data.media import probe
 from tests.conftest import assert_diffusers_reproduces, fixed_eval_loss, run_cli, train_capturing, write_recipe
@@ -62,8 +62,8 @@ def test_condition_and_forward_equal_the_pipeline(tiny_i2v):
 @pytest.mark.slow
 def test_prepare_train_export_round_trip_and_sample(tmp_path, tiny_i2v, monkeypatch):
     clips = tmp_path / "clips"
-    synth.write_video(clips / "clip.mp4", synth.pattern_frames(12, 64, 48, seed=7), fps=16)
-    synth.write_image(tmp_path / "first.png", synth.pattern_frames(1, 80, 60, seed=9)[0])
+    media.write_video(clips / "clip.mp4", synth.pattern_frames(12, 64, 48, seed=7), fps=16)
+    media.write_image(tmp_path / "first.png", synth.pattern_frames(1, 80, 60, seed=9)[0])
     (clips / "clip.txt").write_text("a blue square moves left over a gradient\n", encoding="utf-8")
     recipe_path = write_recipe(
         tmp_path / "r.toml",
@@ -135,7 +135,7 @@ wandb = false
     with pytest.raises(UserError, match="pass --image"):
         family.sample_kwargs(None, 32, 48)
     first = tmp_path / "first.png"
-    synth.write_image(first, synth.pattern_frames(1, 80, 60, seed=7)[0])
+    media.write_image(first, synth.pattern_frames(1, 80, 60, seed=7)[0])
     video = tmp_path / "sample.mp4"
     args = ["--prompt", "a blue square", "--frames", "5", "--height", "32", "--width", "48", "--steps", "2"]
     run_cli("sample", recipe_path, *args, "--lora", out, "--image", first, "--out", video)

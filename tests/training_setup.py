@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from data import synth
+from data import media, synth
 from tests.conftest import ROOT, cli_env, run_cli, write_recipe
 
 CAPTIONS = [
@@ -66,7 +66,7 @@ def prepare_cache(root: Path, tiny_wan: Path) -> tuple[Path, Path]:
     """(tiny Wan model, prepared cache): four real 9-frame clips of one bucket, a validation prompt."""
     clips = root / "clips"
     for i, caption in enumerate(CAPTIONS):
-        synth.write_video(clips / f"clip{i}.mp4", synth.pattern_frames(9, 64, 64, seed=i))
+        media.write_video(clips / f"clip{i}.mp4", synth.pattern_frames(9, 64, 64, seed=i))
         (clips / f"clip{i}.txt").write_text(caption + "\n", encoding="utf-8")
     recipe = write_recipe(root / "prepare.toml", recipe_text(tiny_wan, root / "cache", root / "unused"))
     run_cli("prepare", recipe)

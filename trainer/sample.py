@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.synth import write_video
+from data.media import write_video
 from trainer.config import Recipe, resolve_device_precision
 from trainer.models import get_family
 from trainer.models.base import DTYPES

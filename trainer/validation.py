@@ -24,8 +24,8 @@ import torch
 from accelerate import Accelerator
 
 from data.dataset import CachedDataset, collate
+from data.media import write_video
 from data.prepare import load_index
-from data.synth import write_video
 from trainer.config import Recipe, UserError
 from trainer.flow_matching import noisy_and_target
 from trainer.models.base import Denoisers, ModelFamily
