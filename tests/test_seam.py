@@ -49,11 +49,12 @@ def test_a_new_family_plugs_in_with_one_registration(tmp_path):
     """A family defined in a test module and registered by name only runs make-tiny -> prepare -> train -> export ->
     convert, and what it declares (here its bucket step) is what prepare uses."""
     from data import synth
+    from data.media import write_video
 
     env = {"VIDLORA_FAMILIES": REGISTRATION}
     run_cli("make-tiny", NAME, tmp_path / "model", env=env)
     for i in range(2):
-        synth.write_video(tmp_path / f"clips/c{i}.mp4", synth.pattern_frames(5, 80, 48, seed=i))
+        write_video(tmp_path / f"clips/c{i}.mp4", synth.pattern_frames(5, 80, 48, seed=i))
         (tmp_path / f"clips/c{i}.txt").write_text("a blue square moves left over a gradient")
     recipe = write_recipe(
         tmp_path / "r.toml",
