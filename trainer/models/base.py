@@ -179,17 +179,71 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+# ComfyUI's "fp8_scaled" files (and kijai's): each quantised Linear stores `<module>.weight` in float8 and
+# `<module>.scale_weight`, a per-tensor scale (the weight is the stored value times it), next to a `scaled_fp8`
+# marker; `<module>.scale_input` is the activation scale of ComfyUI's fp8 matmul, not part of the weights.
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# ComfyUI's newer mixed-precision format (per-layer `comfy_quant` config, `weight_scale`, block-scaled fp8/fp4/int8
+# layouts): refused rather than guessed at.
+COMFY_QUANT_SUFFIXES = (".comfy_quant", ".weight_scale", ".weight_scale_2", ".input_scale")
+
+
+def dequantise(sd: dict[str, torch.Tensor], file: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Float8 weights of an original checkpoint as `dtype` values: times their `scale_weight` in a scaled file,
+    plainly cast otherwise (float8 converts exactly to bf16/fp16/fp32). Anything that would load wrong is refused
+    by name: training on unscaled fp8 values (0.2 stored as 448) is training on garbage."""
+    quant = sorted(k for k in sd if k.endswith(COMFY_QUANT_SUFFIXES))
+    if quant:
+        raise UserError(
+            f"{file}: ComfyUI mixed-precision quantised weights ({quant[0]}, ...) are not supported; "
+            "use the model's bf16/fp16 file or an fp8_scaled one"
+        )
+    marker = sd.pop("scaled_fp8", None)
+    scales = {k.removesuffix(".scale_weight"): sd.pop(k) for k in [k for k in sd if k.endswith(".scale_weight")]}
+    inputs = [sd.pop(k) for k in [k for k in sd if k.endswith(".scale_input")]]
+    float8 = sorted(k for k, v in sd.items() if v.dtype in FLOAT8)
+    if not float8 and not scales and marker is None:
+        return sd
+    problems = []
+    for module, scale in sorted(scales.items()):
+        weight = sd.get(f"{module}.weight")
+        if weight is None:
+            problems.append(f"{module}.scale_weight has no {module}.weight")
+        elif weight.dtype not in FLOAT8:
+            problems.append(f"{module}.scale_weight scales a {weight.dtype} weight, not a float8 one")
+        elif scale.numel() != 1 or not torch.isfinite(scale).all():
+            problems.append(f"{module}.scale_weight is not one finite number (shape {tuple(scale.shape)})")
+    scaled = bool(scales) or marker is not None
+    unscaled = [k for k in float8 if k.removesuffix(".weight") not in scales] if scaled else []
+    if unscaled:
+        problems.append(f"{len(unscaled)} float8 tensor(s) without a scale_weight: {', '.join(unscaled[:4])}")
+    if problems:
+        raise UserError(f"{file}: malformed scaled-fp8 checkpoint: {'; '.join(problems[:3])}")
+    for key in float8:
+        scale = scales.get(key.removesuffix(".weight"))
+        sd[key] = sd[key].to(dtype) if scale is None else (sd[key].float() * scale.float()).to(dtype)
+    kind = "scaled fp8 (float8 x scale_weight)" if scaled else "float8"
+    log.info(
+        "%s: %d of %d tensors are %s: loaded as %s; the base is quantised (fp8 rounding)%s",
+        file, len(float8), len(sd), kind, str(dtype).removeprefix("torch."),
+        f"; {len(inputs)} scale_input (fp8-matmul activation scales) not used" if inputs else "",
+    )  # fmt: skip
+    return sd
+
+
 def load_single_file(cls: Any, file: str | Path, cfg: ModelSection, dtype: torch.dtype) -> nn.Module:
-    """An original-layout checkpoint through diffusers' `from_single_file`, with `cfg.path`'s transformer config
-    (offline, no model-type guessing). diffusers fails on a missing or misnamed key with an opaque meta-tensor
-    error, so the keys are converted and checked here first and a mismatch names the keys."""
+    """An original-layout checkpoint converted by diffusers' own single-file converter for `cls`, with `cfg.path`'s
+    transformer config (offline, no model-type guessing). diffusers' `from_single_file` fails on a missing or
+    misnamed key with an opaque meta-tensor error, so the keys are converted and checked here and a mismatch names
+    the keys; the checked weights then go straight into the model."""
     from accelerate import init_empty_weights
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
     config = cls.load_config(cfg.path, subfolder="transformer", revision=cfg.revision)
     with init_empty_weights():
-        expected = cls.from_config(config).state_dict()
-    sd = read_checkpoint(file)
+        model = cls.from_config(config)
+    expected = model.state_dict()
+    sd = dequantise(read_checkpoint(file), file, dtype)
     if set(sd) != set(expected):
         convert = SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]["checkpoint_mapping_fn"]
         try:
@@ -211,11 +265,9 @@ def load_single_file(cls: Any, file: str | Path, cfg: ModelSection, dtype: torch
     extra = sorted(set(sd) - set(expected))
     if extra:
         log.warning("%s: %d key(s) not in the transformer are ignored: %s", file, len(extra), ", ".join(extra[:6]))
-    sd = {k: sd[k] for k in expected}
-    model = cls.from_single_file(
-        sd, config=cfg.path, subfolder="transformer", config_revision=cfg.revision, dtype=dtype
-    )
-    on_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if on_meta:
-        raise UserError(f"{file}: weights not loaded: {', '.join(on_meta[:6])}")
-    return model
+    # What from_pretrained does (from_single_file casts the whole model to `dtype`): the class's
+    # `_keep_in_fp32_modules` in fp32, the rest in `dtype`, each tensor cast from the checkpoint's own value.
+    keep = cls._keep_in_fp32_modules or []
+    sd = {k: sd[k].to(torch.float32 if any(m in k.split(".") for m in keep) else dtype) for k in expected}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()
