@@ -38,6 +38,7 @@ class ModelFamily:
     # Folders of the model whose weights make the latent / text caches (a change there makes entries stale).
     vae_components: ClassVar[tuple[str, ...]] = ("vae",)
     text_components: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer")
+    fp32_components: ClassVar[tuple[str, ...]] = ()  # pipeline components loaded in fp32 whatever the weight dtype
     guidance_is_cfg: ClassVar[bool] = True  # the pipeline's guidance_scale is classifier-free (needs a negative)
     default_guidance: ClassVar[float | None] = None  # embedded guidance while training; None: no guidance input
 
@@ -81,7 +82,10 @@ class ModelFamily:
         if transformer is None:
             transformer = self.load_transformer(dtype)
         return self.pipeline_class.from_pretrained(
-            self.cfg.path, revision=self.cfg.revision, transformer=transformer, dtype=dtype
+            self.cfg.path,
+            revision=self.cfg.revision,
+            transformer=transformer,
+            dtype={"default": dtype, **dict.fromkeys(self.fp32_components, torch.float32)},
         )
 
     def sample_kwargs(self, image: str | Path | None, height: int, width: int) -> dict[str, Any]:
