@@ -9,6 +9,7 @@ exactly what inference feeds the transformer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -46,6 +47,7 @@ class ModelFamily:
         if cfg.guidance is not None and self.default_guidance is None:
             raise RecipeError(f"model.guidance: the {self.name} family's transformer has no guidance input")
         self.cfg = cfg
+        self._configs: dict[str, dict[str, Any]] = {}
 
     @property
     def guidance(self) -> float | None:
@@ -54,6 +56,14 @@ class ModelFamily:
     # --- loading -------------------------------------------------------------------------------------
     def _from_pretrained(self, cls: Any, subfolder: str, dtype: torch.dtype) -> Any:
         return cls.from_pretrained(self.cfg.path, subfolder=subfolder, revision=self.cfg.revision, dtype=dtype)
+
+    def config(self, cls: Any, subfolder: str) -> dict[str, Any]:
+        """A component's config.json (no weights), read once."""
+        if subfolder not in self._configs:
+            self._configs[subfolder] = dict(
+                cls.load_config(self.cfg.path, subfolder=subfolder, revision=self.cfg.revision)
+            )
+        return self._configs[subfolder]
 
     def load_transformer(self, dtype: torch.dtype) -> nn.Module:
         """The transformer from the diffusers folder, or from an original single-file checkpoint."""
@@ -87,6 +97,22 @@ class ModelFamily:
             transformer=transformer,
             dtype={"default": dtype, **dict.fromkeys(self.fp32_components, torch.float32)},
         )
+
+    def shape_problem(self, width: int, height: int, frames: int) -> str | None:
+        """Why the transformer cannot take videos of this size, or None when it can."""
+        return None
+
+    def check_shapes(self, shapes: Iterable[tuple[int, int, int]], what: str) -> None:
+        """Refuse in one line the (width, height, frames) sizes the transformer cannot take: before prepare encodes,
+        when training starts or before a sample, not as a shape error inside the model at step 1."""
+        bad = [(s, p) for s in sorted(set(shapes)) if (p := self.shape_problem(*s)) is not None]
+        if bad:
+            (width, height, frames), problem = bad[0]
+            more = f" (and {len(bad) - 1} more size(s))" if len(bad) > 1 else ""
+            raise UserError(
+                f"{what} {width}x{height}, {frames} frames: the transformer of {self.cfg.path} cannot take it: "
+                f"{problem}{more}"
+            )
 
     def sample_kwargs(self, image: str | Path | None, height: int, width: int) -> dict[str, Any]:
         """Pipeline arguments a sample needs besides prompt, size, frames, steps and generator."""
