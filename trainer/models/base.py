@@ -9,9 +9,10 @@ exactly what inference feeds the transformer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from diffusers import DiffusionPipeline
@@ -22,6 +23,43 @@ from trainer.config import ModelSection, RecipeError, UserError
 log = logging.getLogger("vidlora.models")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+T = TypeVar("T")
+
+
+@cache
+def hub_source(path: str, revision: str | None) -> dict[str, Any]:
+    """How to load `model.path`: a local folder as it is; a hub id from the hub, after one quick request proves it
+    reachable (otherwise huggingface_hub retries for ~30 s on every file, then fails with a traceback), or from the
+    local cache (`local_files_only`) when the hub cannot be reached but the model is there. Asked once per model."""
+    from huggingface_hub import constants, get_session, snapshot_download
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(path).is_dir():
+        return {"revision": revision}
+    try:
+        validate_repo_id(path)
+    except ValueError:
+        raise UserError(f"{path}: model.path is neither a folder nor a hub id") from None
+    if constants.HF_HUB_OFFLINE:
+        why = f"HF_HUB_OFFLINE is set and {path} is not in the local cache ({constants.HF_HUB_CACHE})"
+    else:
+        try:  # any HTTP answer, even 401/404, means the hub is there (from_pretrained then says what is wrong)
+            get_session().head(f"{constants.ENDPOINT}/api/models/{path}", timeout=constants.HF_HUB_ETAG_TIMEOUT)
+            return {"revision": revision}
+        except Exception as e:  # noqa: BLE001 - connection, timeout, proxy or TLS errors of whichever HTTP client
+            why = f"cannot reach the hub for {path} ({constants.ENDPOINT}: {type(e).__name__})"
+    try:
+        snapshot_download(path, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the local cache (or not that revision)
+        if not constants.HF_HUB_OFFLINE:
+            why += f" and it is not in the local cache ({constants.HF_HUB_CACHE})"
+        raise UserError(
+            f"{why}; use a local folder as model.path, or download it with the hub reachable "
+            f"(hf download {path}) and set HF_HUB_OFFLINE=1"
+        ) from None
+    if not constants.HF_HUB_OFFLINE:
+        log.warning("%s: using its copy in the local cache", why)
+    return {"revision": revision, "local_files_only": True}
 
 
 class ModelFamily:
@@ -54,21 +92,25 @@ class ModelFamily:
         return self.cfg.guidance or self.default_guidance
 
     # --- loading -------------------------------------------------------------------------------------
+    def pretrained(self, load: Callable[..., T], **kwargs: Any) -> T:
+        """`load(model.path, revision=..., **kwargs)`: every component and config of the model loads through here,
+        so where it comes from (a folder, the hub, the local cache) is decided in one place (`hub_source`)."""
+        return load(self.cfg.path, **hub_source(self.cfg.path, self.cfg.revision), **kwargs)
+
     def _from_pretrained(self, cls: Any, subfolder: str, dtype: torch.dtype) -> Any:
-        return cls.from_pretrained(self.cfg.path, subfolder=subfolder, revision=self.cfg.revision, dtype=dtype)
+        return self.pretrained(cls.from_pretrained, subfolder=subfolder, dtype=dtype)
 
     def config(self, cls: Any, subfolder: str) -> dict[str, Any]:
         """A component's config.json (no weights), read once."""
         if subfolder not in self._configs:
-            self._configs[subfolder] = dict(
-                cls.load_config(self.cfg.path, subfolder=subfolder, revision=self.cfg.revision)
-            )
+            self._configs[subfolder] = dict(self.pretrained(cls.load_config, subfolder=subfolder))
         return self._configs[subfolder]
 
     def load_transformer(self, dtype: torch.dtype) -> nn.Module:
         """The transformer from the diffusers folder, or from an original single-file checkpoint."""
         if self.cfg.transformer_file:
-            return load_single_file(self.transformer_class, self.cfg.transformer_file, self.cfg, dtype)
+            config = self.config(self.transformer_class, "transformer")
+            return load_single_file(self.transformer_class, self.cfg.transformer_file, config, self.cfg.path, dtype)
         return self._from_pretrained(self.transformer_class, "transformer", dtype)
 
     def load_vae(self, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -82,18 +124,15 @@ class ModelFamily:
 
     def load_text_pipeline(self, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
         """The family's pipeline with tokenizers and text encoders only (no transformer, no VAE)."""
-        return self.pipeline_class.from_pretrained(
-            self.cfg.path, revision=self.cfg.revision, transformer=None, vae=None, dtype=dtype
-        )
+        return self.pretrained(self.pipeline_class.from_pretrained, transformer=None, vae=None, dtype=dtype)
 
     def load_pipeline(self, transformer: nn.Module | None, dtype: torch.dtype) -> DiffusionPipeline:
         """A full pipeline for samples, around a given (LoRA-wrapped) transformer or the model's own
         (`transformer_file` included)."""
         if transformer is None:
             transformer = self.load_transformer(dtype)
-        return self.pipeline_class.from_pretrained(
-            self.cfg.path,
-            revision=self.cfg.revision,
+        return self.pretrained(
+            self.pipeline_class.from_pretrained,
             transformer=transformer,
             dtype={"default": dtype, **dict.fromkeys(self.fp32_components, torch.float32)},
         )
@@ -261,15 +300,14 @@ def dequantise(sd: dict[str, torch.Tensor], file: str | Path, dtype: torch.dtype
     return sd
 
 
-def load_single_file(cls: Any, file: str | Path, cfg: ModelSection, dtype: torch.dtype) -> nn.Module:
-    """An original-layout checkpoint converted by diffusers' own single-file converter for `cls`, with `cfg.path`'s
-    transformer config (offline, no model-type guessing). diffusers' `from_single_file` fails on a missing or
+def load_single_file(cls: Any, file: str | Path, config: dict, path: str, dtype: torch.dtype) -> nn.Module:
+    """An original-layout checkpoint converted by diffusers' own single-file converter for `cls`, with the transformer
+    `config` of the model at `path` (no model-type guessing). diffusers' `from_single_file` fails on a missing or
     misnamed key with an opaque meta-tensor error, so the keys are converted and checked here and a mismatch names
     the keys; the checked weights then go straight into the model."""
     from accelerate import init_empty_weights
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
-    config = cls.load_config(cfg.path, subfolder="transformer", revision=cfg.revision)
     with init_empty_weights():
         model = cls.from_config(config)
     expected = model.state_dict()
@@ -291,7 +329,7 @@ def load_single_file(cls: Any, file: str | Path, cfg: ModelSection, dtype: torch
         if wrong:
             k = wrong[0]
             detail.append(f"{len(wrong)} of another shape, e.g. {k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}")
-        raise UserError(f"{file}: does not match the transformer config of {cfg.path}: {'; '.join(detail)}")
+        raise UserError(f"{file}: does not match the transformer config of {path}: {'; '.join(detail)}")
     extra = sorted(set(sd) - set(expected))
     if extra:
         log.warning("%s: %d key(s) not in the transformer are ignored: %s", file, len(extra), ", ".join(extra[:6]))

@@ -57,9 +57,8 @@ class WanI2V(Wan):
     # length is silently wrong.
 
     def load_vae(self, dtype: torch.dtype = torch.float32) -> VaePass:
-        pipe = self.pipeline_class.from_pretrained(
-            self.cfg.path,
-            revision=self.cfg.revision,
+        pipe = self.pretrained(
+            self.pipeline_class.from_pretrained,
             transformer=None,
             text_encoder=None,
             tokenizer=None,
@@ -75,9 +74,8 @@ class WanI2V(Wan):
         return super().decode_video(self.vae_module(vae), latents)
 
     def load_text_pipeline(self, dtype: torch.dtype = torch.float32) -> WanImageToVideoPipeline:
-        return self.pipeline_class.from_pretrained(
-            self.cfg.path,
-            revision=self.cfg.revision,
+        return self.pretrained(
+            self.pipeline_class.from_pretrained,
             transformer=None,
             vae=None,
             image_encoder=None,
