@@ -244,6 +244,7 @@ def prepare(recipe: Recipe, strict: bool = False, dry_run: bool = False, prune: 
             for folder, recursive in ((root, False), (root / "samples", True), (root / "text", False)):
                 remove_temp_files(folder, recursive)  # left by a run killed mid-write
             _write_manifest(plan, root / "manifest.jsonl")
+    family.check_shapes((s.shape for s in plan.samples), "bucket")
     if dry_run:
         report = summarise(plan, plan.samples, {}, 0, 0, time.time() - started, dry_run=True)
         if main:
