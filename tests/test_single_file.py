@@ -284,3 +284,106 @@ def test_hunyuan_single_block_at_real_hidden_size(tmp_path):
     save_file(hunyuan_to_original(ref.state_dict()), file)
     family = get_family(ModelSection(family="hunyuan_video", path=path, transformer_file=str(file)))
     assert_same_model(ref, family.load_transformer(torch.bfloat16), hv_inputs(cfg, torch.bfloat16))
+
+
+# --- pre-quantised files (ComfyUI / kijai fp8_scaled) ----------------------------------------------------------
+
+# What kijai's and ComfyUI's fp8_scaled Wan files keep out of float8: norms, biases, embeddings, modulation.
+KEEP_HIGH_PRECISION = ("norm", "bias", "time_", "patch_embedding", "img_emb", "modulation", "text_embedding")
+
+
+def to_fp8_scaled(original: dict, scale_input: bool = True) -> dict:
+    """An fp8_scaled file as ComfyUI/kijai write one: each 2-D Linear weight of the blocks and head as
+    float8_e4m3fn with a per-tensor `scale_weight` (amax / 448; fp32 scalars here, bf16 [1] there, as both are
+    seen), `scale_input` 1.0 (ComfyUI), the rest bf16 with modulation fp32, and the `scaled_fp8` marker."""
+    out = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for i, (key, value) in enumerate(sorted(original.items())):
+        if key.endswith(".weight") and value.dim() == 2 and not any(k in key for k in KEEP_HIGH_PRECISION):
+            module = key.removesuffix(".weight")
+            scale = value.abs().amax().float() / 448
+            out[key] = (value / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+            out[f"{module}.scale_weight"] = scale if i % 2 else scale.to(torch.bfloat16).reshape(1)
+            if scale_input:
+                out[f"{module}.scale_input"] = torch.tensor(1.0)
+        else:
+            out[key] = value.to(torch.float32 if "modulation" in key else torch.bfloat16)
+    return out
+
+
+def wan_fp8_reference(tmp_path):
+    cfg = wan_config()
+    torch.manual_seed(0)
+    ref = WanTransformer3DModel(**cfg).eval()
+    return ref, folder_with(tmp_path, ref), wan_to_original(ref.state_dict())
+
+
+def test_wan_fp8_scaled_file_loads_dequantised_with_fp32_modules_kept(tmp_path, caplog):
+    ref, path, original = wan_fp8_reference(tmp_path)
+    scaled = to_fp8_scaled(original)
+    quantised = [k for k, v in scaled.items() if v.dtype == torch.float8_e4m3fn and v.numel()]
+    assert "blocks.0.self_attn.q.weight" in quantised and "blocks.1.ffn.2.weight" in quantised
+    file = tmp_path / "wan2.1_t2v_tiny_fp8_scaled.safetensors"
+    save_file(scaled, file)
+    family = get_family(ModelSection(family="wan", path=path, transformer_file=str(file)))
+    with caplog.at_level("INFO", logger="vidlora.models"):
+        got = family.load_transformer(torch.bfloat16)
+    assert "the base is quantised" in caplog.text and "scale_input" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+    to_original = dict(zip(ref.state_dict(), original))  # diffusers name -> original name (same order)
+    keep = WanTransformer3DModel._keep_in_fp32_modules
+    for name, param in got.named_parameters():
+        src, stored = ref.state_dict()[name], scaled[to_original[name]]
+        if any(k in name.split(".") for k in keep):  # fp32 as from_pretrained keeps them, from the file's values
+            assert param.dtype == torch.float32 and torch.equal(param, stored.float()), name
+        else:
+            assert param.dtype == torch.bfloat16, name
+        if stored.dtype == torch.float8_e4m3fn:  # weight x scale, then the compute dtype
+            scale = scaled[to_original[name].removesuffix(".weight") + ".scale_weight"].float()
+            assert torch.equal(param, (stored.float() * scale).to(torch.bfloat16)), name
+            # within e4m3's rounding (3 mantissa bits; subnormals below 2^-6 x scale) and bf16's of the source
+            bound = src.abs() * (2**-4 + 2**-8) + scale * 2**-9
+            assert ((param.float() - src).abs() <= bound).all(), name
+    assert sum(scaled[to_original[n]].dtype == torch.float8_e4m3fn for n, _ in got.named_parameters()) == len(quantised)
+
+
+def test_plain_float8_file_loads_and_says_the_base_is_quantised(tmp_path, caplog):
+    ref, path, original = wan_fp8_reference(tmp_path)
+    plain = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in original.items()}
+    file = tmp_path / "wan_fp8_e4m3fn.safetensors"
+    save_file(plain, file)
+    family = get_family(ModelSection(family="wan", path=path, transformer_file=str(file)))
+    with caplog.at_level("INFO", logger="vidlora.models"):
+        got = family.load_transformer(torch.float32)
+    lines = [r.getMessage() for r in caplog.records if "quantised" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith(f"{file}: ") and "float8" in lines[0]
+    q = dict(zip(ref.state_dict(), original))["blocks.0.attn1.to_q.weight"]
+    assert torch.equal(got.state_dict()["blocks.0.attn1.to_q.weight"], plain[q].float())
+
+
+def test_malformed_scaled_fp8_files_are_refused_naming_the_file(tmp_path):
+    _, path, original = wan_fp8_reference(tmp_path)
+    scaled = to_fp8_scaled(original, scale_input=False)
+
+    def load(name, sd):
+        save_file(sd, tmp_path / name)
+        family = get_family(ModelSection(family="wan", path=path, transformer_file=str(tmp_path / name)))
+        return family.load_transformer(torch.bfloat16)
+
+    lost = {k: v for k, v in scaled.items() if k != "blocks.1.ffn.0.scale_weight"}  # a scale lost in a merge
+    with pytest.raises(
+        UserError, match=r"lost.safetensors: malformed scaled-fp8.*without a scale_weight: blocks.1.ffn.0"
+    ):
+        load("lost.safetensors", lost)
+    stray = {**scaled, "blocks.0.norm3.scale_weight": torch.tensor(0.5)}  # a scale for a bf16 weight
+    with pytest.raises(UserError, match=r"stray.safetensors: malformed.*blocks.0.norm3.scale_weight scales a"):
+        load("stray.safetensors", stray)
+    vector = {**scaled, "blocks.0.self_attn.q.scale_weight": torch.ones(3)}
+    with pytest.raises(UserError, match=r"vector.safetensors: malformed.*not one finite number \(shape \(3,\)\)"):
+        load("vector.safetensors", vector)
+    mixed = {
+        **scaled,
+        "blocks.0.self_attn.q.comfy_quant": torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8),
+    }
+    with pytest.raises(UserError, match=r"mixed.safetensors: ComfyUI mixed-precision quantised weights"):
+        load("mixed.safetensors", mixed)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import WanImageToVideoPipeline
@@ -18,6 +19,7 @@ from tests.conftest import assert_diffusers_reproduces, fixed_eval_loss, run_cli
 from tests.test_hunyuan_video import capture_step0
 from trainer.config import ModelSection, UserError, load_recipe
 from trainer.models import get_family
+from trainer.sample import sample
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +143,32 @@ wandb = false
     run_cli("sample", recipe_path, *args, "--lora", out, "--image", first, "--out", video)
     info = probe(video)
     assert (info.width, info.height, info.num_frames) == (48, 32, 5) and round(info.fps) == 16
+
+
+def test_sample_takes_a_phone_still_upright_and_runs_clip_in_fp32(tmp_path, tiny_i2v, monkeypatch):
+    """A phone photo is stored landscape with EXIF orientation 6 (turn 90° clockwise to display): the pipeline
+    must get it upright, as prepare decodes training stills, and run CLIP in fp32 as prepare cached it."""
+    stored = np.zeros((48, 64, 3), np.uint8)
+    stored[:, :16] = (255, 0, 0)  # the stored left edge is the displayed top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    assert probe(tmp_path / "phone.jpg").rotation == 90
+    recipe = write_recipe(tmp_path / "r.toml", f'[model]\nfamily = "wan_i2v"\npath = "{tiny_i2v}"\ndtype = "bf16"\n')
+    seen = {}
+    real_call = WanImageToVideoPipeline.__call__
+
+    def spy(pipe, *args, **kwargs):  # the real pipeline runs; the spy only records its input
+        seen["image"], seen["clip"] = np.asarray(kwargs["image"]), pipe.image_encoder.dtype
+        seen["transformer"] = pipe.transformer.dtype
+        return real_call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(WanImageToVideoPipeline, "__call__", spy)
+    out = sample(load_recipe(recipe), "a cat", tmp_path / "s.mp4", frames=5, height=64, width=48, steps=1,
+                 image=tmp_path / "phone.jpg")  # fmt: skip
+    assert probe(out).num_frames == 5
+    image = seen["image"].astype(int)
+    assert image.shape == (64, 48, 3)
+    assert (image[:12, :, 0] > 200).all() and (image[:12, :, 1] < 60).all()  # red across the top
+    assert (image[20:].max() < 60).all()  # dark below: not the stored (sideways) picture
+    assert seen["clip"] == torch.float32 and seen["transformer"] == torch.bfloat16

@@ -123,9 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output .mp4")
     p.add_argument("--lora", help="adapter file to load with load_lora_weights")
     p.add_argument("--image", help="first frame (any image file) for image-to-video families such as wan_i2v")
-    p.add_argument("--frames", type=int, default=17)
-    p.add_argument("--height", type=int, default=480)
-    p.add_argument("--width", type=int, default=832)
+    p.add_argument("--frames", type=int, help="default: the recipe's validation.num_frames (17 unless set)")
+    p.add_argument(
+        "--height", type=int, help="default: the recipe's validation.height, else its first training bucket's"
+    )
+    p.add_argument(
+        "--width",
+        type=int,
+        help="default: the recipe's validation.width, else its first training bucket's (the first dataset's first "
+        "resolution)",
+    )
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
 

@@ -282,6 +282,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         raise UserError(
             f"{recipe.data.cache_dir}: cache was prepared for {dataset.family!r}, recipe is {family.name!r}"
         )
+    family.check_shapes((dataset.shape_key(i) for i in range(len(dataset))), f"{recipe.data.cache_dir}: sample size")
     sampler = BucketBatchSampler(dataset, t.batch_size, seed=t.seed, num_replicas=world, rank=rank)
     workers = t.dataloader_workers
     loader = DataLoader(

@@ -113,7 +113,6 @@ class Validator:
         return logs
 
     def pipeline(self, model: Denoisers) -> Any:
-        m = self.recipe.model
         dtype = torch.float32 if self.accelerator.device.type == "cpu" else torch.bfloat16
         if self.vae is None:
             self.vae = self.family.load_vae(dtype)
@@ -121,9 +120,8 @@ class Validator:
             if d.component not in model.experts and d.component not in self.others:
                 self.others[d.component] = self.family.load_transformer(dtype, d).eval()
         self.vae.to(self.accelerator.device)
-        pipe = self.family.pipeline_class.from_pretrained(
-            m.path,
-            revision=m.revision,
+        pipe = self.family.pretrained(
+            self.family.pipeline_class.from_pretrained,
             **dict(model.experts.items()),
             **self.others,
             vae=self.family.vae_module(self.vae),

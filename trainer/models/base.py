@@ -9,9 +9,11 @@ exactly what inference feeds the transformer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from diffusers import DiffusionPipeline
@@ -45,6 +47,45 @@ class Denoiser:
         return f"_{self.label}" if self.label else ""
 
 
+T = TypeVar("T")
+
+
+@cache
+def hub_source(path: str, revision: str | None) -> dict[str, Any]:
+    """How to load `model.path`: a local folder as it is; a hub id from the hub, after one quick request proves it
+    reachable (otherwise huggingface_hub retries for ~30 s on every file, then fails with a traceback), or from the
+    local cache (`local_files_only`) when the hub cannot be reached but the model is there. Asked once per model."""
+    from huggingface_hub import constants, get_session, snapshot_download
+    from huggingface_hub.utils import validate_repo_id
+
+    if Path(path).is_dir():
+        return {"revision": revision}
+    try:
+        validate_repo_id(path)
+    except ValueError:
+        raise UserError(f"{path}: model.path is neither a folder nor a hub id") from None
+    if constants.HF_HUB_OFFLINE:
+        why = f"HF_HUB_OFFLINE is set and {path} is not in the local cache ({constants.HF_HUB_CACHE})"
+    else:
+        try:  # any HTTP answer, even 401/404, means the hub is there (from_pretrained then says what is wrong)
+            get_session().head(f"{constants.ENDPOINT}/api/models/{path}", timeout=constants.HF_HUB_ETAG_TIMEOUT)
+            return {"revision": revision}
+        except Exception as e:  # noqa: BLE001 - connection, timeout, proxy or TLS errors of whichever HTTP client
+            why = f"cannot reach the hub for {path} ({constants.ENDPOINT}: {type(e).__name__})"
+    try:
+        snapshot_download(path, revision=revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not in the local cache (or not that revision)
+        if not constants.HF_HUB_OFFLINE:
+            why += f" and it is not in the local cache ({constants.HF_HUB_CACHE})"
+        raise UserError(
+            f"{why}; use a local folder as model.path, or download it with the hub reachable "
+            f"(hf download {path}) and set HF_HUB_OFFLINE=1"
+        ) from None
+    if not constants.HF_HUB_OFFLINE:
+        log.warning("%s: using its copy in the local cache", why)
+    return {"revision": revision, "local_files_only": True}
+
+
 class ModelFamily:
     """A model family: how to load it, what to cache for it, how to call its transformer, and what its LoRA files
     are called. Everything outside trainer/models/ asks the family; nothing else names one."""
@@ -61,6 +102,7 @@ class ModelFamily:
     # Folders of the model whose weights make the latent / text caches (a change there makes entries stale).
     vae_components: ClassVar[tuple[str, ...]] = ("vae",)
     text_components: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer")
+    fp32_components: ClassVar[tuple[str, ...]] = ()  # pipeline components loaded in fp32 whatever the weight dtype
     guidance_is_cfg: ClassVar[bool] = True  # the pipeline's guidance_scale is classifier-free (needs a negative)
     default_guidance: ClassVar[float | None] = None  # embedded guidance while training; None: no guidance input
     # Latent geometry: VAE compression (frames, height, width), latent channels, transformer patch (f, h, w).
@@ -79,6 +121,7 @@ class ModelFamily:
         if cfg.guidance is not None and self.default_guidance is None:
             raise RecipeError(f"model.guidance: the {self.name} family's transformer has no guidance input")
         self.cfg = cfg
+        self._configs: dict[str, dict[str, Any]] = {}
 
     @property
     def guidance(self) -> float | None:
@@ -133,8 +176,19 @@ class ModelFamily:
         return chosen
 
     # --- loading -------------------------------------------------------------------------------------
+    def pretrained(self, load: Callable[..., T], **kwargs: Any) -> T:
+        """`load(model.path, revision=..., **kwargs)`: every component and config of the model loads through here,
+        so where it comes from (a folder, the hub, the local cache) is decided in one place (`hub_source`)."""
+        return load(self.cfg.path, **hub_source(self.cfg.path, self.cfg.revision), **kwargs)
+
     def _from_pretrained(self, cls: Any, subfolder: str, dtype: torch.dtype) -> Any:
-        return cls.from_pretrained(self.cfg.path, subfolder=subfolder, revision=self.cfg.revision, dtype=dtype)
+        return self.pretrained(cls.from_pretrained, subfolder=subfolder, dtype=dtype)
+
+    def config(self, cls: Any, subfolder: str) -> dict[str, Any]:
+        """A component's config.json (no weights), read once."""
+        if subfolder not in self._configs:
+            self._configs[subfolder] = dict(self.pretrained(cls.load_config, subfolder=subfolder))
+        return self._configs[subfolder]
 
     def load_transformer(self, dtype: torch.dtype, denoiser: Denoiser | None = None) -> nn.Module:
         """A transformer (the first denoiser's by default) from the diffusers folder, or from an original single-file
@@ -142,7 +196,8 @@ class ModelFamily:
         denoiser = denoiser or self.denoisers()[0]
         file = getattr(self.cfg, denoiser.file_key, None)
         if file:
-            return load_single_file(self.transformer_class, file, self.cfg, dtype, denoiser.component)
+            config = self.config(self.transformer_class, denoiser.component)
+            return load_single_file(self.transformer_class, file, config, self.cfg.path, dtype)
         return self._from_pretrained(self.transformer_class, denoiser.component, dtype)
 
     def load_vae(self, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -156,17 +211,18 @@ class ModelFamily:
 
     def load_text_pipeline(self, dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
         """The family's pipeline with tokenizers and text encoders only (no transformer, no VAE)."""
-        return self.pipeline_class.from_pretrained(
-            self.cfg.path, revision=self.cfg.revision, transformer=None, vae=None, dtype=dtype
-        )
+        return self.pretrained(self.pipeline_class.from_pretrained, transformer=None, vae=None, dtype=dtype)
 
     def load_pipeline(self, dtype: torch.dtype, denoisers: dict[str, nn.Module] | None = None) -> DiffusionPipeline:
         """A full pipeline for samples, around given (LoRA-wrapped) transformers by component name, the model's own
         for the others (single files included)."""
         given = denoisers or {}
         own = {d.component: self.load_transformer(dtype, d) for d in self.denoisers() if d.component not in given}
-        return self.pipeline_class.from_pretrained(
-            self.cfg.path, revision=self.cfg.revision, dtype=dtype, **own, **given
+        return self.pretrained(
+            self.pipeline_class.from_pretrained,
+            **own,
+            **given,
+            dtype={"default": dtype, **dict.fromkeys(self.fp32_components, torch.float32)},
         )
 
     def load_adapters(self, pipe: DiffusionPipeline, files: dict[str, str | Path]) -> None:
@@ -175,6 +231,22 @@ class ModelFamily:
         for component, file in files.items():
             extra = {} if component == "transformer" else {f"load_into_{component}": True}
             pipe.load_lora_weights(str(file), **extra)
+
+    def shape_problem(self, width: int, height: int, frames: int) -> str | None:
+        """Why the transformer cannot take videos of this size, or None when it can."""
+        return None
+
+    def check_shapes(self, shapes: Iterable[tuple[int, int, int]], what: str) -> None:
+        """Refuse in one line the (width, height, frames) sizes the transformer cannot take: before prepare encodes,
+        when training starts or before a sample, not as a shape error inside the model at step 1."""
+        bad = [(s, p) for s in sorted(set(shapes)) if (p := self.shape_problem(*s)) is not None]
+        if bad:
+            (width, height, frames), problem = bad[0]
+            more = f" (and {len(bad) - 1} more size(s))" if len(bad) > 1 else ""
+            raise UserError(
+                f"{what} {width}x{height}, {frames} frames: the transformer of {self.cfg.path} cannot take it: "
+                f"{problem}{more}"
+            )
 
     def sample_kwargs(self, image: str | Path | None, height: int, width: int) -> dict[str, Any]:
         """Pipeline arguments a sample needs besides prompt, size, frames, steps and generator."""
@@ -286,19 +358,70 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_single_file(
-    cls: Any, file: str | Path, cfg: ModelSection, dtype: torch.dtype, subfolder: str = "transformer"
-) -> nn.Module:
-    """An original-layout checkpoint through diffusers' `from_single_file`, with `cfg.path`'s transformer config
-    (offline, no model-type guessing). diffusers fails on a missing or misnamed key with an opaque meta-tensor
-    error, so the keys are converted and checked here first and a mismatch names the keys."""
+# ComfyUI's "fp8_scaled" files (and kijai's): each quantised Linear stores `<module>.weight` in float8 and
+# `<module>.scale_weight`, a per-tensor scale (the weight is the stored value times it), next to a `scaled_fp8`
+# marker; `<module>.scale_input` is the activation scale of ComfyUI's fp8 matmul, not part of the weights.
+FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+# ComfyUI's newer mixed-precision format (per-layer `comfy_quant` config, `weight_scale`, block-scaled fp8/fp4/int8
+# layouts): refused rather than guessed at.
+COMFY_QUANT_SUFFIXES = (".comfy_quant", ".weight_scale", ".weight_scale_2", ".input_scale")
+
+
+def dequantise(sd: dict[str, torch.Tensor], file: str | Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Float8 weights of an original checkpoint as `dtype` values: times their `scale_weight` in a scaled file,
+    plainly cast otherwise (float8 converts exactly to bf16/fp16/fp32). Anything that would load wrong is refused
+    by name: training on unscaled fp8 values (0.2 stored as 448) is training on garbage."""
+    quant = sorted(k for k in sd if k.endswith(COMFY_QUANT_SUFFIXES))
+    if quant:
+        raise UserError(
+            f"{file}: ComfyUI mixed-precision quantised weights ({quant[0]}, ...) are not supported; "
+            "use the model's bf16/fp16 file or an fp8_scaled one"
+        )
+    marker = sd.pop("scaled_fp8", None)
+    scales = {k.removesuffix(".scale_weight"): sd.pop(k) for k in [k for k in sd if k.endswith(".scale_weight")]}
+    inputs = [sd.pop(k) for k in [k for k in sd if k.endswith(".scale_input")]]
+    float8 = sorted(k for k, v in sd.items() if v.dtype in FLOAT8)
+    if not float8 and not scales and marker is None:
+        return sd
+    problems = []
+    for module, scale in sorted(scales.items()):
+        weight = sd.get(f"{module}.weight")
+        if weight is None:
+            problems.append(f"{module}.scale_weight has no {module}.weight")
+        elif weight.dtype not in FLOAT8:
+            problems.append(f"{module}.scale_weight scales a {weight.dtype} weight, not a float8 one")
+        elif scale.numel() != 1 or not torch.isfinite(scale).all():
+            problems.append(f"{module}.scale_weight is not one finite number (shape {tuple(scale.shape)})")
+    scaled = bool(scales) or marker is not None
+    unscaled = [k for k in float8 if k.removesuffix(".weight") not in scales] if scaled else []
+    if unscaled:
+        problems.append(f"{len(unscaled)} float8 tensor(s) without a scale_weight: {', '.join(unscaled[:4])}")
+    if problems:
+        raise UserError(f"{file}: malformed scaled-fp8 checkpoint: {'; '.join(problems[:3])}")
+    for key in float8:
+        scale = scales.get(key.removesuffix(".weight"))
+        sd[key] = sd[key].to(dtype) if scale is None else (sd[key].float() * scale.float()).to(dtype)
+    kind = "scaled fp8 (float8 x scale_weight)" if scaled else "float8"
+    log.info(
+        "%s: %d of %d tensors are %s: loaded as %s; the base is quantised (fp8 rounding)%s",
+        file, len(float8), len(sd), kind, str(dtype).removeprefix("torch."),
+        f"; {len(inputs)} scale_input (fp8-matmul activation scales) not used" if inputs else "",
+    )  # fmt: skip
+    return sd
+
+
+def load_single_file(cls: Any, file: str | Path, config: dict, path: str, dtype: torch.dtype) -> nn.Module:
+    """An original-layout checkpoint converted by diffusers' own single-file converter for `cls`, with the transformer
+    `config` of the model at `path` (no model-type guessing). diffusers' `from_single_file` fails on a missing or
+    misnamed key with an opaque meta-tensor error, so the keys are converted and checked here and a mismatch names
+    the keys; the checked weights then go straight into the model."""
     from accelerate import init_empty_weights
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
-    config = cls.load_config(cfg.path, subfolder=subfolder, revision=cfg.revision)
     with init_empty_weights():
-        expected = cls.from_config(config).state_dict()
-    sd = read_checkpoint(file)
+        model = cls.from_config(config)
+    expected = model.state_dict()
+    sd = dequantise(read_checkpoint(file), file, dtype)
     if set(sd) != set(expected):
         convert = SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]["checkpoint_mapping_fn"]
         try:
@@ -316,13 +439,13 @@ def load_single_file(
         if wrong:
             k = wrong[0]
             detail.append(f"{len(wrong)} of another shape, e.g. {k} {tuple(sd[k].shape)} != {tuple(expected[k].shape)}")
-        raise UserError(f"{file}: does not match the transformer config of {cfg.path}: {'; '.join(detail)}")
+        raise UserError(f"{file}: does not match the transformer config of {path}: {'; '.join(detail)}")
     extra = sorted(set(sd) - set(expected))
     if extra:
         log.warning("%s: %d key(s) not in the transformer are ignored: %s", file, len(extra), ", ".join(extra[:6]))
-    sd = {k: sd[k] for k in expected}
-    model = cls.from_single_file(sd, config=cfg.path, subfolder=subfolder, config_revision=cfg.revision, dtype=dtype)
-    on_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if on_meta:
-        raise UserError(f"{file}: weights not loaded: {', '.join(on_meta[:6])}")
-    return model
+    # What from_pretrained does (from_single_file casts the whole model to `dtype`): the class's
+    # `_keep_in_fp32_modules` in fp32, the rest in `dtype`, each tensor cast from the checkpoint's own value.
+    keep = cls._keep_in_fp32_modules or []
+    sd = {k: sd[k].to(torch.float32 if any(m in k.split(".") for m in keep) else dtype) for k in expected}
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval()

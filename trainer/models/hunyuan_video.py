@@ -340,7 +340,7 @@ class HunyuanVideo(ModelFamily):
     def sample_kwargs(self, image, height, width):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(self.cfg.path, subfolder="tokenizer", revision=self.cfg.revision)
+        tokenizer = self.pretrained(AutoTokenizer.from_pretrained, subfolder="tokenizer")
         return {**super().sample_kwargs(image, height, width), "prompt_template": self.prompt_template(tokenizer)}
 
     @classmethod

@@ -27,7 +27,7 @@ class TwoExperts:
     def boundary(self) -> float:
         """The noise level where the experts switch, from the model's own model_index.json."""
         if not hasattr(self, "_boundary"):
-            config = self.pipeline_class.load_config(self.cfg.path, revision=self.cfg.revision)
+            config = self.pretrained(self.pipeline_class.load_config)
             self._boundary = float(config["boundary_ratio"])
         return self._boundary
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import WanImageToVideoPipeline
 from PIL import Image
@@ -52,6 +51,9 @@ class WanI2V(Wan):
     text_keys = ("prompt_embeds",)
     vae_components = ("vae", "image_encoder", "image_processor")  # the condition is part of the latent entry
     variants = {5120: "Wan2.1-I2V-14B"}
+    # CLIP in fp32 wherever it runs, as diffusers' Wan I2V examples load it: samples then see the image embeddings
+    # the cache was made with. It is small next to the VAE activations.
+    fp32_components = ("image_encoder",)
     # text_length stays 512: the I2V attention splits image from text tokens with a hard-coded 512, so any other
     # length is silently wrong.
 
@@ -64,15 +66,13 @@ class WanI2V(Wan):
         return wan_reader_notes(fmt, file_modules)
 
     def load_vae(self, dtype: torch.dtype = torch.float32) -> VaePass:
-        # The image encoder in fp32, as diffusers' Wan I2V examples load it; it is small next to the VAE activations.
-        pipe = self.pipeline_class.from_pretrained(
-            self.cfg.path,
-            revision=self.cfg.revision,
+        pipe = self.pretrained(
+            self.pipeline_class.from_pretrained,
             transformer=None,
             text_encoder=None,
             tokenizer=None,
             scheduler=None,
-            dtype={"vae": dtype, "image_encoder": torch.float32},
+            dtype={"vae": dtype, **dict.fromkeys(self.fp32_components, torch.float32)},
         )
         return VaePass(pipe)
 
@@ -83,9 +83,8 @@ class WanI2V(Wan):
         return super().decode_video(self.vae_module(vae), latents)
 
     def load_text_pipeline(self, dtype: torch.dtype = torch.float32) -> WanImageToVideoPipeline:
-        return self.pipeline_class.from_pretrained(
-            self.cfg.path,
-            revision=self.cfg.revision,
+        return self.pretrained(
+            self.pipeline_class.from_pretrained,
             transformer=None,
             vae=None,
             image_encoder=None,
@@ -131,15 +130,18 @@ class WanI2V(Wan):
         if image is None:
             raise UserError(f"{self.name} generates from a first frame: pass --image PATH")
         from data.buckets import resize_crop
+        from data.media import MediaError, probe, read_frames
 
         path = Path(image)
         try:
-            picture = np.asarray(Image.open(path).convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise UserError(f"{path}: not a readable image ({e})") from None
+            info = probe(path)
+            if info.kind != "image":
+                raise UserError(f"{path}: a {info.kind}, not an image (give its first frame as an image file)")
+            picture = read_frames(info, [0])  # upright (EXIF orientation applied), as prepare reads stills
+        except MediaError as e:
+            raise UserError(f"{path}: not a readable image ({e.reason})") from None
         # Resized and centre-cropped to the video size as training frames are, so CLIP sees the same crop.
-        first = Image.fromarray(resize_crop(picture[None], (width, height))[0])
-        return {**self.sample_defaults, "image": first}
+        return {**self.sample_defaults, "image": Image.fromarray(resize_crop(picture, (width, height))[0])}
 
     @classmethod
     def make_tiny(cls, out_dir: Path, seed: int = 0) -> Path:
