@@ -410,11 +410,12 @@ def test_vae_tiling_is_used_for_large_frames_and_is_part_of_the_fingerprint(tiny
 def test_decode_workers_above_the_core_count_are_capped_without_a_torch_warning(tiny_wan, tmp_path):
     from data.prepare import cpu_cores, prepare
     from trainer.config import load_recipe
+    from trainer.models import get_family
 
     caption(media.write_video(tmp_path / "clips/c.mp4", FRAMES[:5]))
     datasets = f'[[data.datasets]]\npath = "{tmp_path / "clips"}"\nresolutions = [64]\ntarget_frames = [5]'
     r = load_recipe(recipe(tmp_path, tiny_wan, datasets), [f"data.decode_workers={cpu_cores() + 2}"])
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        assert prepare(r) == 0
+        assert prepare(r, get_family(r.model)) == 0
     assert not [w for w in seen if "worker processes in total" in str(w.message)]

@@ -146,9 +146,22 @@ def test_expert_ranges_come_from_the_model_and_shifts_from_the_official_configs(
 
 @pytest.fixture(scope="module")
 def trained22(prepared22, tmp_path_factory):
+    """A two-expert run that also validates through the two-expert pipeline (videos, loss per expert)."""
     tmp = tmp_path_factory.mktemp("trained22")
-    run, model = train_capturing(make_recipe(tmp, prepared22, "run", steps=12))
+    recipe = make_recipe(tmp, prepared22, "run", steps=12)
+    validation = "[validation]\nevery = 12\nholdout_clips = 1\nnum_frames = 5\ninference_steps = 2\n"
+    recipe = write_recipe(recipe, recipe.read_text() + validation)
+    run, model = train_capturing(recipe)
     return prepared22[0], run, model
+
+
+@pytest.mark.slow
+def test_validation_uses_both_experts_and_reports_each(trained22):
+    _, run, _ = trained22
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = next(r for r in rows if "val_loss" in r)
+    assert {"val_loss_high_noise", "val_loss_low_noise"} <= set(val)  # sigmas 0.1..0.9 fall on both sides
+    assert list((run / "validation/step-000012").glob("*.mp4"))
 
 
 def expert_outputs(transformer, transformer_2, family):
@@ -287,3 +300,28 @@ def test_i2v_a14b_trains_and_loads_in_its_pipeline(tmp_path):
         for c, s in (("transformer", 0.95), ("transformer_2", 0.5)):
             got = family.predict(getattr(pipe, c), noisy, torch.tensor([s]), batch)
             torch.testing.assert_close(got, family.predict(trained.experts[c], noisy, torch.tensor([s]), batch))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_zero2_with_two_experts_moves_only_the_step_expert(prepared22, tmp_path):
+    """Under DeepSpeed (which steps every parameter it holds) a step still changes only its expert's LoRA."""
+    from tests.test_multiprocess import ZERO2
+    from trainer.train import step_denoiser
+
+    recipe = make_recipe(tmp_path, prepared22, "z", 6, batch_size=1, checkpoint_every=1)
+    train_run(recipe, ZERO2)
+    loaded = load_recipe(recipe)
+    family = get_family(loaded.model)
+    adapters = {
+        s: {e: read_adapter(tmp_path / f"z/checkpoints/step-{s:06d}/adapter_{e}.safetensors")[0] for e in EXPERTS}
+        for s in range(1, 7)
+    }
+    trained = set()
+    for s in range(2, 7):
+        expert = step_denoiser(loaded, family, s - 1).label  # step s is chosen with s - 1 steps done
+        trained.add(expert)
+        for e in EXPERTS:
+            moved = any(not torch.equal(adapters[s][e][k], adapters[s - 1][e][k]) for k in adapters[s][e])
+            assert moved == (e == expert), (s, e, expert)
+    assert trained == set(EXPERTS), "6 steps did not visit both experts: pick another seed"
