@@ -61,8 +61,10 @@ SUBSTITUTIONS = [
     (
         "shell",
         r"\bhf download (\S+) --local-dir (\S+)",
-        lambda m: f'cp -r "{hub_snapshot("$HF_HUB_CACHE", m[1])}" {m[2]}',
-        "no network: the tiny model the hub cache holds under that id (HUB_MODELS) is copied instead",
+        lambda m: (
+            f'hf download --help | grep -- --local-dir >/dev/null; cp -r "{hub_snapshot("$HF_HUB_CACHE", m[1])}" {m[2]}'
+        ),
+        "no network: the command and its option must exist, then the tiny model under that id is copied",
     ),
 ]
 RECIPE_OVERRIDES = [

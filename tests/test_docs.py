@@ -246,7 +246,8 @@ def test_block_runs(block: Block, doc_world: DocWorld, tmp_path: Path) -> None:
         cmd = [sys.executable, "-W", "error::FutureWarning", str(script)]
     proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (
-        f"{block} failed ({proc.returncode}) as run:\n{script.read_text()}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        f"{block} failed ({proc.returncode}) as run (markers and substitutions: tests/doc_blocks.py):\n"
+        f"{script.read_text()}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     )
     missing = [out for out in _outputs(block) if not (work / out).exists()]
     assert not missing, f"{block}: did not write {missing}"
