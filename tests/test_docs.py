@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 
@@ -126,6 +127,10 @@ class DocWorld:
             (snapshot.parents[1] / "refs").mkdir()
             (snapshot.parents[1] / "refs" / "main").write_text(snapshot.name)
 
+    @property
+    def tiny_wan(self) -> Path:
+        return self.tiny["wan"]
+
     @cached_property
     def clips(self) -> Path:
         from data.synth import make_sample_clips
@@ -163,7 +168,7 @@ class DocWorld:
     def merged(self) -> Path:
         from trainer.export import merge_into_folder
 
-        return merge_into_folder(self.tiny["wan"], self.run, self.root / "merged", 0.8)
+        return merge_into_folder(self.tiny_wan, self.run, self.root / "merged", 0.8)
 
     @cached_property
     def lora_files(self) -> Path:
@@ -185,21 +190,13 @@ class DocWorld:
         return out
 
 
-def _copy(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    (shutil.copytree if src.is_dir() else shutil.copy)(src, dest)
-
-
-# setup name (the doc marker `setup=NAME`) -> what it puts into the block's folder
+# setup name (the doc marker `setup=NAME`) -> what it copies into the block's folder: (DocWorld attribute, path)
 SETUPS = {
-    "clips": lambda w, work: _copy(w.clips, work / "datasets" / "style"),
-    "run": lambda w, work: [_copy(w.run, work / "runs" / name) for name in ("style", "wan13b_style")],
-    "exports": lambda w, work: (SETUPS["run"](w, work), _copy(w.exports, work / "exports")),
-    "merged": lambda w, work: (
-        _copy(w.tiny["wan"], work / "wan13b"),
-        _copy(w.merged, work / "wan13b_style_transformer"),
-    ),
-    "lora_files": lambda w, work: [_copy(f, work / f.name) for f in w.lora_files.iterdir()],
+    "clips": [("clips", "datasets/style")],
+    "run": [("run", "runs/style"), ("run", "runs/wan13b_style")],
+    "exports": [("exports", "exports")],
+    "merged": [("tiny_wan", "wan13b"), ("merged", "wan13b_style_transformer")],
+    "lora_files": [("lora_files", ".")],
 }
 
 
@@ -217,37 +214,60 @@ def _outputs(block: Block) -> list[str]:
     return outs
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("block", _blocks("shell", "python"), ids=str)
-def test_block_runs(block: Block, doc_world: DocWorld, tmp_path: Path) -> None:
-    if block.skip:
-        pytest.skip(f"{block}: {block.skip}")
-    work = tmp_path / "work"  # a checkout: the recipes, the venv, and what the marker's setup adds
+def _block_job(block: Block, world: DocWorld, tmp: Path) -> tuple[Path, Path, list[str], dict[str, str]]:
+    """(folder, script, command, environment) of a block: a fresh checkout (the recipes, the venv) with what
+    its setup marker asks for, and the block as it runs (tests/doc_blocks.py)."""
+    work = tmp / "work"
     work.mkdir()
     shutil.copytree(ROOT / "recipes", work / "recipes")
-    (work / ".venv").symlink_to(sys.prefix)
+    (work / ".venv").symlink_to(sys.prefix)  # the venv running the tests (CI: .venv)
     for name in block.setup:
-        SETUPS[name](doc_world, work)
+        for attribute, dest in SETUPS[name]:
+            shutil.copytree(getattr(world, attribute), work / dest, dirs_exist_ok=True)
     env = {
         **cli_env(),
-        "HF_HUB_CACHE": str(doc_world.hub),
+        "HF_HUB_CACHE": str(world.hub),
         "HF_HUB_OFFLINE": "1",
         "DOC_PYTHON": sys.executable,
         "OMP_NUM_THREADS": "1",  # a tiny model gains nothing from threads that spin on a busy 2-core machine
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
     if block.lang == "shell":
-        script = tmp_path / "block.sh"
+        script = tmp / "block.sh"
         script.write_text(SHELL_PREAMBLE + substituted(block), encoding="utf-8")
         cmd = ["bash", str(script)]
     else:
-        script = tmp_path / "block.py"
+        script = tmp / "block.py"
         script.write_text(substituted(block), encoding="utf-8")
         cmd = [sys.executable, "-W", "error::FutureWarning", str(script)]
-    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    return work, script, cmd, env
+
+
+@pytest.fixture(scope="session")
+def block_runs(request, doc_world: DocWorld, tmp_path_factory) -> dict[str, tuple]:
+    """{block: (folder, script, process)} for every runnable block this session selected, run two at a time
+    (a block is mostly Python start-up on one core: two at a time halve the wall time on 2 cores). The
+    setups are made first, in this process."""
+    blocks = [i.callspec.params["block"] for i in request.session.items if i.originalname == "test_block_runs"]
+    jobs = {str(b): _block_job(b, doc_world, tmp_path_factory.mktemp("block")) for b in blocks if not b.skip}
+
+    def run(job: tuple) -> tuple:
+        work, script, cmd, env = job
+        return work, script, subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(jobs, pool.map(run, jobs.values())))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", _blocks("shell", "python"), ids=str)
+def test_block_runs(block: Block, request) -> None:
+    if block.skip:
+        pytest.skip(f"{block}: {block.skip}")
+    work, script, proc = request.getfixturevalue("block_runs")[str(block)]
     assert proc.returncode == 0, (
         f"{block} failed ({proc.returncode}) as run (markers and substitutions: tests/doc_blocks.py):\n"
         f"{script.read_text()}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     )
-    missing = [out for out in _outputs(block) if not (work / out).exists()]
+    missing = [path for path in _outputs(block) if not (work / path).exists()]
     assert not missing, f"{block}: did not write {missing}"
