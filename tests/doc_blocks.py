@@ -118,19 +118,19 @@ def discover(root: Path = ROOT) -> list[Block]:
             if lang:
                 block = Block(rel, i + 1, lang, "\n".join(lines[i + 1 : end]) + "\n")
                 if i > 0 and (prev := MARKER.match(lines[i - 1].strip())):
-                    _apply_marker(block, prev[1])
+                    _apply_marker(block, prev[1], f"{rel}:{i}")
                 blocks.append(block)
             i = end + 1
     return blocks
 
 
-def _apply_marker(block: Block, text: str) -> None:
+def _apply_marker(block: Block, text: str, where: str) -> None:
     if m := re.fullmatch(r"skip \((.+)\)", text):
         block.skip = m[1]
     elif m := re.fullmatch(r"setup=([\w,]+)", text):
         block.setup = m[1].split(",")
     else:
-        raise ValueError(f"{block}: doc-test marker {text!r}: expected 'skip (REASON)' or 'setup=NAME'")
+        raise ValueError(f"{where}: doc-test marker {text!r}: expected 'skip (REASON)' or 'setup=NAME'")
 
 
 def substituted(block: Block) -> str:

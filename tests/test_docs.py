@@ -108,6 +108,26 @@ def test_toml_block_is_a_valid_recipe(block: Block, tmp_path: Path) -> None:
     load_recipe(recipe)  # a RecipeError names the key
 
 
+def test_markers_are_read_and_strays_refused(tmp_path: Path) -> None:
+    """A marker applies to the fence right after it; one anywhere else, or one not understood, is an error."""
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "README.md"
+    page.write_text(
+        "<!-- doc-test: skip (needs 8 GPUs) -->\n```bash\nvidlora env\n```\n\n"
+        "<!-- doc-test: setup=run,clips -->\n```python\nprint(1)\n```\n```toml\n```\n```jsonl\n{}\n```\n"
+    )
+    found = [(str(b), b.lang, b.skip, b.setup) for b in discover(tmp_path)]
+    assert found == [
+        ("README.md:2", "shell", "needs 8 GPUs", []),
+        ("README.md:7", "python", None, ["run", "clips"]),
+        ("README.md:10", "toml", None, []),
+    ]
+    for bad in ("<!-- doc-test: skip -->\n```bash\n```\n", "<!-- doc-test: setup=run -->\n\n```bash\n```\n"):
+        page.write_text(bad)
+        with pytest.raises(ValueError, match="README.md:1"):
+            discover(tmp_path)
+
+
 # --- running the blocks -------------------------------------------------------------------------------------
 
 
