@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 FORMAT_VERSION = 1
 META_KEY = "vidlora"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # recipe names -> torch dtypes
 TMP_SUFFIX = ".tmp"
 
 

@@ -15,14 +15,14 @@ import numpy as np
 import torch
 
 from data.cache import load_entry, read_meta
-from data.prepare import load_index
+from data.prepare import Encoders, load_index
 
 
 def inspect_cache(
-    cache_dir: str | Path, decode: int = 0, out_dir: str | Path | None = None, model: str | None = None
+    cache_dir: str | Path, decode: int = 0, out_dir: str | Path | None = None, family: Encoders | None = None
 ) -> str:
-    """A readable summary of the cache; with `decode` > 0 also writes that many samples as .mp4 (.png for
-    1-frame samples) into `out_dir` (default CACHE_DIR/inspect), one per bucket shape first."""
+    """A readable summary of the cache; with `decode` > 0 also writes that many samples, decoded by `family`'s VAE,
+    as .mp4 (.png for 1-frame samples) into `out_dir` (default CACHE_DIR/inspect), one per bucket shape first."""
     root = Path(cache_dir)
     index = load_index(root)
     samples = index["samples"]
@@ -50,7 +50,9 @@ def inspect_cache(
     lines.append("by frames: " + ", ".join(f"{f}: {n}" for f, n in sorted(lengths.items())))
     lines.append(_health(root, samples, texts))
     if decode > 0:
-        lines += [f"decoded: {p}" for p in decode_samples(root, index, decode, out_dir, model)]
+        if family is None:
+            raise ValueError("decoding samples needs the family that made the cache")
+        lines += [f"decoded: {p}" for p in decode_samples(root, index, decode, out_dir, family)]
     return "\n".join(lines)
 
 
@@ -89,15 +91,10 @@ def pick(samples: list[dict], n: int) -> list[dict]:
 
 
 @torch.no_grad()
-def decode_samples(root: Path, index: dict, n: int, out_dir: str | Path | None, model: str | None) -> list[Path]:
-    """Decode `n` cached latents with the VAE of the index's model; writes videos and returns their paths."""
+def decode_samples(root: Path, index: dict, n: int, out_dir: str | Path | None, family: Encoders) -> list[Path]:
+    """Decode `n` cached latents with `family`'s VAE; writes videos and returns their paths."""
     from data.media import write_image, write_video
-    from trainer.config import ModelSection
-    from trainer.models import get_family
 
-    family = get_family(
-        ModelSection(family=index["family"], path=model or index["model"], revision=index.get("model_revision"))
-    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae = family.load_vae(torch.float32 if device.type == "cpu" else torch.bfloat16).to(device).eval()
     out = Path(out_dir) if out_dir else root / "inspect"

@@ -135,9 +135,11 @@ def make_plan(
     identity: dict[str, Any],
     probes: ProbeCache,
     show_progress: bool = True,
+    bucket_step: int = 16,
 ) -> Plan:
-    """Probe every usable file, cut windows and pick buckets; `identity` (model, VAE, encode settings) goes
-    into every fingerprint, so changing any of it makes the entries stale."""
+    """Probe every usable file, cut windows and pick buckets (sides multiples of the model's `bucket_step`);
+    `identity` (model, VAE, encode settings) goes into every fingerprint, so changing any of it makes the entries
+    stale."""
     names = dataset_names(datasets)
     manifest, unused = build_manifest(datasets, names)
     settings = dict(zip(names, datasets))
@@ -173,7 +175,7 @@ def make_plan(
             row["no_motion"] = f"{len(order)} frame{'s' * (len(order) > 1)} at {rate}; the shortest window is 5"
         source = file_identity(item["path"])
         buckets = [
-            choose_bucket(info.width, info.height, bucket_sizes(r, max_ratio=ds.max_aspect_ratio))
+            choose_bucket(info.width, info.height, bucket_sizes(r, max_ratio=ds.max_aspect_ratio, step=bucket_step))
             for r in ds.resolutions
         ]
         for bucket in dict.fromkeys(buckets):  # two resolutions may give one bucket: one sample, not two

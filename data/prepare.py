@@ -20,7 +20,7 @@ import os
 import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from data.buckets import resize_crop
 from data.cache import (
+    DTYPES,
     FORMAT_VERSION,
     atomic_write,
     fingerprint,
@@ -41,9 +42,7 @@ from data.cache import (
 )
 from data.media import MediaInfo, read_frames
 from data.plan import Plan, ProbeCache, Sample, make_plan
-from trainer.config import Recipe, UserError
-from trainer.models import get_family
-from trainer.models.base import DTYPES, ModelFamily
+from trainer.config import ModelSection, Recipe, UserError
 
 log = logging.getLogger("vidlora.prepare")
 
@@ -51,7 +50,27 @@ TEXT_BATCH = 16  # captions per text-encoder call
 T = TypeVar("T")
 
 
-def model_identity(family: ModelFamily, components: tuple[str, ...]) -> dict[str, Any]:
+class Encoders(Protocol):
+    """What preparing a cache needs from a model family (trainer/models' `Encoders` is one): data/ knows no
+    family, it is handed one."""
+
+    name: str
+    cfg: ModelSection
+    native_fps: float
+    vae_components: tuple[str, ...]
+    text_components: tuple[str, ...]
+
+    def bucket_step(self) -> int: ...
+    def check_shapes(self, shapes: Any, what: str) -> None: ...
+    def load_vae(self, dtype: torch.dtype = ...) -> torch.nn.Module: ...
+    def vae_module(self, loaded: torch.nn.Module) -> torch.nn.Module: ...
+    def encode_video(self, vae: torch.nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    def decode_video(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor: ...
+    def load_text_pipeline(self, dtype: torch.dtype = ...) -> Any: ...
+    def encode_prompts(self, text_pipe: Any, prompts: list[str]) -> list[dict[str, torch.Tensor]]: ...
+
+
+def model_identity(family: Encoders, components: tuple[str, ...]) -> dict[str, Any]:
     """What a cache entry depends on besides its input: the family and the weights of the components that
     made it (for a local folder, each file's size and mtime; for a hub id, the id and revision)."""
     ident: dict[str, Any] = {"family": family.name, "path": family.cfg.path, "revision": family.cfg.revision}
@@ -92,7 +111,7 @@ class _Decode(Dataset):
             return i, f"{type(e).__name__}: {getattr(e, 'reason', e)}"
 
 
-def entry_meta(s: Sample, family: ModelFamily) -> dict[str, Any]:
+def entry_meta(s: Sample, family: Encoders) -> dict[str, Any]:
     """What a latent entry says about itself: enough to trace it back to its source frames."""
     return {
         "source": s.source,
@@ -109,7 +128,7 @@ def encode_latents(
     batches: list[list[Sample]],
     media: dict[str, MediaInfo],
     stale: set[str],
-    family: ModelFamily,
+    family: Encoders,
     root: Path,
     recipe: Recipe,
     device: torch.device,
@@ -174,7 +193,7 @@ def encode_texts(
     chunks: list[list[str]],
     stale: set[str],
     captions: dict[str, str],
-    family: ModelFamily,
+    family: Encoders,
     root: Path,
     recipe: Recipe,
     device: torch.device,
@@ -210,8 +229,8 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def prepare(recipe: Recipe, strict: bool = False, dry_run: bool = False, prune: bool = False) -> int:
-    """Run all passes; returns the process exit status (0 when something usable was prepared).
+def prepare(recipe: Recipe, family: Encoders, strict: bool = False, dry_run: bool = False, prune: bool = False) -> int:
+    """Run all passes with `family`'s encoders; returns the process exit status (0 when something usable was prepared).
 
     dry_run: plan and report only (every input, its windows and buckets), no encoding and no index.
     prune: delete cache entries this plan no longer makes (only vidlora entries, only in this cache).
@@ -223,7 +242,6 @@ def prepare(recipe: Recipe, strict: bool = False, dry_run: bool = False, prune: 
     # the Accelerator, does not read that flag itself.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     main, rank, world = state.is_main_process, state.process_index, state.num_processes
-    family = get_family(recipe.model)
     root = Path(recipe.data.cache_dir)
     device = state.device
     vae_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -238,7 +256,14 @@ def prepare(recipe: Recipe, strict: bool = False, dry_run: bool = False, prune: 
 
     with state.main_process_first():  # the main process probes; the others then find its probe cache
         probes = ProbeCache(root / "probes.json")
-        plan = make_plan(recipe.data.datasets, family.native_fps, identity, probes, show_progress=main)
+        plan = make_plan(
+            recipe.data.datasets,
+            family.native_fps,
+            identity,
+            probes,
+            show_progress=main,
+            bucket_step=family.bucket_step(),
+        )
         if main:
             probes.save()
             for folder, recursive in ((root, False), (root / "samples", True), (root / "text", False)):

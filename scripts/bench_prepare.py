@@ -27,7 +27,7 @@ from data import media, synth
 from data.buckets import bucket_sizes, choose_bucket, resize_crop
 from data.prepare import prepare
 from trainer.config import Recipe
-from trainer.models import family_class, get_family
+from trainer.models import DEFAULT_FAMILY, family_class, get_family
 
 WIDTH, HEIGHT, FRAMES, TARGET, RESOLUTION = 160, 120, 49, 33, 128
 
@@ -73,7 +73,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench_prepare_"))
     try:
-        model = family_class("wan").make_tiny(work / "model")
+        model = family_class(DEFAULT_FAMILY).make_tiny(work / "model")
         clips = make_clips(work / "clips", args.clips)
 
         def recipe(cache: Path) -> Recipe:
@@ -98,7 +98,8 @@ def main() -> None:
             n = bare_loop(recipe(work / "unused"), clips, work / f"bare_{r}")
             best["bare loop"] = min(best["bare loop"], time.perf_counter() - start)
             start = time.perf_counter()
-            assert prepare(recipe(work / f"cache_{r}")) == 0
+            prepared = recipe(work / f"cache_{r}")
+            assert prepare(prepared, get_family(prepared.model)) == 0
             best["prepare"] = min(best["prepare"], time.perf_counter() - start)
         rates = {k: n / v for k, v in best.items()}
         load = " ".join(f"{x:.1f}" for x in os.getloadavg())

@@ -35,10 +35,10 @@ CASES = ("vidlora", "bare", "checkpointing", "adamw8bit")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from trainer.perf import PRESETS
+    from trainer.perf import presets
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", choices=sorted(PRESETS), default="small", help="model size (published configs)")
+    p.add_argument("--model", choices=sorted(presets()), default="small", help="model size (published configs)")
     p.add_argument("--frames", type=int, help="pixel frames, 4k+1 (default 81; small presets: 9)")
     p.add_argument("--height", type=int, help="pixel height, multiple of 16 (default 480; small presets: 128)")
     p.add_argument("--width", type=int, help="pixel width, multiple of 16 (default 832; small presets: 128)")
@@ -96,11 +96,11 @@ def vidlora_step(recipe, preset, optimizer_kind: str, batch: dict, family=None):
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=t.gradient_accumulation)
     set_seed(t.seed)
     family = family or bench_family(preset, recipe.model, accelerator.device)
-    transformer = build_model(recipe, family, DTYPES[weight_dtype])
-    params = [p for p in transformer.parameters() if p.requires_grad]
+    model = build_model(recipe, family, DTYPES[weight_dtype])
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=10**6)
-    transformer, optimizer = accelerator.prepare(transformer, optimizer)
+    model, optimizer = accelerator.prepare(model, optimizer)
     micro = 0
     slots = list(range(batch["latents"].shape[0]))
 
@@ -108,13 +108,13 @@ def vidlora_step(recipe, preset, optimizer_kind: str, batch: dict, family=None):
     def step() -> float:
         nonlocal micro
         for _ in range(t.gradient_accumulation):
-            with accelerator.accumulate(transformer):
-                loss = forward_backward(accelerator, family, transformer, batch, recipe, micro, slots)
+            with accelerator.accumulate(model):
+                loss = forward_backward(accelerator, model, batch, recipe, micro, slots)
             micro += 1
         optimizer_step(accelerator, params, optimizer, scheduler, t.max_grad_norm, bad=False)
         return loss.item()
 
-    return step, transformer, family
+    return step, model, family
 
 
 def bare_step(recipe, preset, optimizer_kind: str, batch: dict, tensors: dict):
@@ -191,10 +191,10 @@ def bare_step(recipe, preset, optimizer_kind: str, batch: dict, tensors: dict):
 
 
 def bare_forward(preset, transformer, noisy, timestep, batch: dict):
-    """The transformer call of diffusers' own pipelines."""
+    """The transformer call of diffusers' own pipelines (Wan's, or HunyuanVideo's with its pooled text and mask)."""
     import torch
 
-    if preset.family == "wan":
+    if "pooled_projections" not in batch:
         return transformer(
             hidden_states=noisy, timestep=timestep, encoder_hidden_states=batch["prompt_embeds"], return_dict=False
         )[0]
@@ -227,15 +227,15 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
 
     import trainer.train  # noqa: F401
     from trainer.config import load_recipe
-    from trainer.perf import PRESETS, checkpointed_fractions, latent_shape, random_batch, step_flops, video_tokens
+    from trainer.perf import checkpointed_fractions, latent_shape, presets, random_batch, step_flops, video_tokens
 
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides, optimizer_kind = case_overrides(args, case)
     recipe = load_recipe(args.recipe, overrides)
     t = recipe.train
-    preset = PRESETS[args.model]
-    latent = latent_shape(args.frames, args.height, args.width)
+    preset = presets()[args.model]
+    latent = latent_shape(preset, args.frames, args.height, args.width)
     text_tokens = args.text_tokens or preset.text_tokens
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -255,7 +255,7 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
         return time.perf_counter() - start, time.process_time() - cpu
 
     bar = tqdm(total=args.warmup * (1 + with_bare + (case != "vidlora")) + args.steps, desc=case, leave=False)
-    step, transformer, family = vidlora_step(recipe, preset, optimizer_kind, batch)
+    step, model, family = vidlora_step(recipe, preset, optimizer_kind, batch)
     for _ in range(args.warmup):
         timed(step)
         bar.update()
@@ -282,13 +282,15 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
         bar.update()
     bar.close()
 
-    model = getattr(transformer, "module", transformer)  # the blocks are the same in every entry
+    from trainer.train import unwrapped
+
+    transformer = next(iter(unwrapped(model).experts.values()))  # the blocks are the same in every entry
     results = []
     for name, ts in times.items():
         _, r, optimizer = entries[name]
         per_step = r.train.batch_size * r.train.gradient_accumulation
         flops = step_flops(
-            preset, latent, text_tokens, per_step, r.lora.rank, r.lora.targets, checkpointed_fractions(model, r)
+            preset, latent, text_tokens, per_step, r.lora.rank, r.lora.targets, checkpointed_fractions(transformer, r)
         )
         s = statistics.median(wall for wall, _ in ts)
         results.append(
@@ -334,12 +336,13 @@ def fmt_bytes(n: float | None) -> str:
 
 
 def report(args: argparse.Namespace, results: list[dict]) -> None:
-    from trainer.perf import PRESETS, device_peak_flops, latent_shape, video_tokens
+    from trainer.perf import device_peak_flops, latent_shape, presets, video_tokens
 
     ok = [r for r in results if "error" not in r]
     device = ok[0]["device"] if ok else "?"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else device_peak_flops(device)
-    tokens = video_tokens(PRESETS[args.model], latent_shape(args.frames, args.height, args.width))
+    preset = presets()[args.model]
+    tokens = video_tokens(preset, latent_shape(preset, args.frames, args.height, args.width))
     print(f"\nmodel {args.model}, {args.frames}x{args.height}x{args.width} -> {tokens} video tokens; {device}")
     print(f"bf16 dense peak: {peak / 1e12:.0f} TFLOP/s" if peak else "no peak known for this device: no MFU")
     print(f"{'case':<15}{'s/step':>9}{'tokens/s':>10}{'peak mem':>11}{'TFLOP/s':>9}{'MFU':>7}{'HFU':>7}")
@@ -392,12 +395,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results))
         return 0
     from trainer.config import UserError, load_recipe
-    from trainer.perf import latent_shape
+    from trainer.perf import latent_shape, presets
 
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     try:  # bad arguments fail here, once, not in every child
         load_recipe(args.recipe, args.set)
-        latent_shape(args.frames, args.height, args.width)
+        latent_shape(presets()[args.model], args.frames, args.height, args.width)
         if "vidlora" not in cases or set(cases) - set(CASES):
             raise UserError(f"--cases {args.cases}: a comma list out of {', '.join(CASES)} that includes vidlora")
     except UserError as e:

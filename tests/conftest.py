@@ -15,17 +15,19 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def cli_env() -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline", HF_HUB_OFFLINE="1")
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="offline", HF_HUB_OFFLINE="1", **extra)
     return env
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`vidlora ARGS` exactly as a user runs it (python -m trainer.cli), output captured."""
+def run_cli(
+    *args: str, cwd: Path | None = None, check: bool = True, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`vidlora ARGS` exactly as a user runs it (python -m trainer.cli), output captured; `env` adds variables."""
     proc = subprocess.run(
         [sys.executable, "-m", "trainer.cli", *map(str, args)],
         cwd=cwd or ROOT,
-        env=cli_env(),
+        env=cli_env(**(env or {})),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -57,8 +59,9 @@ def prepared(tmp_path_factory, tiny_wan) -> tuple[Path, Path]:
 
 
 def train_capturing(recipe, on_build=None):
-    """`vidlora train` in-process (the real loop, unchanged), keeping the transformer build_model made.
-    `recipe` is a recipe path or a loaded Recipe; returns (run folder, trained transformer)."""
+    """`vidlora train` in-process (the real loop, unchanged), keeping what build_model made. `recipe` is a recipe path
+    or a loaded Recipe; returns (run folder, the trained transformer), or (run folder, the Denoisers) for a run with
+    several experts. `on_build` sees the Denoisers."""
     from trainer import train as train_module
     from trainer.config import load_recipe
 
@@ -74,7 +77,8 @@ def train_capturing(recipe, on_build=None):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train_module, "build_model", spy)
         run = train_module.train(recipe if not isinstance(recipe, (str, Path)) else load_recipe(recipe))
-    return run, captured["model"]
+    experts = captured["model"].experts
+    return run, next(iter(experts.values())) if len(experts) == 1 else captured["model"]
 
 
 def fixed_eval_loss(family, transformer, latents, batch) -> float:

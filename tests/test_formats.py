@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from diffusers.loaders.single_file_utils import (
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from trainer import comfyui_rules as comfy
+from tests import comfyui_rules as comfy
 from trainer import formats
 from trainer.formats import (
     FORMATS,
@@ -38,6 +39,7 @@ from trainer.formats import (
     merge_lora,
     save_lora,
 )
+from trainer.models import FAMILIES, family_class
 
 RANK, ALPHA = 4, 8.0
 WAN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
@@ -142,7 +144,7 @@ class Trained:
         out = {}
         for name, alpha in self.alphas.items():
             A, B = self.peft_sd[f"{name}.lora_A.weight"], self.peft_sd[f"{name}.lora_B.weight"]
-            out[f"{name}.weight"] = B @ A * (alpha / A.shape[0])
+            out[f"{name}.weight"] = (B.flatten(1) @ A.flatten(1)).view(B.shape[0], *A.shape[1:]) * (alpha / A.shape[0])
         return out
 
 
@@ -267,20 +269,28 @@ def test_hunyuan_linear1_loads_in_diffusers(hunyuan_3072, fmt, tmp_path):
 
 
 def comfy_key_map(trained: Trained) -> dict[str, str]:
-    cfg = trained.base.config
-    if trained.family.startswith("wan"):
-        weights = comfy.wan_original_weights(cfg.num_layers, i2v=cfg.added_kv_proj_dim is not None)
-    else:
-        weights = comfy.hunyuan_video_original_weights(cfg.num_layers, cfg.num_single_layers, cfg.num_refiner_layers)
+    weights = comfy.original_weights(trained.family, trained.base.config)
     return comfy.comfyui_lora_key_map(trained.family, comfy.comfyui_internal_weights(trained.family, weights))
 
 
-def to_diffusers_layout(family: str, internal_deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI-internal weight updates -> diffusers names, through diffusers' own single-file converter."""
+def to_diffusers_layout(family: str, config: dict, internal_deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """ComfyUI-internal weight updates -> diffusers names, through diffusers' own single-file converter.
+
+    HunyuanVideo's single-block `linear1` (q, k, v, then the MLP input, by ComfyUI's SingleStreamBlock) is split here
+    when the hidden size is not the 3072 that diffusers' converter assumes."""
     if family.startswith("wan"):
         return convert_wan_transformer_to_diffusers(dict(internal_deltas))
-    original = {comfy.hunyuan_original_spelling(k): v for k, v in internal_deltas.items()}
-    return convert_hunyuan_video_transformer_to_diffusers(original)
+    names = comfy.original_names(family, comfy.original_weights(family, config))
+    original = {names[k]: v for k, v in internal_deltas.items()}
+    hidden = config["num_attention_heads"] * config["attention_head_dim"]
+    split = {}
+    for key in [k for k in original if hidden != 3072 and k.endswith(".linear1.weight")]:
+        block = key.removesuffix(".linear1.weight").replace("single_blocks", "single_transformer_blocks")
+        fused = original.pop(key)
+        q, k, v, mlp = fused.split([hidden, hidden, hidden, fused.shape[0] - 3 * hidden], dim=0)
+        split |= {f"{block}.attn.to_{n}.weight": t for n, t in zip("qkv", (q, k, v))}
+        split[f"{block}.proj_mlp.weight"] = mlp
+    return {**convert_hunyuan_video_transformer_to_diffusers(original), **split}
 
 
 def check_comfyui_lands(trained: Trained, fmt: str) -> None:
@@ -288,7 +298,7 @@ def check_comfyui_lands(trained: Trained, fmt: str) -> None:
     patches, not_loaded = comfy.comfyui_patches(exported, comfy_key_map(trained))
     assert not_loaded == []
     assert all(len(p) == 1 for p in patches.values()), "a weight got patched twice"
-    got = to_diffusers_layout(trained.family, {k: p[0] for k, p in patches.items()})
+    got = to_diffusers_layout(trained.family, trained.base.config, {k: p[0] for k, p in patches.items()})
     want = trained.deltas()
     assert got.keys() == want.keys()
     for k in want:
@@ -305,6 +315,60 @@ def test_comfyui_standin_applies_every_key(name, fmt, request):
 @pytest.mark.parametrize("fmt", ["comfyui", "kohya"])
 def test_comfyui_standin_hunyuan_linear1(hunyuan_3072, fmt):
     check_comfyui_lands(hunyuan_3072, fmt)
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def every_module(request, tmp_path_factory) -> Trained:
+    """A family's own tiny transformer (`make-tiny`) with a LoRA on every module peft can adapt."""
+    from trainer.config import ModelSection
+    from trainer.export import selected_modules
+
+    family = family_class(request.param)
+    folder = family.make_tiny(tmp_path_factory.mktemp(request.param))
+    base = family(ModelSection(family=request.param, path=str(folder))).load_transformer(torch.float32)
+    targets = sorted(selected_modules(base, r".*"))
+    trained = Trained.__new__(Trained)
+    trained.family, trained.base = request.param, base
+    trained.model = copy.deepcopy(base)
+    trained.model.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=targets))
+    g = torch.Generator().manual_seed(3)
+    for name, p in trained.model.named_parameters():
+        if "lora_" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.3
+    trained.peft_sd, trained.alphas = get_peft_model_state_dict(trained.model), alphas_from_model(trained.model)
+    assert set(trained.alphas) == set(targets)
+    return trained
+
+
+@pytest.mark.parametrize("fmt", ["comfyui", "kohya"])
+def test_comfyui_loads_every_module_or_export_refuses_it(every_module, fmt):
+    """Not only the default preset: for every module vidlora can train, the comfyui and kohya files carry names
+    ComfyUI maps (and the update ComfyUI computes is the trained one), or export refuses that module by name."""
+    trained, refused = every_module, {}
+    kept = dict(trained.alphas)
+    while True:
+        peft_sd = {k: v for k, v in trained.peft_sd.items() if k.rsplit(".lora_", 1)[0] in kept}
+        try:
+            exported = export_lora(peft_sd, kept, trained.family, fmt)
+            break
+        except LoraFormatError as e:
+            named = [m for m in kept if re.search(rf"(?<![\w.]){re.escape(m)}(?![\w.])", str(e))]
+            assert named, f"refusal names no module: {e}"
+            refused |= dict.fromkeys(named, str(e))
+            kept = {m: a for m, a in kept.items() if m not in named}
+    declared = [
+        t.replace(".", r"\.").replace("{i}", r"\d+") for t in family_class(trained.family).lora_names.not_exportable
+    ]
+    expected = {m for m in trained.alphas if any(re.fullmatch(t, m) for t in declared)}
+    assert set(refused) == expected, "refused what the family does not declare"
+    patches, not_loaded = comfy.comfyui_patches(exported, comfy_key_map(trained))
+    assert not_loaded == [], f"ComfyUI would log 'lora key not loaded' for {not_loaded[:5]}"
+    assert all(len(p) == 1 for p in patches.values()), "a weight got patched twice"
+    got = to_diffusers_layout(trained.family, trained.base.config, {k: p[0] for k, p in patches.items()})
+    want = {k: v for k, v in trained.deltas().items() if k.removesuffix(".weight") in kept}
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k].reshape(want[k].shape), want[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
 def test_comfyui_standin_reports_keys_it_drops(wan, hunyuan):
@@ -338,7 +402,7 @@ def test_standin_weight_names_match_diffusers_models():
 
 def test_wan_name_map_matches_diffusers_converter():
     fake, want = {}, set()
-    for diffusers_name, original in formats.WAN_NAME_MAP:
+    for diffusers_name, original in family_class("wan").lora_names.name_map:
         for i in ("0", "1"):
             for suffix in ("lora_A.weight", "lora_B.weight"):
                 fake[f"diffusion_model.{original.replace('{i}', i)}.{suffix}"] = torch.zeros(2, 2)
@@ -347,7 +411,7 @@ def test_wan_name_map_matches_diffusers_converter():
 
 
 def test_hunyuan_name_map_matches_diffusers_converter():
-    for diffusers_names, original in formats.HUNYUAN_VIDEO_NAME_MAP:
+    for diffusers_names, original in family_class("hunyuan_video").lora_names.name_map:
         rows = 3 * 3072 + 8 if "linear1" in original else 6
         o = original.replace("{i}", "3")
         fake = {

@@ -56,18 +56,18 @@ def one_thread():
 
 
 def tiny_model(preset: perf.ModelPreset, overrides: list[str]):
-    """(recipe, family, transformer) exactly as `vidlora train` builds them, on a randomly initialised tiny model."""
+    """(recipe, family, model) exactly as `vidlora train` builds them, on a randomly initialised tiny model."""
     recipe = load_recipe(None, ["lora.rank=4", *overrides])
     family = perf.bench_family(preset, recipe.model)
     return recipe, family, build_model(recipe, family, torch.float32)
 
 
-def count_step(preset: perf.ModelPreset, transformer, family, recipe, batch_size: int = 2) -> tuple[int, int]:
+def count_step(preset: perf.ModelPreset, model, recipe, batch_size: int = 2) -> tuple[int, int]:
     """(forward, backward) FLOPs PyTorch counts for one flow-matching loss and its backward."""
     batch = perf.random_batch(preset, LATENT, batch_size, preset.text_tokens)
     # the math kernel runs attention as matmuls the counter sees; fused CPU kernels are not counted
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        loss = flow_loss(family, transformer, batch, recipe, [step_generator(0, 0, j) for j in range(batch_size)])
+        loss = flow_loss(model, batch, recipe, [step_generator(0, 0, j) for j in range(batch_size)])
         forward = counter.get_total_flops()
         loss.backward()
     return forward, counter.get_total_flops() - forward
@@ -86,9 +86,9 @@ def count_step(preset: perf.ModelPreset, transformer, family, recipe, batch_size
     ids=["wan", "wan-attention-lora", "wan-checkpointing", "wan-half-checkpointed", "hunyuan", "hunyuan-half-ckpt"],
 )
 def test_flops_formula_equals_pytorch_flop_counter(preset, overrides):
-    recipe, family, transformer = tiny_model(preset, overrides)
-    forward, backward = count_step(preset, transformer, family, recipe)
-    fractions = perf.checkpointed_fractions(transformer, recipe)
+    recipe, _, model = tiny_model(preset, overrides)
+    forward, backward = count_step(preset, model, recipe)
+    fractions = perf.checkpointed_fractions(model.experts["transformer"], recipe)
     formula = perf.step_flops(
         preset, LATENT, batch_size=2, lora_rank=4, lora_targets=recipe.lora.targets, checkpointed=fractions
     )
@@ -99,7 +99,8 @@ def test_flops_formula_equals_pytorch_flop_counter(preset, overrides):
 
 
 def test_flops_of_a_training_batch_from_the_loaded_model():
-    recipe, _, transformer = tiny_model(TINY_HV, ["train.gradient_checkpointing=true"])
+    recipe, _, model = tiny_model(TINY_HV, ["train.gradient_checkpointing=true"])
+    transformer = model.experts["transformer"]
     batch = perf.random_batch(TINY_HV, LATENT, 2, TINY_HV.text_tokens)
     got = perf.batch_step_flops(transformer, "hunyuan_video", batch, recipe)
     want = perf.step_flops(
@@ -111,8 +112,8 @@ def test_flops_of_a_training_batch_from_the_loaded_model():
 def test_lora_step_is_about_4n_not_6n_flops_per_token():
     """The issue's ~5 PFLOP for Wan 14B at 480x832x81 is 3x the forward (backward counted as for full
     fine-tuning); a LoRA step computes no weight gradients for the frozen base, so it needs less."""
-    preset = perf.PRESETS["wan-14b"]
-    latent = perf.latent_shape(81, 480, 832)
+    preset = perf.presets()["wan-14b"]
+    latent = perf.latent_shape(preset, 81, 480, 832)
     assert perf.video_tokens(preset, latent) == 32760
     f = perf.step_flops(preset, latent)
     assert 4.9e15 < 3 * f.forward < 5.2e15
@@ -130,15 +131,16 @@ def losses_after(overrides: list[str], steps: int = 3, compile_backend: str | No
     """Losses of a few optimizer steps of the tiny model built by build_model with these switches."""
     compile_mode = next((o.split("=")[1] for o in overrides if o.startswith("train.compile=")), None)
     rest = [o for o in overrides if not o.startswith("train.compile=")]
-    recipe, family, transformer = tiny_model(TINY_WAN, rest)
+    recipe, _, model = tiny_model(TINY_WAN, rest)
     if compile_mode:  # as build_model would, but with a compile backend that needs no C++ build
-        perf.apply_speed_options(transformer, load_recipe(None, [f"train.compile={compile_mode}"]), compile_backend)
-    params = [p for p in transformer.parameters() if p.requires_grad]
+        switch = load_recipe(None, [f"train.compile={compile_mode}"])
+        perf.apply_speed_options(model.experts["transformer"], switch, compile_backend)
+    params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     batch = perf.random_batch(TINY_WAN, LATENT, 2, TINY_WAN.text_tokens)
     losses = []
     for i in range(steps):
-        loss = flow_loss(family, transformer, batch, recipe, [step_generator(0, i, j) for j in range(2)])
+        loss = flow_loss(model, batch, recipe, [step_generator(0, i, j) for j in range(2)])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -168,7 +170,7 @@ def test_speed_switches_train_like_the_default(overrides):
 
 
 def test_build_model_applies_the_switches():
-    _, _, transformer = tiny_model(
+    _, _, model = tiny_model(
         TINY_WAN,
         [
             "train.compile=blocks",
@@ -177,7 +179,7 @@ def test_build_model_applies_the_switches():
             "train.gradient_checkpointing_ratio=0.5",
         ],
     )
-    blocks = transformer.blocks
+    blocks = model.experts["transformer"].blocks
     assert all(b._compiled_call_impl is not None for b in blocks)  # compiled lazily, at the first call
     assert {b.attn1.processor._attention_backend.value for b in blocks} == {"_native_math"}
     assert perf.checkpointed_blocks(len(blocks), 0.5) == [1]
@@ -249,7 +251,7 @@ def test_bench_small_prints_overhead_and_memory_ratios(tmp_path):
     assert results["checkpointing"]["gradient_checkpointing"] and results["adamw8bit"]["optimizer"] == "adamw8bit"
     for case in ("vidlora", "checkpointing", "adamw8bit"):
         assert results[case]["peak_memory_bytes"] > 0
-    flops = perf.step_flops(perf.PRESETS["small"], perf.latent_shape(9, 128, 128))
+    flops = perf.step_flops(perf.presets()["small"], perf.latent_shape(perf.presets()["small"], 9, 128, 128))
     assert results["vidlora"]["model_flops"] == flops.model
 
 

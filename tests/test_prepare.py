@@ -213,9 +213,10 @@ def test_strict_fails_a_run_with_bad_inputs_and_a_rerun_does_no_work(zoo_run):
 def test_dry_run_reports_the_plan_without_encoding(zoo, zoo_run, tiny_wan, tmp_path):
     from data.prepare import prepare
     from trainer.config import load_recipe
+    from trainer.models import get_family
 
     r = load_recipe(zoo_run[2], [f"data.cache_dir={json.dumps(str(tmp_path / 'dry'))}"])
-    assert prepare(r, dry_run=True) == 0
+    assert prepare(r, get_family(r.model), dry_run=True) == 0
     report = json.loads((tmp_path / "dry/report.json").read_text())
     assert report["dry_run"] and report["encoded_now"] == 0 and not (tmp_path / "dry/index.json").exists()
     assert not list((tmp_path / "dry").rglob("*.safetensors"))
@@ -386,13 +387,15 @@ def test_vae_tiling_is_used_for_large_frames_and_is_part_of_the_fingerprint(tiny
     in tiles (close to, but not the same as, one pass), and toggling tiling re-encodes the entry."""
     from data.prepare import prepare
     from trainer.config import load_recipe
+    from trainer.models import get_family
 
     media.write_image(tmp_path / "clips/big.png", synth.pattern_frames(1, 320, 240, seed=8)[0])
     caption(tmp_path / "clips/big.png")
     r = recipe(tmp_path, tiny_wan, f'[[data.datasets]]\npath = "{tmp_path / "clips"}"\nresolutions = [288]')
     latents, encoded = {}, {}
     for tiling in ("false", "true"):
-        assert prepare(load_recipe(r, [f"data.vae_tiling={tiling}"])) == 0
+        tiled = load_recipe(r, [f"data.vae_tiling={tiling}"])
+        assert prepare(tiled, get_family(tiled.model)) == 0
         index = json.loads((tmp_path / "cache/index.json").read_text())
         (sample,) = index["samples"]
         assert sample["bucket"][0] > 256
@@ -407,11 +410,12 @@ def test_vae_tiling_is_used_for_large_frames_and_is_part_of_the_fingerprint(tiny
 def test_decode_workers_above_the_core_count_are_capped_without_a_torch_warning(tiny_wan, tmp_path):
     from data.prepare import cpu_cores, prepare
     from trainer.config import load_recipe
+    from trainer.models import get_family
 
     caption(media.write_video(tmp_path / "clips/c.mp4", FRAMES[:5]))
     datasets = f'[[data.datasets]]\npath = "{tmp_path / "clips"}"\nresolutions = [64]\ntarget_frames = [5]'
     r = load_recipe(recipe(tmp_path, tiny_wan, datasets), [f"data.decode_workers={cpu_cores() + 2}"])
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        assert prepare(r) == 0
+        assert prepare(r, get_family(r.model)) == 0
     assert not [w for w in seen if "worker processes in total" in str(w.message)]

@@ -142,6 +142,7 @@ def test_sigkill_mid_run_then_resume_equals_a_clean_run(tiny_wan, clips, clean, 
 def test_changed_source_is_redone_and_orphans_are_only_pruned_on_request(tiny_wan, clips, tmp_path, capsys):
     from data.prepare import prepare
     from trainer.config import load_recipe
+    from trainer.models import get_family
 
     local = tmp_path / "clips"
     local.mkdir()
@@ -149,11 +150,11 @@ def test_changed_source_is_redone_and_orphans_are_only_pruned_on_request(tiny_wa
         (local / p.name).write_bytes(p.read_bytes())
     recipe = load_recipe(make_recipe(tmp_path, tiny_wan, local, "cache"))
     cache = tmp_path / "cache"
-    assert prepare(recipe) == 0
+    assert prepare(recipe, get_family(recipe.model)) == 0
     clip = sorted(local.glob("*.mp4"))[0]
     media.write_video(clip, synth.pattern_frames(20, 64, 48, seed=99))  # edited: now landscape, 20 frames
     (cache / "samples" / "notes.txt").write_text("a user's file in the cache folder\n")
-    assert prepare(recipe) == 0
+    assert prepare(recipe, get_family(recipe.model)) == 0
     report = json.loads((cache / "report.json").read_text())
     assert report["encoded_now"] == 2  # 20 frames -> two 9-frame windows, in a new bucket
     index = json.loads((cache / "index.json").read_text())
@@ -163,7 +164,7 @@ def test_changed_source_is_redone_and_orphans_are_only_pruned_on_request(tiny_wa
     assert all((cache / o).exists() for o in old)
 
     capsys.readouterr()
-    assert prepare(recipe, prune=True) == 0
+    assert prepare(recipe, get_family(recipe.model), prune=True) == 0
     assert "pruned 3" in capsys.readouterr().out
     assert not any((cache / o).exists() for o in old)
     assert (cache / "samples" / "notes.txt").exists()  # not ours: never deleted

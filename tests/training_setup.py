@@ -24,7 +24,7 @@ CAPTIONS = [
 ]
 
 
-def recipe_text(model: Path, cache: Path, out: Path, steps: int = 8, **train: object) -> str:
+def recipe_text(model: Path, cache: Path, out: Path, steps: int = 8, family: str = "wan", **train: object) -> str:
     """A recipe on the tiny model and cache; keyword arguments override [train] keys."""
     keys = {
         "output_dir": str(out),
@@ -40,6 +40,7 @@ def recipe_text(model: Path, cache: Path, out: Path, steps: int = 8, **train: ob
     lines = "\n".join(f"{k} = {json.dumps(v)}" for k, v in keys.items())
     return f"""
 [model]
+family = "{family}"
 path = "{model}"
 [data]
 cache_dir = "{cache}"
@@ -62,13 +63,13 @@ dtype = "fp32"
 """
 
 
-def prepare_cache(root: Path, tiny_wan: Path) -> tuple[Path, Path]:
-    """(tiny Wan model, prepared cache): four real 9-frame clips of one bucket, a validation prompt."""
+def prepare_cache(root: Path, tiny_wan: Path, family: str = "wan") -> tuple[Path, Path]:
+    """(tiny model, prepared cache): four real 9-frame clips of one bucket, a validation prompt."""
     clips = root / "clips"
     for i, caption in enumerate(CAPTIONS):
         media.write_video(clips / f"clip{i}.mp4", synth.pattern_frames(9, 64, 64, seed=i))
         (clips / f"clip{i}.txt").write_text(caption + "\n", encoding="utf-8")
-    recipe = write_recipe(root / "prepare.toml", recipe_text(tiny_wan, root / "cache", root / "unused"))
+    recipe = write_recipe(root / "prepare.toml", recipe_text(tiny_wan, root / "cache", root / "unused", family=family))
     run_cli("prepare", recipe)
     return tiny_wan, root / "cache"
 

@@ -11,6 +11,9 @@
     RUN/adapter.safetensors       the final adapter
     RUN/pytorch_lora_weights.safetensors   the final adapter in diffusers format
 
+A family with two experts has one adapter each, named with the expert: adapter_high_noise.safetensors,
+adapter_low_noise.safetensors (and pytorch_lora_weights_high_noise.safetensors ...).
+
 A checkpoint is written into a temp folder by every rank, fsynced and renamed by the main process, and
 `latest` moves only after that: a kill at any moment leaves the previous checkpoint usable. Old ones are
 pruned only afterwards. Our own state is JSON, so resuming never unpickles it; accelerate loads its files
@@ -37,6 +40,8 @@ from trainer.formats import alphas_from_model, load_lora, save_lora
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+    from trainer.models.base import Denoiser
+
 log = logging.getLogger("vidlora.checkpoint")
 
 ADAPTER = "adapter.safetensors"
@@ -56,18 +61,36 @@ def is_zero3(accelerator: Any) -> bool:
     return plugin is not None and plugin.zero_stage == 3
 
 
-def gather_lora(accelerator: Any, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The LoRA tensors on the main process (None on the others). Every rank must call this: under ZeRO-3
-    parameters are sharded, and get_peft_model_state_dict silently returns empty tensors unless they are
+def adapter_name(denoiser: Denoiser) -> str:
+    """adapter.safetensors, or adapter_high_noise.safetensors for an expert."""
+    return f"adapter{denoiser.suffix}.safetensors"
+
+
+def denoiser_meta(denoiser: Denoiser) -> dict[str, Any]:
+    """What an adapter says about the transformer it is for (two-expert families only)."""
+    if not denoiser.label:
+        return {}
+    return {"expert": denoiser.label, "component": denoiser.component, "sigma_range": list(denoiser.sigmas)}
+
+
+def gather_lora(accelerator: Any, model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]] | None:
+    """{component: its LoRA tensors} on the main process (None on the others). Every rank must call this: under
+    ZeRO-3 parameters are sharded, and get_peft_model_state_dict silently returns empty tensors unless they are
     gathered on all ranks first."""
-    model = accelerator.unwrap_model(model)
+    experts = accelerator.unwrap_model(model).experts
+
+    def collect() -> dict[str, dict[str, torch.Tensor]] | None:
+        if not accelerator.is_main_process:
+            return None
+        return {component: lora_state_dict(expert) for component, expert in experts.items()}
+
     if is_zero3(accelerator):
         import deepspeed
 
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in experts.parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return lora_state_dict(model) if accelerator.is_main_process else None
-    return lora_state_dict(model) if accelerator.is_main_process else None
+            return collect()
+    return collect()
 
 
 def save_adapter(
@@ -91,16 +114,16 @@ def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return sd, meta
 
 
-def find_adapter(src: str | Path) -> Path:
-    """An adapter file from a file, a checkpoint folder, or a run folder (final adapter, else latest)."""
+def find_adapters(src: str | Path) -> list[Path]:
+    """The adapter files of a file, a checkpoint folder, or a run folder (final adapters, else the latest
+    checkpoint's): one, or one per expert."""
     src = Path(src)
     if src.is_file():
-        return src
-    if (src / ADAPTER).is_file():
-        return src / ADAPTER
-    checkpoint = latest_checkpoint(src / "checkpoints")
-    if checkpoint is not None:
-        return checkpoint / ADAPTER
+        return [src]
+    for folder in (src, latest_checkpoint(src / "checkpoints")):
+        found = sorted(folder.glob("adapter*.safetensors")) if folder is not None else []
+        if found:
+            return found
     raise FileNotFoundError(f"{src}: no {ADAPTER} here, in a checkpoint, or in a run's checkpoints/")
 
 
@@ -146,10 +169,13 @@ def save_checkpoint(
         accelerator.save_state(str(tmp), exclude_frozen_parameters=True)
     else:
         accelerator.save_state(str(tmp))  # LoRA-only through the hooks trainer.train registers
-    lora = gather_lora(accelerator, model)
+    loras = gather_lora(accelerator, model)
     accelerator.wait_for_everyone()  # every rank's files are written before the main process renames
     if accelerator.is_main_process:
-        save_adapter(tmp / ADAPTER, accelerator.unwrap_model(model), {**meta, "steps": step}, lora)
+        denoisers = accelerator.unwrap_model(model)
+        for denoiser in denoisers.family.trained_denoisers():
+            expert, lora = denoisers.experts[denoiser.component], loras[denoiser.component]
+            save_adapter(tmp / adapter_name(denoiser), expert, {**meta, **denoiser_meta(denoiser), "steps": step}, lora)
         (tmp / STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
         _fsync_tree(tmp)
         if os.environ.get(KILL_IN_CHECKPOINT) == str(step):

@@ -48,13 +48,16 @@ def _print_written(written: list) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from trainer.models import FAMILIES  # the registry only: no model code is imported for --help
+
+    families = sorted(FAMILIES)
     parser = argparse.ArgumentParser(
-        prog="vidlora", description="LoRA fine-tuning for Wan 2.1 and HunyuanVideo.", epilog=EPILOG
+        prog="vidlora", description="LoRA fine-tuning for the Wan and HunyuanVideo video models.", epilog=EPILOG
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("make-tiny", help="write a tiny random model folder (diffusers layout) for demos and tests")
-    p.add_argument("family", help="model family: wan, wan_i2v or hunyuan_video")
+    p.add_argument("family", choices=families, help="model family (docs/models.md)")
     p.add_argument("out_dir", type=Path)
     p.add_argument("--seed", type=int, default=0)
 
@@ -99,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", help="LoRA .safetensors files (or vidlora runs / checkpoints)")
     _output_args(p, "--to", "target format (repeatable, or 'all')", required=True)
-    p.add_argument("--family", choices=["wan", "wan_i2v", "hunyuan_video"], help="model family, if detection fails")
+    p.add_argument("--family", choices=families, help="model family, if detection fails")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: keep the input's")
 
     p = sub.add_parser(
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="LoRA file in any format, or a vidlora run / checkpoint folder")
     p.add_argument("--out", required=True, type=Path, help="output folder (must not exist, or be empty)")
     p.add_argument("--strength", type=float, default=1.0, help="LoRA scale (default 1.0)")
-    p.add_argument("--family", choices=["wan", "wan_i2v", "hunyuan_video"], help="model family, if detection fails")
+    p.add_argument("--family", choices=families, help="model family, if detection fails")
 
     p = sub.add_parser("sample", help="generate a video with the diffusers pipeline, optionally with a LoRA")
     _recipe_args(p)
@@ -143,14 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def cache_family(cache_dir: Path, model: str | None = None):
+    """The family that made a cache, loading from `model` (default: the model its index.json names)."""
+    from data.prepare import load_index
+    from trainer.config import ModelSection
+    from trainer.models import get_family
+
+    index = load_index(cache_dir)
+    return get_family(
+        ModelSection(family=index["family"], path=model or index["model"], revision=index.get("model_revision"))
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from trainer.config import load_recipe
 
     if args.command == "make-tiny":
-        from trainer.models import FAMILIES, family_class
+        from trainer.models import family_class
 
-        if args.family not in FAMILIES:
-            raise SystemExit(f"vidlora: error: unknown family {args.family!r}; allowed: {', '.join(FAMILIES)}")
         print(f"tiny {args.family} model: {family_class(args.family).make_tiny(args.out_dir, seed=args.seed)}")
     elif args.command == "make-clips":
         from data.synth import make_sample_clips
@@ -159,13 +172,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"{len(paths)} sample files with captions in {args.out_dir}")
     elif args.command == "prepare":
         from data.prepare import prepare
+        from trainer.models import get_family
 
         recipe = load_recipe(args.recipe, args.overrides)
-        return prepare(recipe, strict=args.strict, dry_run=args.dry_run, prune=args.prune)
+        return prepare(recipe, get_family(recipe.model), strict=args.strict, dry_run=args.dry_run, prune=args.prune)
     elif args.command == "inspect":
         from data.inspect import inspect_cache
 
-        print(inspect_cache(args.cache_dir, decode=args.decode, out_dir=args.out, model=args.model))
+        family = cache_family(args.cache_dir, args.model) if args.decode else None
+        print(inspect_cache(args.cache_dir, decode=args.decode, out_dir=args.out, family=family))
     elif args.command == "train":
         from trainer.train import train
 

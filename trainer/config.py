@@ -34,7 +34,9 @@ class Section(BaseModel):
 
 class ModelSection(Section):
     family: str = Field(
-        "wan", description="Model family: one of the registry in trainer/models (wan, wan_i2v, hunyuan_video)."
+        default_factory=lambda: _default_family(),
+        description="Model family: one of the registry in trainer/models (`vidlora make-tiny --help` lists them; "
+        "docs/models.md describes each).",
     )
     path: str = Field(
         "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
@@ -46,6 +48,17 @@ class ModelSection(Section):
         description="Original single-file transformer checkpoint to use instead of the one in `path` "
         "(.safetensors, ComfyUI prefixes allowed; .pt/.pth read with torch.load(weights_only=True)); `path` then "
         "supplies the config and the other components.",
+    )
+    transformer_2_file: str | None = Field(
+        None,
+        description="The same for the second transformer of a two-expert family (Wan 2.2 A14B: the low-noise "
+        "expert, `transformer_2` in diffusers' layout).",
+    )
+    experts: Literal["both", "high", "low"] = Field(
+        "both",
+        description="For a family with two experts (Wan 2.2 A14B): train both in one run, one LoRA each, every step "
+        "going to the expert of its noise level (both), or one expert per run on its range of noise levels (high, "
+        "low). Families with one transformer take 'both'.",
     )
     guidance: float | None = Field(
         None,
@@ -65,6 +78,12 @@ class ModelSection(Section):
         if value not in FAMILIES:
             raise ValueError(f"unknown family {value!r}; allowed: {', '.join(sorted(FAMILIES))}")
         return value
+
+
+def _default_family() -> str:
+    from trainer.models import DEFAULT_FAMILY
+
+    return DEFAULT_FAMILY
 
 
 class DatasetSection(Section):
@@ -142,10 +161,11 @@ class LoraSection(Section):
         "default",
         description="A preset of the family (default, attention, ...), a list of module names, or a regex.",
     )
-    init_from: str | None = Field(
+    init_from: str | list[str] | None = Field(
         None,
         description="Start from an existing adapter: a LoRA file in any format (vidlora, diffusers, ComfyUI, "
-        "kohya/musubi) or a run/checkpoint folder. Its rank, alpha and targets are adopted unless set here; "
+        "kohya/musubi), a run/checkpoint folder, or one file per expert (two-expert families; a lone adapter "
+        "starts both). Its rank, alpha and targets are adopted unless set here; "
         "if set, the rank must match, another alpha rescales the weights (same update), and the targets must "
         "include the file's modules (see docs/export.md).",
     )
@@ -190,6 +210,16 @@ class TrainSection(Section):
         description="Keep the frozen base weights in CPU memory and move each layer to the GPU only while it "
         "runs (diffusers group offloading, leaf level); turns on gradient_checkpointing. For a transformer "
         "bigger than the GPU; slower. One process only.",
+    )
+    offload_inactive_expert: bool = Field(
+        False,
+        description="Two experts: keep the one a step does not train in CPU memory (moved back when its turn "
+        "comes), so both fit one GPU; costs a transfer whenever the expert changes. One process only.",
+    )
+    expert_lr_scale: dict[str, float] = Field(
+        default_factory=dict,
+        description="Two experts: learning-rate factor per expert, e.g. {high_noise = 1.0, low_noise = 0.5} "
+        "(default 1 for each).",
     )
     max_nonfinite_in_row: int = Field(
         5, ge=1, description="Steps with a non-finite loss or gradient are skipped; this many in a row abort the run."

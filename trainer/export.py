@@ -28,11 +28,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from data.cache import atomic_write
-from trainer.checkpoint import ADAPTER, find_adapter, read_adapter
+from data.cache import DTYPES, atomic_write
+from trainer.checkpoint import find_adapters, read_adapter
 from trainer.config import UserError
 from trainer.formats import (
-    FAMILY_NAMES,
     FORMATS,
     LoraFormatError,
     detect_format,
@@ -41,34 +40,22 @@ from trainer.formats import (
     merge_lora,
     save_lora,
 )
+from trainer.models import FAMILIES, family_class
 
 if TYPE_CHECKING:
     from peft import LoraConfig
 
     from trainer.config import LoraSection
-    from trainer.models.base import ModelFamily
+    from trainer.models.base import Denoiser, ModelFamily
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # Training metadata a vidlora adapter carries into every file exported from it.
-CARRIED = ("base_model", "rank", "alpha", "target_modules", "trigger_words", "steps", "recipe")
+CARRIED = ("base_model", "rank", "alpha", "target_modules", "trigger_words", "steps", "recipe", "sigma_range")
 # Header keys vidlora writes itself; anything else a source file carried goes under `source_metadata`.
 OWN_KEYS = frozenset(
     {*CARRIED, "format", "family", "variant", "targets", "lora_modules", "export_format", "alpha_storage", "dtype"}
     | {"source", "source_format", "source_metadata", "exported_by", "alphas"}
 )
-TRANSFORMER_CLASSES = {
-    "wan": "WanTransformer3DModel",
-    "wan_i2v": "WanTransformer3DModel",
-    "hunyuan_video": "HunyuanVideoTransformer3DModel",
-}
-# (family, hidden size) -> the released model it belongs to.
-VARIANTS = {
-    ("wan", 1536): "Wan2.1-T2V-1.3B",
-    ("wan", 5120): "Wan2.1-T2V-14B",
-    ("wan_i2v", 5120): "Wan2.1-I2V-14B",
-    ("hunyuan_video", 3072): "HunyuanVideo-13B",
-}
 
 
 @dataclass
@@ -83,22 +70,44 @@ class AdapterFile:
     notes: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)  # the safetensors header, JSON values decoded
 
+    @property
+    def expert(self) -> str:
+        """The expert (of a two-expert family) the adapter is for: its header's, else its file name's `_high_noise`
+        / `_low_noise` ending; "" for a family's only transformer."""
+        labels = family_class(self.family).expert_components
+        named = next((label for label in labels if self.path.stem.endswith(f"_{label}")), "")
+        return self.meta.get("expert") or named
 
-def read_adapter_file(src: str | Path, family: str | None = None) -> AdapterFile:
-    """Read a LoRA of any supported format, or the adapter of a vidlora run or checkpoint folder.
+    @property
+    def suffix(self) -> str:
+        return f"_{self.expert}" if self.expert else ""
+
+
+def read_adapter_files(src: str | Path | list, family: str | None = None) -> list[AdapterFile]:
+    """Every adapter a file, a run or checkpoint folder, or a list of those holds (one per expert for two-expert
+    families), each read with :func:`read_adapter_file`."""
+    sources = src if isinstance(src, list) else [src]
+    for s in sources:
+        if not Path(s).exists():
+            raise FileNotFoundError(f"{s}: no such file or folder")
+    return [read_adapter_file(path, family) for s in sources for path in find_adapters(s)]
+
+
+def read_adapter_file(path: str | Path, family: str | None = None) -> AdapterFile:
+    """Read a LoRA file of any supported format, or a vidlora adapter.
 
     ``family`` overrides what the keys (or a vidlora header) say. Every refusal names the file and the keys.
     """
-    if not Path(src).exists():
-        raise FileNotFoundError(f"{src}: no such file or folder")
-    path = find_adapter(src)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
     sd, meta = read_adapter(path)
     try:
         if meta.get("format") == "vidlora":  # canonical adapter: bare peft keys, alphas in the header
             own = meta.get("family")
-            if own not in FAMILY_NAMES:
+            if own not in FAMILIES:
                 raise LoraFormatError(f"vidlora header names no known family ({own!r})")
-            if family and FAMILY_NAMES.get(family) is not FAMILY_NAMES[own]:
+            if family and family_class(family).lora_names is not family_class(own).lora_names:
                 raise LoraFormatError(f"the header says family {own!r}, not {family!r}")
             peft_sd, _, fam = import_lora(sd, own)
             raw = meta.get("alphas") or meta.get("alpha")
@@ -107,7 +116,7 @@ def read_adapter_file(src: str | Path, family: str | None = None) -> AdapterFile
                 raise LoraFormatError("the vidlora header's alphas do not match the adapter's modules")
             alphas = {m: float(a) for m, a in raw.items()}
             return AdapterFile(path, peft_sd, alphas, fam, "vidlora", ["vidlora adapter"], meta)
-        hint = family or (meta.get("family") if meta.get("family") in FAMILY_NAMES else None)
+        hint = family or (meta.get("family") if meta.get("family") in FAMILIES else None)
         fmt, fam, notes = detect_format(sd, hint)
         peft_sd, alphas, fam = import_lora(sd, fam, metadata=meta)
         return AdapterFile(path, peft_sd, alphas, fam, fmt, notes, meta)
@@ -131,7 +140,7 @@ def variant(family: str, peft_sd: Mapping[str, torch.Tensor]) -> str:
     if not widths:
         return f"{family} (hidden size unknown: no attention or FFN module)"
     hidden = Counter(widths).most_common(1)[0][0]
-    return VARIANTS.get((family, hidden), f"{family} (hidden {hidden})")
+    return family_class(family).variants.get(hidden, f"{family} (hidden {hidden})")
 
 
 def adapter_metadata(lora: AdapterFile, fmt: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -139,6 +148,8 @@ def adapter_metadata(lora: AdapterFile, fmt: str, tensors: Mapping[str, torch.Te
     ranks = [v.shape[0] for k, v in lora.peft_sd.items() if ".lora_A." in k]
     meta: dict[str, Any] = {"rank": _one_or_all(ranks), "alpha": _one_or_all(lora.alphas.values())}
     meta.update({k: lora.meta[k] for k in CARRIED if k in lora.meta})
+    if lora.expert:
+        meta["expert"] = lora.expert
     has_alpha = any(k.endswith(".alpha") for k in tensors)
     baked = len({k.rsplit(".", 2)[0] for k in tensors if not k.endswith(".alpha")}) > sum(
         k.endswith(".alpha") for k in tensors
@@ -196,11 +207,13 @@ def expand_formats(formats: Iterable[str] | None, default: Iterable[str] = ("dif
     return out
 
 
-def default_output(path: Path) -> tuple[Path, str]:
+def default_output(lora: AdapterFile) -> tuple[Path, str]:
     """(folder, file-name stem) for an adapter's exports: a run's adapter -> the run folder and its name; a
-    checkpoint's -> the run folder (checkpoints get pruned) and run-step; any other file -> its folder and stem."""
-    if path.name != ADAPTER:
-        return path.parent, path.stem
+    checkpoint's -> the run folder (checkpoints get pruned) and run-step; any other file -> its folder and stem
+    (without an expert ending: the written files end with it)."""
+    path = lora.path
+    if path.name != f"adapter{lora.suffix}.safetensors":
+        return path.parent, path.stem.removesuffix(lora.suffix) if lora.suffix else path.stem
     if path.parent.parent.name == "checkpoints":
         run = path.parent.parent.parent
         return run, f"{run.name}-{path.parent.name}"
@@ -227,12 +240,17 @@ def export_files(
     """Write every source in every format: `vidlora export` and `vidlora convert`.
 
     Defaults come from the source: formats (diffusers when ``out`` names one file) and dtype from a vidlora
-    run's recipe (`[export]`), else diffusers and the source's own dtype; files go to ``out`` (one source, one format) or ``out_dir`` (default: next to the source)
-    as ``<name>_<format>.safetensors``. Every source is read, and all of a source's files are built, before any file
-    is written: a refusal leaves no partial set of its files.
+    run's recipe (`[export]`), else diffusers and the source's own dtype; files go to ``out`` (one source, one
+    format) or ``out_dir`` (default: next to the source) as ``<name>_<format>.safetensors``. The adapters of a
+    two-expert family end with their expert: ``<name>_<format>_high_noise.safetensors`` (``out``: the expert goes
+    before the extension). Every source is read, and all of a source's files are built, before any file is
+    written: a refusal leaves no partial set of its files.
     """
-    loras = [read_adapter_file(s, family) for s in sources]
-    if out is not None and len(loras) > 1:
+    per_source = [read_adapter_files(s, family) for s in sources]
+    loras = [lora for found in per_source for lora in found]
+    experts = [lora.expert for lora in loras]
+    one_set = len(per_source) == 1 and all(experts) and len(set(experts)) == len(experts)  # a run's experts
+    if out is not None and len(loras) > 1 and not one_set:
         raise UserError("--out names one file: give one input, or use --out-dir")
     written = []
     for lora in loras:
@@ -245,10 +263,13 @@ def export_files(
             built = {fmt: build_adapter(lora, fmt, dtype or export.get("dtype")) for fmt in fmts}
         except LoraFormatError as e:
             raise LoraFormatError(f"{lora.path}: {e}") from None
-        folder, stem = default_output(lora.path)
-        stem = name if name and len(loras) == 1 else stem
+        folder, stem = default_output(lora)
+        stem = name if name and len(per_source) == 1 else stem
         for fmt, (tensors, meta) in built.items():
-            path = Path(out) if out is not None else Path(out_dir or folder) / f"{stem}_{fmt}.safetensors"
+            if out is not None:
+                path = Path(out).with_name(f"{Path(out).stem}{lora.suffix}{Path(out).suffix}")
+            else:
+                path = Path(out_dir or folder) / f"{stem}_{fmt}{lora.suffix}.safetensors"
             written.append(Written(fmt, path, lora, save_lora(path, tensors, meta)))
     return written
 
@@ -266,8 +287,29 @@ def _recipe_export(meta: Mapping[str, Any]) -> dict[str, Any]:
         return {}
 
 
+def pipeline_adapters(family: ModelFamily, lora: str | Path | list) -> dict[str, Path]:
+    """{component: diffusers-format file} for `ModelFamily.load_adapters`: a run folder's final
+    `pytorch_lora_weights*.safetensors`, or the given files, each placed by the expert its header or name says."""
+    sources = [Path(p) for p in (lora if isinstance(lora, list) else [lora])]
+    paths = [f for s in sources for f in (sorted(s.glob("pytorch_lora_weights*.safetensors")) if s.is_dir() else [s])]
+    if not paths:
+        raise UserError(f"{lora}: no pytorch_lora_weights*.safetensors in it")
+    out: dict[str, Path] = {}
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file")
+        with safe_open(str(path), framework="pt") as f:
+            expert = (f.metadata() or {}).get("expert", "")
+        expert = expert or next((e for e in family.expert_components if path.stem.endswith(f"_{e}")), "")
+        component = family.expert_components[expert] if expert else "transformer"
+        if component in out:
+            raise UserError(f"two adapters for the same transformer ({component}): {out[component]}, {path}")
+        out[component] = path
+    return out
+
+
 def export_adapter(src: str | Path, out: str | Path, fmt: str = "diffusers", dtype: str | None = "bf16") -> Path:
-    """Write the adapter of ``src`` (run, checkpoint or any LoRA file) to ``out`` as ``fmt``."""
+    """Write the adapter file ``src`` to ``out`` as ``fmt``."""
     return export_files([src], [fmt], out=out, dtype=dtype)[0].path
 
 
@@ -290,16 +332,41 @@ def transformer_folder(base: str | Path) -> Path:
 def merge_into_folder(
     base: str | Path, adapter: str | Path, out: str | Path, strength: float = 1.0, family: str | None = None
 ) -> Path:
-    """Bake ``strength`` x the adapter into the transformer of ``base`` and write a diffusers transformer folder.
+    """Bake ``strength`` x the adapter into the transformer of ``base`` and write a diffusers transformer folder;
+    for a two-expert adapter set (a run, or the expert files), each expert into its own transformer of the model
+    folder ``base``, written as ``out/transformer``, ``out/transformer_2``.
 
     Shard by shard (memory: one shard), weights keep their dtype (the update is added in fp32), the sharding and
     index are kept, so ``<TransformerClass>.from_pretrained(out)`` loads it. The result equals diffusers'
     ``fuse_lora(lora_scale=strength)``. ``out`` must not exist or be empty; it appears only when complete.
     """
-    folder = transformer_folder(base)
+    loras = read_adapter_files(adapter, family)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: already exists and is not an empty folder; remove it or choose another --out")
+    if len(loras) > 1 and not all(lora.expert for lora in loras):
+        raise UserError(f"{adapter}: {len(loras)} adapters and not one per expert: merge them one at a time")
+    tmp = out.parent / f".{out.name}.merging"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for lora in loras:
+            if lora.expert:
+                component = family_class(lora.family).expert_components[lora.expert]
+                _merge_shards(transformer_folder(Path(base) / component), lora, tmp / component, strength)
+            else:
+                _merge_shards(transformer_folder(base), lora, tmp, strength)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _merge_shards(folder: Path, lora: AdapterFile, target: Path, strength: float) -> None:
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    lora = read_adapter_file(adapter, family)
-    want = TRANSFORMER_CLASSES[lora.family]
+    want = family_class(lora.family).transformer_class.__name__
     if config.get("_class_name") != want:
         raise UserError(
             f"{lora.path}: a {lora.family} adapter does not fit {folder} ({config.get('_class_name')}, not {want})"
@@ -311,41 +378,27 @@ def merge_into_folder(
         shards = ["diffusion_pytorch_model.safetensors"]
     else:
         raise UserError(f"{folder}: no diffusion_pytorch_model*.safetensors weights (pickled .bin files are not read)")
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"{out}: already exists and is not an empty folder; remove it or choose another --out")
-    tmp = out.parent / f".{out.name}.merging"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        for extra in (folder / "config.json", index):
-            if extra.is_file():
-                atomic_write(tmp / extra.name, lambda p, src=extra: shutil.copyfile(src, p))
-        merged: set[str] = set()
-        for shard in tqdm(shards, desc="merge", unit="shard"):
-            with safe_open(str(folder / shard), framework="pt") as f:
-                state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-                header = dict(f.metadata() or {})
-            here = {m for m in lora.alphas if f"{m}.weight" in state}
-            part = {k: v for k, v in lora.peft_sd.items() if k.rsplit(".lora_", 1)[0] in here}
-            try:
-                state = merge_lora(state, part, {m: lora.alphas[m] for m in here}, strength) if here else state
-            except LoraFormatError as e:  # e.g. an adapter for another model size
-                raise LoraFormatError(f"{lora.path} into {folder / shard}: {e}") from None
-            merged.update(here)
-            header.update({"format": "pt", "merged_lora": str(lora.path), "merge_strength": str(strength)})
-            atomic_write(tmp / shard, lambda p, s=state, h=header: save_file(s, p, metadata=h))
-        missing = sorted(set(lora.alphas) - merged)
-        if missing:
-            raise UserError(
-                f"{lora.path}: {len(missing)} module(s) have no weight in {folder}: {', '.join(missing[:10])}"
-            )
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    target.mkdir(parents=True, exist_ok=True)
+    for extra in (folder / "config.json", index):
+        if extra.is_file():
+            atomic_write(target / extra.name, lambda p, src=extra: shutil.copyfile(src, p))
+    merged: set[str] = set()
+    for shard in tqdm(shards, desc="merge", unit="shard"):
+        with safe_open(str(folder / shard), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+            header = dict(f.metadata() or {})
+        here = {m for m in lora.alphas if f"{m}.weight" in state}
+        part = {k: v for k, v in lora.peft_sd.items() if k.rsplit(".lora_", 1)[0] in here}
+        try:
+            state = merge_lora(state, part, {m: lora.alphas[m] for m in here}, strength) if here else state
+        except LoraFormatError as e:  # e.g. an adapter for another model size
+            raise LoraFormatError(f"{lora.path} into {folder / shard}: {e}") from None
+        merged.update(here)
+        header.update({"format": "pt", "merged_lora": str(lora.path), "merge_strength": str(strength)})
+        atomic_write(target / shard, lambda p, s=state, h=header: save_file(s, p, metadata=h))
+    missing = sorted(set(lora.alphas) - merged)
+    if missing:
+        raise UserError(f"{lora.path}: {len(missing)} module(s) have no weight in {folder}: {', '.join(missing[:10])}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -375,8 +428,24 @@ def _mode(values: Iterable):
     return Counter(values).most_common(1)[0][0]
 
 
-def add_initial_adapter(transformer: torch.nn.Module, lora: LoraSection, family: ModelFamily) -> LoraConfig:
-    """Add the peft adapter that ``lora.init_from`` (any format, or a run/checkpoint) holds, weights loaded.
+def initial_adapter(sources: list[AdapterFile], denoiser: Denoiser | None) -> AdapterFile:
+    """The adapter of ``sources`` that starts ``denoiser``: the one for its expert, or a lone adapter for any."""
+    label = denoiser.label if denoiser else ""
+    if len(sources) == 1 and not sources[0].expert:
+        return sources[0]
+    match = [s for s in sources if s.expert == label]
+    if len(match) != 1:
+        have = ", ".join(f"{s.path.name} ({s.expert or 'no expert'})" for s in sources)
+        want = f"the {label} expert" if label else "a model with one transformer"
+        raise UserError(f"lora.init_from: no single adapter for {want} among {have}")
+    return match[0]
+
+
+def add_initial_adapter(
+    transformer: torch.nn.Module, lora: LoraSection, family: ModelFamily, denoiser: Denoiser | None = None
+) -> LoraConfig:
+    """Add the peft adapter that ``lora.init_from`` (any format, a run/checkpoint, or one file per expert) holds for
+    ``denoiser``, weights loaded. One adapter without an expert starts every expert.
 
     What the recipe leaves unset is adopted from the file: rank (and per-module ranks), alpha, target modules (as a
     preset name when one selects exactly the file's modules). What the recipe sets must agree: another rank is refused
@@ -386,7 +455,7 @@ def add_initial_adapter(transformer: torch.nn.Module, lora: LoraSection, family:
     """
     from peft import LoraConfig, set_peft_model_state_dict
 
-    src = read_adapter_file(lora.init_from, family.name)
+    src = initial_adapter(read_adapter_files(lora.init_from, family.name), denoiser)
     where = f"lora.init_from {src.path}"
     layers = _lora_layers(transformer)
     ranks, wrong = {}, []

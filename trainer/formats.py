@@ -9,26 +9,25 @@ Formats written by :func:`export_lora`:
 - ``diffusers``: ``transformer.<diffusers name>.lora_A/B.weight``. Files of this kind carry no alpha that every
   reader honours (diffusers before 0.33, ai-toolkit, peft loaders assume alpha = rank), so alpha/rank is **baked into
   lora_A** and the file is correct for any reader that assumes alpha = rank.
-- ``comfyui``: ``diffusion_model.<original name>.lora_A/B.weight``. Wan block modules keep a ``.alpha`` (ComfyUI and
-  diffusers' Wan converter apply it); other Wan modules and all HunyuanVideo modules get alpha baked into lora_A and no
-  ``.alpha``, because diffusers' loader leaves those ``.alpha`` keys unconverted and then fails.
-- ``kohya``: ``lora_unet_<name with . -> _>.lora_down/lora_up.weight`` + ``.alpha`` (musubi-tuner's layout). For
-  HunyuanVideo the names are ComfyUI's internal ones (``img_mlp_0``, ``img_mod_lin``), which ComfyUI maps;
-  musubi-tuner's own ``img_mlp_fc1`` / ``img_mod_linear`` are read but never written.
+- ``comfyui``: ``diffusion_model.<original name>.lora_A/B.weight``, or ComfyUI's own internal name where its loader
+  does not map the original one (``FamilyNames.comfyui_names``). Modules whose ``.alpha`` every reader applies keep
+  it (``FamilyNames.alpha_in_original``); the others get alpha baked into lora_A, because diffusers' loader leaves
+  those ``.alpha`` keys unconverted and then fails.
+- ``kohya``: ``lora_unet_<name with . -> _>.lora_down/lora_up.weight`` + ``.alpha`` (musubi-tuner's layout), under
+  the names ComfyUI maps (``FamilyNames.kohya_names``); other tools' spellings are read but never written.
 
-HunyuanVideo's fused original layers (``img_attn_qkv``, ``txt_attn_qkv``, single-block ``linear1`` = q, k, v and
-proj_mlp) are written exactly: lora_A is the concatenation of the parts' A, lora_B is block-diagonal, so the rank grows
-3x (4x for ``linear1``) and the product equals the trained updates stacked in the fused row layout. Reading them
-back, a block-diagonal B gives each part exactly its own A rows and B columns; any other (dense) B is split the way
-diffusers does it (A copied into every part, B cut by rows), which is exact only as a product.
+Fused original layers (e.g. HunyuanVideo's ``img_attn_qkv`` and single-block ``linear1``) are written exactly: lora_A
+is the concatenation of the parts' A, lora_B is block-diagonal, so the rank grows with the number of parts and the
+product equals the trained updates stacked in the fused row layout. Reading them back, a block-diagonal B gives each
+part exactly its own A rows and B columns; any other (dense) B is split the way diffusers does it (A copied into
+every part, B cut by rows), which is exact only as a product.
 
-Round trips between formats are exact as tensors, except through a format that bakes alpha (diffusers; comfyui for
-HunyuanVideo): there an alpha != rank survives as the product ``B @ A * alpha / rank`` only.
+Round trips between formats are exact as tensors, except through a format that bakes alpha: there an alpha != rank
+survives as the product ``B @ A * alpha / rank`` only.
 
-Readers' quirks (diffusers 0.42.1; :func:`detect_format` notes them): diffusers reads Wan kohya files only when every
-block 0..N-1 has attention q,k,v,o and ffn_0/ffn_2; it recognises HunyuanVideo's original layout only when some key
-contains ``img_attn_qkv`` (otherwise it silently loads nothing) and splits ``linear1`` assuming hidden size 3072; it
-has no reader for HunyuanVideo kohya files. ComfyUI never loads diffusers-named Wan keys.
+This module knows layouts, not models: each family declares its name tables (:class:`FamilyNames`), the modules that
+tell it apart from families with the same names (``claims_lora``) and the quirks of the readers of its files
+(``lora_reader_notes``) in its own file under trainer/models/.
 """
 
 from __future__ import annotations
@@ -54,133 +53,26 @@ class LoraFormatError(ValueError):
     """A LoRA we refuse to read or write; the message names the offending keys."""
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Module-name maps, one small table per family. Each row is (diffusers module name(s), original checkpoint module
-# name); `{i}` stands for a block index. A row with several diffusers names is one fused original layer whose output
-# rows are those parts, in that order. These tables are data so that each can move to trainer/models/<family>.py.
-# ---------------------------------------------------------------------------------------------------------------------
-
-# Wan 2.1: Wan-Video/Wan2.1 wan/modules/model.py <-> diffusers transformer_wan.py. All renames are one-to-one.
-WAN_NAME_MAP: tuple[tuple[str | tuple[str, ...], str], ...] = (
-    ("blocks.{i}.attn1.to_q", "blocks.{i}.self_attn.q"),
-    ("blocks.{i}.attn1.to_k", "blocks.{i}.self_attn.k"),
-    ("blocks.{i}.attn1.to_v", "blocks.{i}.self_attn.v"),
-    ("blocks.{i}.attn1.to_out.0", "blocks.{i}.self_attn.o"),
-    ("blocks.{i}.attn2.to_q", "blocks.{i}.cross_attn.q"),
-    ("blocks.{i}.attn2.to_k", "blocks.{i}.cross_attn.k"),
-    ("blocks.{i}.attn2.to_v", "blocks.{i}.cross_attn.v"),
-    ("blocks.{i}.attn2.to_out.0", "blocks.{i}.cross_attn.o"),
-    ("blocks.{i}.attn2.add_k_proj", "blocks.{i}.cross_attn.k_img"),
-    ("blocks.{i}.attn2.add_v_proj", "blocks.{i}.cross_attn.v_img"),
-    ("blocks.{i}.ffn.net.0.proj", "blocks.{i}.ffn.0"),
-    ("blocks.{i}.ffn.net.2", "blocks.{i}.ffn.2"),
-    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
-    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
-    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
-    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
-    ("condition_embedder.time_proj", "time_projection.1"),
-    ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
-    ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
-    ("proj_out", "head.head"),
-)
-
-# LoRA-able diffusers modules that have no safe original-layout export: refused with the reason.
-WAN_NOT_EXPORTABLE: dict[str, str] = {
-    "patch_embedding": "diffusers' Wan LoRA converter has no rule for patch_embedding in the original layout",
-}
-
-_HV_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
-_HV_ADD_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
-_HV_REFINER = "context_embedder.token_refiner.refiner_blocks.{i}"
-_TXT_REFINER = "txt_in.individual_token_refiner.blocks.{i}"
-
-# HunyuanVideo: Tencent/HunyuanVideo hyvideo/modules/models.py <-> diffusers transformer_hunyuan_video.py
-# (same table as diffusers' lora_conversion_utils._convert_hunyuan_video_lora_to_diffusers).
-HUNYUAN_VIDEO_NAME_MAP: tuple[tuple[str | tuple[str, ...], str], ...] = (
-    (tuple(f"transformer_blocks.{{i}}.{p}" for p in _HV_QKV), "double_blocks.{i}.img_attn_qkv"),
-    (tuple(f"transformer_blocks.{{i}}.{p}" for p in _HV_ADD_QKV), "double_blocks.{i}.txt_attn_qkv"),
-    ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img_attn_proj"),
-    ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt_attn_proj"),
-    ("transformer_blocks.{i}.ff.net.0.proj", "double_blocks.{i}.img_mlp.fc1"),
-    ("transformer_blocks.{i}.ff.net.2", "double_blocks.{i}.img_mlp.fc2"),
-    ("transformer_blocks.{i}.ff_context.net.0.proj", "double_blocks.{i}.txt_mlp.fc1"),
-    ("transformer_blocks.{i}.ff_context.net.2", "double_blocks.{i}.txt_mlp.fc2"),
-    ("transformer_blocks.{i}.norm1.linear", "double_blocks.{i}.img_mod.linear"),
-    ("transformer_blocks.{i}.norm1_context.linear", "double_blocks.{i}.txt_mod.linear"),
-    (
-        (*(f"single_transformer_blocks.{{i}}.{p}" for p in _HV_QKV), "single_transformer_blocks.{i}.proj_mlp"),
-        "single_blocks.{i}.linear1",
-    ),
-    ("single_transformer_blocks.{i}.proj_out", "single_blocks.{i}.linear2"),
-    ("single_transformer_blocks.{i}.norm.linear", "single_blocks.{i}.modulation.linear"),
-    ("x_embedder.proj", "img_in.proj"),
-    ("time_text_embed.timestep_embedder.linear_1", "time_in.mlp.0"),
-    ("time_text_embed.timestep_embedder.linear_2", "time_in.mlp.2"),
-    ("time_text_embed.guidance_embedder.linear_1", "guidance_in.mlp.0"),
-    ("time_text_embed.guidance_embedder.linear_2", "guidance_in.mlp.2"),
-    ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
-    ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
-    ("context_embedder.proj_in", "txt_in.input_embedder"),
-    ("context_embedder.time_text_embed.timestep_embedder.linear_1", "txt_in.t_embedder.mlp.0"),
-    ("context_embedder.time_text_embed.timestep_embedder.linear_2", "txt_in.t_embedder.mlp.2"),
-    ("context_embedder.time_text_embed.text_embedder.linear_1", "txt_in.c_embedder.linear_1"),
-    ("context_embedder.time_text_embed.text_embedder.linear_2", "txt_in.c_embedder.linear_2"),
-    (f"{_HV_REFINER}.attn.to_out.0", f"{_TXT_REFINER}.self_attn_proj"),
-    (f"{_HV_REFINER}.ff.net.0.proj", f"{_TXT_REFINER}.mlp.fc1"),
-    (f"{_HV_REFINER}.ff.net.2", f"{_TXT_REFINER}.mlp.fc2"),
-    (f"{_HV_REFINER}.norm_out.linear", f"{_TXT_REFINER}.adaLN_modulation.1"),
-    ("proj_out", "final_layer.linear"),
-)
-
-# Fused layers whose last part takes the rows left after the square (hidden -> hidden) parts; the other fused layers
-# split into equal parts. This replaces diffusers' hard-coded hidden size 3072.
-HUNYUAN_VIDEO_FUSED_REST = frozenset({"single_blocks.{i}.linear1"})
-
-# kohya names (ComfyUI-internal names with . -> _) where they differ from the underscored original. The first name is
-# written; the others are read too (musubi-tuner writes them, ComfyUI does not load them).
-HUNYUAN_VIDEO_KOHYA_NAMES: dict[str, tuple[str, ...]] = {
-    "double_blocks.{i}.img_mod.linear": ("double_blocks_{i}_img_mod_lin", "double_blocks_{i}_img_mod_linear"),
-    "double_blocks.{i}.txt_mod.linear": ("double_blocks_{i}_txt_mod_lin", "double_blocks_{i}_txt_mod_linear"),
-    "double_blocks.{i}.img_mlp.fc1": ("double_blocks_{i}_img_mlp_0", "double_blocks_{i}_img_mlp_fc1"),
-    "double_blocks.{i}.img_mlp.fc2": ("double_blocks_{i}_img_mlp_2", "double_blocks_{i}_img_mlp_fc2"),
-    "double_blocks.{i}.txt_mlp.fc1": ("double_blocks_{i}_txt_mlp_0", "double_blocks_{i}_txt_mlp_fc1"),
-    "double_blocks.{i}.txt_mlp.fc2": ("double_blocks_{i}_txt_mlp_2", "double_blocks_{i}_txt_mlp_fc2"),
-    "single_blocks.{i}.modulation.linear": ("single_blocks_{i}_modulation_lin", "single_blocks_{i}_modulation_linear"),
-}
-
-HUNYUAN_VIDEO_NOT_EXPORTABLE: dict[str, str] = {
-    "norm_out.linear": "final_layer.adaLN_modulation.1 stores shift/scale swapped and diffusers' converter also "
-    "permutes lora_A's rows, so no original-layout file loads correctly",
-    **{
-        f"{_HV_REFINER}.{p}": "the token refiner's fused self_attn_qkv is split "
-        "by diffusers' converter as if lora_A were fused too"
-        for p in _HV_QKV
-    },
-}
-
-
 @dataclass(frozen=True)
 class FamilyNames:
-    """Everything format conversion needs to know about one model family's module names."""
+    """Everything format conversion needs to know about one model family's module names; each family declares its
+    own (`ModelFamily.lora_names` in trainer/models/<family>.py).
+
+    ``name_map`` rows are (diffusers module name(s), original checkpoint module name); ``{i}`` stands for a block
+    index. A row with several diffusers names is one fused original layer whose output rows are those parts, in order.
+    """
 
     name_map: tuple[tuple[str | tuple[str, ...], str], ...]
+    # kohya names where they differ from the underscored original: the first is written, all are read.
     kohya_names: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # Names the comfyui file uses where ComfyUI does not map the original one (it maps its own internal name).
+    comfyui_names: Mapping[str, str] = field(default_factory=dict)
+    # LoRA-able diffusers modules with no safe original-layout export: refused with the reason.
     not_exportable: Mapping[str, str] = field(default_factory=dict)
+    # Fused layers whose last part takes the rows left after the square (hidden -> hidden) parts.
     fused_rest: frozenset[str] = frozenset()
     # Original names whose `.alpha` both ComfyUI and diffusers' original-layout loader apply; others get alpha baked.
     alpha_in_original: str | None = None
-
-
-WAN_NAMES = FamilyNames(
-    WAN_NAME_MAP, not_exportable=WAN_NOT_EXPORTABLE, alpha_in_original=r"blocks\.\d+\.(self_attn|cross_attn|ffn)\."
-)
-HUNYUAN_VIDEO_NAMES = FamilyNames(
-    HUNYUAN_VIDEO_NAME_MAP,
-    kohya_names=HUNYUAN_VIDEO_KOHYA_NAMES,
-    not_exportable=HUNYUAN_VIDEO_NOT_EXPORTABLE,
-    fused_rest=HUNYUAN_VIDEO_FUSED_REST,
-)
-FAMILY_NAMES: dict[str, FamilyNames] = {"wan": WAN_NAMES, "wan_i2v": WAN_NAMES, "hunyuan_video": HUNYUAN_VIDEO_NAMES}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -193,6 +85,7 @@ class _Rule:
     diffusers: tuple[str, ...]
     original: str | None
     kohya: tuple[str, ...]
+    comfyui: str | None = None  # the name written in comfyui files (the original, unless ComfyUI maps another)
     split_rest: bool = False
     refused: str | None = None
 
@@ -229,20 +122,46 @@ def _index(family: str) -> _Index:
     for diffusers, original in names.name_map:
         parts = (diffusers,) if isinstance(diffusers, str) else tuple(diffusers)
         kohya = names.kohya_names.get(original, (original.replace(".", "_"),))
-        rules.append(_Rule(parts, original, kohya, split_rest=original in names.fused_rest))
+        comfyui = names.comfyui_names.get(original, original)
+        rules.append(_Rule(parts, original, kohya, comfyui, split_rest=original in names.fused_rest))
     rules += [_Rule((name,), None, (), refused=why) for name, why in names.not_exportable.items()]
     return _Index(
         rules=tuple(rules),
         diffusers=tuple((_pattern(t), r, k) for r in rules for k, t in enumerate(r.diffusers)),
-        original=tuple((_pattern(r.original), r) for r in rules if r.original),
+        # original names, and ComfyUI's own where they differ (both are read)
+        original=tuple((_pattern(t), r) for r in rules if r.original for t in dict.fromkeys((r.original, r.comfyui))),
         kohya=tuple((_pattern(t), r) for r in rules for t in r.kohya),
     )
 
 
+def _family(family: str) -> type:
+    """The registered family class (trainer/models), which declares its names, variants and readers' quirks."""
+    from trainer.models import FAMILIES, family_class
+
+    if family not in FAMILIES:
+        raise LoraFormatError(f"unknown model family {family!r}; known: {sorted(FAMILIES)}")
+    return family_class(family)
+
+
 def _family_names(family: str) -> FamilyNames:
-    if family not in FAMILY_NAMES:
-        raise LoraFormatError(f"unknown model family {family!r}; known: {sorted(FAMILY_NAMES)}")
-    return FAMILY_NAMES[family]
+    return _family(family).lora_names
+
+
+def name_groups() -> dict[str, list[str]]:
+    """Families by the name tables they share, keyed by the first registered one: files in one table cannot tell
+    those families apart by their key names, only by which modules they hold (`ModelFamily.claims_lora`)."""
+    from trainer.models import FAMILIES, family_class
+
+    groups: dict[int, list[str]] = {}
+    for name in FAMILIES:
+        groups.setdefault(id(family_class(name).lora_names), []).append(name)
+    return {members[0]: members for members in groups.values()}
+
+
+def known_family(family: str | None) -> bool:
+    from trainer.models import FAMILIES
+
+    return family in FAMILIES
 
 
 def to_diffusers_names(family: str, original_name: str) -> tuple[str, ...]:
@@ -339,7 +258,7 @@ def _group(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, _Lora]],
 
 def _parse(sd: Mapping[str, torch.Tensor], family: str | None = None) -> _Parsed:
     groups, notes = _group(sd)
-    families = [family] if family else [f for f in FAMILY_NAMES if f != "wan_i2v"]
+    families = [family] if family else list(name_groups())
     for f in families:
         _family_names(f)
     modules: dict[str, _Lora] = {}
@@ -361,57 +280,36 @@ def _parse(sd: Mapping[str, torch.Tensor], family: str | None = None) -> _Parsed
         )
     index = _index(fam)
     unresolved = sorted(k for n, lora in modules.items() if index.find(layout, n) is None for k in lora.keys)
-    if family is None and fam == "wan" and _is_wan_i2v(modules, layout):
-        fam = "wan_i2v"
+    if family is None:  # same names, several families: the first that claims these modules, else the generic one
+        targets = _diffusers_modules(index, layout, modules)
+        fam = next((f for f in name_groups()[fam][1:] if _family(f).claims_lora(targets)), fam)
     prefixes = sorted(p or "(none)" for p in groups)
     notes.append(f"prefix {', '.join(prefixes)}")
     fmt = {"diffusers": "diffusers", "original": "comfyui", "kohya": "kohya"}[layout]
     if layout == "original" and "transformer." in groups:
-        notes.append(
-            "original names under 'transformer.' (diffusion-pipe style); ComfyUI reads this for HunyuanVideo only"
-        )
+        notes.append("original names under 'transformer.' (diffusion-pipe style); ComfyUI reads this only where its "
+                     "loader maps that prefix for the model")  # fmt: skip
     if layout == "diffusers" and "diffusion_model." in groups:
         notes.append("diffusers names under 'diffusion_model.': ComfyUI will not load these")
     if any(lora.alpha is not None for lora in modules.values()):
         notes.append("per-module .alpha present")
     elif layout != "diffusers":
         notes.append("no .alpha: scale 1 (alpha = rank)")
-    if fam == "wan" and not _is_wan_i2v(modules, layout):
-        notes.append("no image cross-attention keys: T2V LoRA (also loads into I2V)")
-    notes += _diffusers_reader_notes(fmt, fam, modules)
+    notes += _family(fam).lora_reader_notes(fmt, set(modules), _diffusers_modules(index, layout, modules))
     if unresolved:
         notes.append(f"{len(unresolved)} key(s) do not map to any {fam} module: {', '.join(unresolved[:10])}")
     return _Parsed(fmt, fam, layout, modules, unresolved, notes)
 
 
-_MUSUBI_WAN_BLOCK = [f"{a}_{p}" for a in ("self_attn", "cross_attn") for p in "qkvo"] + ["ffn_0", "ffn_2"]
-
-
-def _diffusers_reader_notes(fmt: str, family: str, modules: Mapping[str, _Lora]) -> list[str]:
-    """Files diffusers' loaders will not read (or will silently ignore) although ComfyUI reads them."""
-    if family == "hunyuan_video" and fmt == "kohya":
-        return ["diffusers has no reader for HunyuanVideo kohya files"]
-    if family == "hunyuan_video" and fmt == "comfyui" and not any("img_attn_qkv" in n for n in modules):
-        return [
-            "no img_attn_qkv key: diffusers' HunyuanVideo loader does not recognise the original layout and "
-            "silently loads nothing; use the diffusers format for diffusers"
-        ]
-    if family.startswith("wan") and fmt == "comfyui" and not any(n.startswith("blocks.") for n in modules):
-        return ["no block keys: diffusers' Wan converter fails on original-layout files without blocks.N keys"]
-    if family.startswith("wan") and fmt == "kohya":
-        blocks = {n.split("_")[1] for n in modules if n.startswith("blocks_")}
-        full = {f"blocks_{b}_{m}" for b in blocks for m in _MUSUBI_WAN_BLOCK}
-        if not blocks or not full <= set(modules) or sorted(map(int, blocks)) != list(range(len(blocks))):
-            return [
-                "diffusers reads Wan kohya files only when blocks 0..N-1 each have self_attn and cross_attn "
-                "q,k,v,o and ffn_0, ffn_2 (its converter raises KeyError otherwise)"
-            ]
-    return []
-
-
-def _is_wan_i2v(modules: Mapping[str, _Lora], layout: str) -> bool:
-    marks = ("add_k_proj", "add_v_proj") if layout == "diffusers" else ("k_img", "v_img")
-    return any(m in n for n in modules for m in marks)
+def _diffusers_modules(index: _Index, layout: str, modules: Mapping[str, _Lora]) -> set[str]:
+    """The diffusers module names a file's modules stand for (every part of a fused layer)."""
+    out = set()
+    for n in modules:
+        hit = index.find(layout, n)
+        if hit is not None:
+            rule, part, i = hit
+            out |= {_fill(rule.diffusers[part], i)} if layout == "diffusers" else {_fill(t, i) for t in rule.diffusers}
+    return out
 
 
 def _sample(modules: Mapping[str, object], n: int = 8) -> str:
@@ -639,7 +537,7 @@ def export_lora(
         keep_alpha = fmt == "kohya" or bool(alpha_rule and re.match(alpha_rule, original))
         A, B, alpha = _fuse(parts, rule, keep_alpha, original)
         if fmt == "comfyui":
-            base, down, up = f"diffusion_model.{original}", "lora_A", "lora_B"
+            base, down, up = f"diffusion_model.{_fill(rule.comfyui, i)}", "lora_A", "lora_B"
         else:
             base, down, up = f"lora_unet_{_fill(rule.kohya[0], i)}", "lora_down", "lora_up"
         out[f"{base}.{down}.weight"] = A
@@ -687,7 +585,7 @@ def save_lora(path: str | os.PathLike, sd: Mapping[str, torch.Tensor], metadata:
     """
     metadata = {str(k): v if isinstance(v, str) else json.dumps(v, sort_keys=True) for k, v in (metadata or {}).items()}
     family = metadata.get("family")
-    notes = check_lora(sd, family if family in FAMILY_NAMES else None)[2]
+    notes = check_lora(sd, family if known_family(family) else None)[2]
     tensors, seen = {}, set()
     for k, v in sd.items():  # safetensors refuses shared storage: give each tensor its own
         v = v.detach().contiguous()

@@ -48,9 +48,9 @@ def apply_memory_modes(transformer: nn.Module, train: TrainSection) -> None:
         transformer.enable_gradient_checkpointing()
 
 
-def make_optimizer(params: Iterable[nn.Parameter], train: TrainSection) -> torch.optim.Optimizer:
+def make_optimizer(params: Iterable[nn.Parameter] | list[dict], train: TrainSection) -> torch.optim.Optimizer:
     """AdamW from torch, or bitsandbytes' AdamW8bit (block-wise 8-bit moments; tensors under 4096
-    elements keep fp32 state) with the same hyperparameters."""
+    elements keep fp32 state) with the same hyperparameters. `params` may be parameter groups (one per expert)."""
     kwargs = {
         "lr": train.learning_rate,
         "betas": train.adam_betas,

@@ -26,115 +26,48 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ModelPreset:
-    family: str  # "wan" or "hunyuan_video"
-    config: dict[str, Any]  # kwargs of the diffusers transformer class
+    family: str  # the registered family whose transformer, batch layout and FLOPs formula it uses
+    config: dict[str, Any]  # kwargs of the family's diffusers transformer class
     text_tokens: int  # text length the transformer sees (Wan pads to 512; HunyuanVideo: at most 256)
     source: str = ""  # where the config was published
 
+    @property
+    def family_class(self) -> type[ModelFamily]:
+        from trainer.models import family_class
 
-WAN_1_3B = {
-    "patch_size": (1, 2, 2),
-    "num_attention_heads": 12,
-    "attention_head_dim": 128,
-    "in_channels": 16,
-    "out_channels": 16,
-    "text_dim": 4096,
-    "freq_dim": 256,
-    "ffn_dim": 8960,
-    "num_layers": 30,
-    "cross_attn_norm": True,
-    "qk_norm": "rms_norm_across_heads",
-    "eps": 1e-6,
-    "rope_max_seq_len": 1024,
-}
-HUNYUAN_13B = {
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_attention_heads": 24,
-    "attention_head_dim": 128,
-    "num_layers": 20,
-    "num_single_layers": 40,
-    "num_refiner_layers": 2,
-    "mlp_ratio": 4.0,
-    "patch_size": 2,
-    "patch_size_t": 1,
-    "qk_norm": "rms_norm",
-    "guidance_embeds": True,
-    "text_embed_dim": 4096,
-    "pooled_projection_dim": 768,
-    "rope_theta": 256.0,
-    "rope_axes_dim": (16, 56, 56),
-}
-PRESETS: dict[str, ModelPreset] = {
-    # Not a published model: Wan's architecture at a size where one CPU step takes a fraction of a second,
-    # big enough that the training loop's own overhead would show next to the model's work.
-    "small": ModelPreset(
-        "wan",
-        {
-            **WAN_1_3B,
-            "num_attention_heads": 4,
-            "attention_head_dim": 64,
-            "ffn_dim": 1024,
-            "num_layers": 4,
-            "text_dim": 1024,
-        },
-        512,
-    ),
-    "hunyuan-small": ModelPreset(  # the same for HunyuanVideo's double/single-stream architecture
-        "hunyuan_video",
-        {
-            **HUNYUAN_13B,
-            "num_attention_heads": 4,
-            "attention_head_dim": 64,
-            "rope_axes_dim": (16, 24, 24),  # sums to the head width
-            "num_layers": 2,
-            "num_single_layers": 2,
-            "num_refiner_layers": 1,
-            "text_embed_dim": 1024,
-        },
-        256,
-    ),
-    "wan-1.3b": ModelPreset("wan", WAN_1_3B, 512, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers/transformer/config.json"),
-    "wan-14b": ModelPreset(
-        "wan",
-        {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
-        512,
-        "Wan-AI/Wan2.1-T2V-14B-Diffusers/transformer/config.json",
-    ),
-    "hunyuan-13b": ModelPreset(
-        "hunyuan_video", HUNYUAN_13B, 256, "hunyuanvideo-community/HunyuanVideo/transformer/config.json"
-    ),
-}
-
-# Both families: VAE compression 4x8x8 (time x height x width), 16 latent channels.
-LATENT_CHANNELS = 16
+        return family_class(self.family)
 
 
-def latent_shape(frames: int, height: int, width: int) -> tuple[int, int, int, int]:
-    """Pixel clip size -> latent [C, f, h, w] of the Wan / HunyuanVideo VAEs."""
-    if frames < 1 or (frames - 1) % 4:
-        raise UserError(f"--frames {frames}: must be 4k+1 (1, 5, ..., 81)")
-    if height % 16 or width % 16 or height < 16 or width < 16:
-        raise UserError(f"--height/--width {height}x{width}: must be multiples of 16")
-    return LATENT_CHANNELS, (frames - 1) // 4 + 1, height // 8, width // 8
+def presets() -> dict[str, ModelPreset]:
+    """Every family's bench presets (`ModelFamily.bench_presets`) by name."""
+    from trainer.models import FAMILIES, family_class
+
+    out: dict[str, ModelPreset] = {}
+    for name in FAMILIES:
+        for key, (config, tokens, source) in family_class(name).bench_presets.items():
+            out.setdefault(key, ModelPreset(name, config, tokens, source))
+    return out
 
 
-def patch(preset: ModelPreset) -> tuple[int, int, int]:
-    c = preset.config
-    if preset.family.startswith("wan"):
-        return tuple(c["patch_size"])
-    return c["patch_size_t"], c["patch_size"], c["patch_size"]
+def latent_shape(preset: ModelPreset, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """Pixel clip size -> latent [C, f, h, w] of the preset family's VAE."""
+    fam = preset.family_class
+    ft, fh, fw = fam.vae_stride
+    step = fam.bucket_step()
+    if frames < 1 or (frames - 1) % ft:
+        raise UserError(f"--frames {frames}: must be {ft}k+1")
+    if height % step or width % step or height < step or width < step:
+        raise UserError(f"--height/--width {height}x{width}: must be multiples of {step}")
+    return fam.latent_channels, (frames - 1) // ft + 1, height // fh, width // fw
+
+
+def grid_tokens(patch: tuple[int, int, int], latent: tuple[int, ...]) -> int:
+    """Tokens of a latent [C, f, h, w] cut into patches (frames, height, width)."""
+    return math.prod(n // k for n, k in zip(latent[1:], patch))
 
 
 def video_tokens(preset: ModelPreset, latent: tuple[int, int, int, int]) -> int:
-    pt, ph, pw = patch(preset)
-    return (latent[1] // pt) * (latent[2] // ph) * (latent[3] // pw)
-
-
-def transformer_class(preset: ModelPreset) -> type[nn.Module]:
-    from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
-
-    return WanTransformer3DModel if preset.family.startswith("wan") else HunyuanVideoTransformer3DModel
+    return grid_tokens(preset.family_class.patch_of(preset.config), latent)
 
 
 def build_transformer(
@@ -150,7 +83,7 @@ def build_transformer(
     `from_pretrained(..., torch_dtype=dtype)` would. `tensors` (another instance's `model_tensors`) makes a
     second instance that shares those frozen weights instead of holding its own copy.
     """
-    cls = transformer_class(preset)
+    cls = preset.family_class.transformer_class
     torch.manual_seed(seed)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # parameters are born in `dtype`: a 14B model never exists in fp32
@@ -183,14 +116,7 @@ def random_batch(
     """Random latents and text embeddings shaped like a collated training batch of the family."""
     g = torch.Generator().manual_seed(seed)
     out = {"latents": torch.randn(batch_size, *latent, generator=g)}
-    c = preset.config
-    if preset.family.startswith("wan"):
-        out["prompt_embeds"] = torch.randn(batch_size, text_tokens, c["text_dim"], generator=g)
-    else:
-        out["prompt_embeds"] = torch.randn(batch_size, text_tokens, c["text_embed_dim"], generator=g)
-        out["encoder_attention_mask"] = torch.ones(batch_size, text_tokens, dtype=torch.int64)
-        out["pooled_projections"] = torch.randn(batch_size, c["pooled_projection_dim"], generator=g)
-    return out
+    return {**out, **preset.family_class.random_text(preset.config, batch_size, text_tokens, g)}
 
 
 def bench_family(preset: ModelPreset, cfg: ModelSection, device: str | torch.device = "cpu") -> ModelFamily:
@@ -198,18 +124,15 @@ def bench_family(preset: ModelPreset, cfg: ModelSection, device: str | torch.dev
 
     The family's own adapter (presets, transformer call); only the weights are replaced.
     """
-    from trainer.models import family_class
-
-    base = family_class(preset.family)
+    base = preset.family_class
 
     class RandomWeights(base):
-        def load_transformer(self, dtype: torch.dtype) -> nn.Module:
+        def load_transformer(self, dtype: torch.dtype, denoiser: Any = None) -> nn.Module:
             """Random weights the first time; later calls share them (a second model costs no weights)."""
             model = build_transformer(preset, dtype, device, tensors=getattr(self, "base_tensors", None))
             self.base_tensors = model_tensors(model)  # before LoRA wraps the layers: what others can share
             return model
 
-    RandomWeights.transformer_class = transformer_class(preset)
     return RandomWeights(cfg)
 
 
@@ -244,83 +167,8 @@ class Attention:
 
 
 def step_ops(preset: ModelPreset, latent: tuple[int, int, int, int], text_tokens: int) -> list[Matmul | Attention]:
-    """Every matrix product of one forward pass for one sample (elementwise work, norms and RoPE omitted).
-
-    Wan I2V's extra cross-attention to 257 image tokens is not counted (under 1% at 480p).
-    """
-    return (_wan_ops if preset.family.startswith("wan") else _hunyuan_ops)(preset, latent, text_tokens)
-
-
-def _wan_ops(preset: ModelPreset, latent: tuple[int, int, int, int], t: int) -> list[Matmul | Attention]:
-    c = preset.config
-    d, f, layers = c["num_attention_heads"] * c["attention_head_dim"], c["ffn_dim"], c["num_layers"]
-    n, p = video_tokens(preset, latent), math.prod(patch(preset))
-    g = "blocks"
-    return [
-        Matmul("patch_embedding (conv)", n, c["in_channels"] * p, d, input_grad=False),
-        Matmul("time_embedder.linear_1", 1, c["freq_dim"], d, input_grad=False),
-        Matmul("time_embedder.linear_2 + time_proj", 1, d, 7 * d, input_grad=False),
-        Matmul("text_embedder.linear_1", t, c["text_dim"], d, input_grad=False),
-        Matmul("text_embedder.linear_2", t, d, d, input_grad=False),
-        # block 0's self-attention input comes from the frozen patch embedding: no gradient needed for it
-        Matmul("blocks.0.attn1.to_q/k/v", n, d, d, 3, False, "attn", g),
-        Matmul("blocks.N.attn1.to_q/k/v", n, d, d, 3 * (layers - 1), True, "attn", g),
-        Attention("attn1 (self)", n, n, d, layers, g),
-        Matmul("attn1.to_out + attn2.to_q", n, d, d, 2 * layers, True, "attn", g),
-        Matmul("attn2.to_k/v (text)", t, d, d, 2 * layers, False, "attn", g),
-        Attention("attn2 (cross, text)", n, t, d, layers, g),
-        Matmul("attn2.to_out", n, d, d, layers, True, "attn", g),
-        Matmul("ffn.net.0.proj", n, d, f, layers, True, "ffn", g),
-        Matmul("ffn.net.2", n, f, d, layers, True, "ffn", g),
-        Matmul("proj_out", n, d, c["out_channels"] * p),
-    ]
-
-
-def _hunyuan_ops(preset: ModelPreset, latent: tuple[int, int, int, int], t: int) -> list[Matmul | Attention]:
-    c = preset.config
-    d = c["num_attention_heads"] * c["attention_head_dim"]
-    m = int(d * c["mlp_ratio"])
-    dt, refiners, double, single = c["text_embed_dim"], c["num_refiner_layers"], c["num_layers"], c["num_single_layers"]
-    n, p = video_tokens(preset, latent), math.prod(patch(preset))
-    s = n + t  # single-stream blocks run on video and text tokens together
-    frozen = {"input_grad": False}
-    ops: list[Matmul | Attention] = [
-        Matmul("x_embedder (conv)", n, c["in_channels"] * p, d, **frozen),
-        # timestep + guidance embedders (256 -> d -> d) and the pooled-text projection, once per sample
-        Matmul("time/guidance embedders linear_1", 1, 256, d, 1 + c["guidance_embeds"], **frozen),
-        Matmul("time/guidance embedders linear_2", 1, d, d, 1 + c["guidance_embeds"], **frozen),
-        Matmul("pooled text_embedder", 1, c["pooled_projection_dim"], d, **frozen),
-        Matmul("pooled text_embedder.linear_2", 1, d, d, **frozen),
-        # token refiner: its own time/text embedding, proj_in, and `refiners` self-attention blocks on the text
-        Matmul("refiner time_text_embed", 1, 256 + d + dt + d, d, **frozen),
-        Matmul("refiner proj_in", t, dt, d, **frozen),
-        Matmul("refiner to_q/k/v/to_out", t, d, d, 4 * refiners, **frozen),
-        Attention("refiner attn", t, t, d, refiners, grad=False),
-        Matmul("refiner ff", t, d, 2 * 4 * d, refiners, **frozen),  # d->4d and 4d->d, mlp ratio 4
-        Matmul("refiner norm_out", 1, d, 2 * d, refiners, **frozen),
-    ]
-    g = "transformer_blocks"
-    for stream, tokens in (("", n), ("context ", t)):
-        ops += [
-            Matmul(f"double.0 {stream}q/k/v", tokens, d, d, 3, False, "attn", g),
-            Matmul(f"double.N {stream}q/k/v", tokens, d, d, 3 * (double - 1), True, "attn", g),
-            Matmul(f"double {stream}attn out", tokens, d, d, double, True, "attn", g),
-            Matmul(f"double {stream}ff", tokens, d, m, double, True, "ffn", g),
-            Matmul(f"double {stream}ff.net.2", tokens, m, d, double, True, "ffn", g),
-            Matmul(f"double {stream}norm1 modulation", 1, d, 6 * d, double, False, None, g),
-        ]
-    ops.append(Attention("double joint attn", s, s, d, double, g))
-    g = "single_transformer_blocks"
-    ops += [
-        Matmul("single norm modulation", 1, d, 3 * d, single, False, None, g),
-        Matmul("single proj_mlp", s, d, m, single, True, "ffn", g),
-        Matmul("single attn to_q/k/v", s, d, d, 3 * single, True, "attn", g),
-        Attention("single attn", s, s, d, single, g),
-        Matmul("single proj_out", s, d + m, d, single, True, "ffn", g),
-        Matmul("norm_out modulation", 1, d, 2 * d, **frozen),
-        Matmul("proj_out", n, d, c["out_channels"] * p),
-    ]
-    return ops
+    """Every matrix product of one forward pass for one sample (the family's `step_ops`)."""
+    return preset.family_class.step_ops(preset.config, latent, text_tokens)
 
 
 @dataclass

@@ -35,7 +35,7 @@ def sample(
     recipe: Recipe,
     prompt: str,
     out: str | Path,
-    lora: str | Path | None = None,
+    lora: str | Path | list | None = None,
     frames: int | None = None,
     height: int | None = None,
     width: int | None = None,
@@ -45,17 +45,20 @@ def sample(
     image: str | Path | None = None,
 ) -> Path:
     """Generate with `pipeline_class.from_pretrained` + `load_lora_weights`: exactly what a user of
-    diffusers runs, so the sample shows what the exported adapter does outside vidlora. `image` is the first
-    frame for image-to-video families; sizes not given come from the recipe (`sample_size`)."""
+    diffusers runs, so the sample shows what the exported adapter does outside vidlora. `lora` is a diffusers-format
+    file, several (one per expert), or a run folder; `image` is the first frame for image-to-video families; sizes
+    not given come from the recipe (`sample_size`)."""
     family = get_family(recipe.model)
     width, height, frames = sample_size(recipe, width, height, frames)
     family.check_shapes([(width, height, frames)], "sample size")
     _, dtype = resolve_device_precision(recipe.train.mixed_precision, recipe.model.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     extra = family.sample_kwargs(image, height, width)  # before loading: a missing --image fails fast
-    pipe = family.load_pipeline(None, DTYPES[dtype])
+    pipe = family.load_pipeline(DTYPES[dtype])
     if lora:
-        pipe.load_lora_weights(str(lora))
+        from trainer.export import pipeline_adapters
+
+        family.load_adapters(pipe, pipeline_adapters(family, lora))
     pipe.to(device)
     pipe.set_progress_bar_config(desc="sample")
     video = pipe(

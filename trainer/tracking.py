@@ -45,9 +45,12 @@ class Window:
         self.loss_sum = self.loss_n = self.samples = self.steps = self.flops = 0.0
         self.local_bad: list[str] = []  # this step's cache files whose loss was non-finite (this rank)
         self.step_bad = self.step_loss = self.step_n = self.step_samples = self.step_flops = 0.0
+        self.step_expert = ""  # the expert this step trains ("" with one transformer)
+        self.expert_loss: dict[str, list[float]] = {}  # expert -> [loss sum, count] since the last log
 
-    def add(self, loss: float, n: int, files: list[str], flops: float = 0.0) -> None:
-        """One micro-batch: its loss, samples, cache files and model FLOPs (trainer.perf's count)."""
+    def add(self, loss: float, n: int, files: list[str], flops: float = 0.0, expert: str = "") -> None:
+        """One micro-batch: its loss, samples, cache files, model FLOPs (trainer.perf's count) and expert."""
+        self.step_expert = expert
         self.step_flops += flops
         if math.isfinite(loss):
             self.step_loss += loss
@@ -68,6 +71,9 @@ class Window:
         if not bad:
             self.loss_sum += loss
             self.loss_n += n
+            if self.step_expert:
+                acc = self.expert_loss.setdefault(self.step_expert, [0.0, 0.0])
+                acc[0], acc[1] = acc[0] + loss, acc[1] + n
         self.samples += samples
         self.steps += 1
         return bad > 0, stop_any > 0
@@ -92,6 +98,10 @@ class Window:
         }
         if self.peak_flops:
             logs["mfu"] = self.flops / elapsed / self.peak_flops
+        for expert, (total, n) in sorted(self.expert_loss.items()):
+            logs[f"loss_{expert}"] = total / n
+        logs |= {f"steps_{expert}": count for expert, count in sorted(pos.experts.items())}
+        self.expert_loss = {}
         self.start, self.loss_sum, self.loss_n, self.samples, self.steps, self.flops = now, 0.0, 0.0, 0.0, 0.0, 0.0
         return logs
 
@@ -148,6 +158,9 @@ def format_metrics(step: int, total: int | None, logs: dict[str, float]) -> str:
     for key, fmt in FORMATS.items():
         if key in logs:
             parts.append(f"{key} {logs[key]:{fmt}}")
+    for key, value in logs.items():  # per expert: loss_high_noise, val_loss_low_noise, steps_high_noise ...
+        if key not in FORMATS and key.startswith(("loss_", "val_loss_", "steps_")):
+            parts.append(f"{key} {value:{'d' if key.startswith('steps_') else '.5f'}}")
     return "  ".join(parts)
 
 

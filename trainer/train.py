@@ -16,7 +16,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, send_to_device, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, send_to_device, set_seed
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig
 from torch.utils.data import DataLoader
@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 
 from data.dataset import BucketBatchSampler, CachedDataset, collate
 from trainer.checkpoint import (
-    ADAPTER,
+    adapter_name,
     check_resumable,
+    denoiser_meta,
     find_resume_checkpoint,
     gather_lora,
     latest_checkpoint,
@@ -45,10 +46,10 @@ from trainer.checkpoint import (
     start_run_folder,
 )
 from trainer.config import Recipe, UserError, resolve_device_precision
-from trainer.flow_matching import noisy_and_target, sample_sigmas, step_generator
+from trainer.flow_matching import noisy_and_target, route, sample_sigmas, sigma_mass, step_generator
 from trainer.memory import apply_memory_modes, make_optimizer, offload_base_weights
 from trainer.models import get_family
-from trainer.models.base import DTYPES, ModelFamily
+from trainer.models.base import DTYPES, Denoiser, Denoisers, ModelFamily
 from trainer.perf import apply_speed_options, batch_step_flops, device_peak_flops
 from trainer.tracking import Window, init_tracking, log_metrics, log_validation
 
@@ -72,11 +73,12 @@ class Position:
     batch: int = 0  # global batches consumed in this epoch
     micro: int = 0  # micro-batches consumed in total
     skipped: int = 0  # steps skipped for a non-finite loss or gradient
+    experts: dict[str, int] = field(default_factory=dict)  # steps each expert trained (two-expert families)
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
 
 
@@ -127,16 +129,26 @@ def lora_targets(family: ModelFamily, targets: str | list[str]) -> str | list[st
 
 def build_model(
     recipe: Recipe, family: ModelFamily, weight_dtype: torch.dtype, device: torch.device | None = None
+) -> Denoisers:
+    """The denoisers the run trains (one, or two experts): each a frozen transformer with a trainable fp32 LoRA
+    and the recipe's memory and speed modes."""
+    return Denoisers(
+        family,
+        {d.component: build_denoiser(recipe, family, d, weight_dtype, device) for d in family.trained_denoisers()},
+    )
+
+
+def build_denoiser(
+    recipe: Recipe, family: ModelFamily, denoiser: Denoiser, weight_dtype: torch.dtype, device: torch.device | None
 ) -> torch.nn.Module:
-    """Frozen transformer + trainable fp32 LoRA, with the recipe's memory modes."""
-    transformer = family.load_transformer(weight_dtype)
+    transformer = family.load_transformer(weight_dtype, denoiser)
     transformer.requires_grad_(False)
     if recipe.train.block_offload:  # before the adapter, so the LoRA is never offloaded
         offload_base_weights(transformer, device or torch.device("cpu"))
     if recipe.lora.init_from:  # an existing adapter (any format): its weights, rank, alpha and targets
         from trainer.export import add_initial_adapter
 
-        add_initial_adapter(transformer, recipe.lora, family)
+        add_initial_adapter(transformer, recipe.lora, family, denoiser)
     else:
         transformer.add_adapter(
             LoraConfig(
@@ -156,34 +168,60 @@ def build_model(
 
 
 def flow_loss(
-    family: ModelFamily,
-    transformer: torch.nn.Module,
+    model: Denoisers,
     batch: dict[str, Any],
     recipe: Recipe,
     generators: list[torch.Generator],
+    denoiser: Denoiser | None = None,
 ) -> torch.Tensor:
-    """MSE between the transformer's prediction and the flow-matching velocity target. Each sample draws
-    its timestep and noise from its own generator (one per slot of the global batch)."""
+    """MSE between the denoiser's prediction and the flow-matching velocity target. Each sample draws its timestep
+    (from the denoiser's range of noise levels) and noise from its own generator (one per slot of the global batch).
+    `model` is the run's Denoisers, or what wraps it (DDP, DeepSpeed)."""
     t = recipe.train
+    family = unwrapped(model).family
+    denoiser = denoiser or family.trained_denoisers()[0]
     latents = batch["latents"]
     sigmas, noisy, target = [], [], []
+    shift = t.shift or family.default_shift
     for j, g in enumerate(generators):
         s = sample_sigmas(
-            1, t.timestep_sampling, t.shift or family.default_shift, g, t.logit_mean, t.logit_std, t.sigmoid_scale
+            1, t.timestep_sampling, shift, g, t.logit_mean, t.logit_std, t.sigmoid_scale, sigma_range=denoiser.sigmas
         )
         x, y = noisy_and_target(latents[j : j + 1], s, g)
         sigmas.append(s)
         noisy.append(x)
         target.append(y)
-    pred = family.predict(transformer, torch.cat(noisy), torch.cat(sigmas).to(latents.device), batch)
+    pred = model(denoiser.component, torch.cat(noisy), torch.cat(sigmas).to(latents.device), batch)
     return F.mse_loss(pred.float(), torch.cat(target).float())
 
 
-def make_accelerator(recipe: Recipe, run: Path, mixed_precision: str) -> Accelerator:
+def unwrapped(model: torch.nn.Module) -> Denoisers:
+    """The Denoisers inside DDP / DeepSpeed / compile wrappers."""
+    while not isinstance(model, Denoisers):
+        model = model.module
+    return model
+
+
+def step_denoiser(recipe: Recipe, family: ModelFamily, step: int) -> Denoiser:
+    """The denoiser an optimizer step trains: with several, one picked with its share of the noise distribution,
+    from (seed, step) only, so every process and a resumed run agree (trainer/flow_matching.py)."""
+    trained = family.trained_denoisers()
+    if len(trained) == 1:
+        return trained[0]
+    t = recipe.train
+    params = {"logit_mean": t.logit_mean, "logit_std": t.logit_std, "sigmoid_scale": t.sigmoid_scale}
+    shift = t.shift or family.default_shift
+    masses = [sigma_mass(d.sigmas, t.timestep_sampling, shift, **params) for d in trained]
+    return trained[route(t.seed, step, masses)]
+
+
+def make_accelerator(recipe: Recipe, run: Path, mixed_precision: str, experts: int = 1) -> Accelerator:
     t = recipe.train
     # DeepSpeed on the CPU (tests) needs gloo; without it accelerate and DeepSpeed disagree on the world size.
     cpu_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and not torch.cuda.is_available()
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if cpu_deepspeed else []
+    handlers: list[Any] = [InitProcessGroupKwargs(backend="gloo")] if cpu_deepspeed else []
+    if experts > 1:  # a step trains one expert: DDP must expect the others' parameters to get no gradient
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation,
@@ -198,6 +236,8 @@ def make_accelerator(recipe: Recipe, run: Path, mixed_precision: str) -> Acceler
             raise UserError("train.fp8_base and train.block_offload do not work under DeepSpeed (it owns the weights)")
     if t.block_offload and accelerator.num_processes > 1:
         raise UserError("train.block_offload is for one process (a model bigger than one GPU); use DeepSpeed ZeRO-3")
+    if t.offload_inactive_expert and (accelerator.num_processes > 1 or plugin is not None):
+        raise UserError("train.offload_inactive_expert is for one process without DeepSpeed; use DeepSpeed ZeRO-3")
     return accelerator
 
 
@@ -229,11 +269,11 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     t, v = recipe.train, recipe.validation
     run = Path(t.output_dir)
     mixed_precision, weight_dtype = resolve_device_precision(t.mixed_precision, recipe.model.dtype)
-    accelerator = make_accelerator(recipe, run, mixed_precision)
+    family = get_family(recipe.model)
+    accelerator = make_accelerator(recipe, run, mixed_precision, len(family.trained_denoisers()))
     deepspeed = accelerator.state.deepspeed_plugin is not None
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     set_seed(t.seed)
-    family = get_family(recipe.model)
     checkpoints = run / "checkpoints"
     checkpoint = find_resume_checkpoint(run, resume)
 
@@ -254,18 +294,19 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         worker_init_fn=ignore_sigint if workers else None,
         pin_memory=device.type == "cuda",
     )
-    transformer = build_model(recipe, family, DTYPES[weight_dtype], device if t.block_offload else None)
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, t)
+    model = build_model(recipe, family, DTYPES[weight_dtype], device if t.block_offload else None)
+    groups = expert_param_groups(model, t)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = make_optimizer(groups, t)
     # Stepped by hand once per optimizer step (prepared, accelerate would step it once per process).
     scheduler = get_scheduler(
         t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.max_steps
     )
-    if t.block_offload:  # the offloaded base weights stay where they are; only the LoRA lives on the GPU
-        transformer = accelerator.prepare_model(transformer, device_placement=False)
+    if t.block_offload or t.offload_inactive_expert:  # base weights stay where they are; the LoRA goes to the GPU
+        model = accelerator.prepare_model(model, device_placement=False)
         optimizer = accelerator.prepare_optimizer(optimizer)
     else:
-        transformer, optimizer = accelerator.prepare(transformer, optimizer)
+        model, optimizer = accelerator.prepare(model, optimizer)
     if not deepspeed:
         register_lora_only_state(accelerator)
 
@@ -292,7 +333,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
 
         validator = Validator(recipe, family, dataset, accelerator, run)
         if v.at_start and checkpoint is None:
-            log_validation(accelerator, run, validator.run(transformer, 0), 0)
+            log_validation(accelerator, run, validator.run(model, 0), 0)
     bar = tqdm(total=t.max_steps, initial=pos.step, desc="train", disable=not accelerator.is_main_process)
     window = Window(peak_flops(accelerator))
     bad_in_row = 0
@@ -304,13 +345,15 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                 batch = send_to_device(batch, device, non_blocking=True)
                 n = len(batch["files"])
                 slots = [rank * n + j for j in range(n)]  # this rank's places in the global batch
-                with accelerator.accumulate(transformer):
-                    loss = forward_backward(accelerator, family, transformer, batch, recipe, pos.micro, slots)
+                denoiser = step_denoiser(recipe, family, pos.step)  # the same for every micro-batch of a step
+                activate(model, optimizer, scheduler, denoiser, t.offload_inactive_expert, device)
+                with accelerator.accumulate(model):
+                    loss = forward_backward(accelerator, model, batch, recipe, pos.micro, slots, denoiser)
                 pos.batch += 1
                 pos.micro += 1
-                window.add(
-                    loss.item(), n, batch["files"], batch_step_flops(transformer, family.name, batch, recipe).model
-                )
+                expert = unwrapped(model).experts[denoiser.component]
+                flops = batch_step_flops(expert, family.name, batch, recipe).model
+                window.add(loss.item(), n, batch["files"], flops, denoiser.label)
                 if not accelerator.sync_gradients:
                     continue
 
@@ -318,6 +361,8 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                 bad, stop_now = window.end_step(accelerator, stop.requested)
                 grad_norm, skipped = optimizer_step(accelerator, params, optimizer, scheduler, t.max_grad_norm, bad)
                 pos.step += 1
+                if denoiser.label:
+                    pos.experts[denoiser.label] = pos.experts.get(denoiser.label, 0) + 1
                 bar.update()
                 if skipped:
                     pos.skipped += 1
@@ -336,11 +381,9 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                         "scheduler": scheduler.state_dict(),
                         **run_shape(recipe, world, deepspeed),
                     }
-                    saved = save_checkpoint(
-                        accelerator, checkpoints, pos.step, transformer, meta, t.checkpoints_keep, state
-                    )
+                    saved = save_checkpoint(accelerator, checkpoints, pos.step, model, meta, t.checkpoints_keep, state)
                 if validator and (pos.step % v.every == 0 or pos.step == t.max_steps) and not stop_now:
-                    log_validation(accelerator, run, validator.run(transformer, pos.step), pos.step)
+                    log_validation(accelerator, run, validator.run(model, pos.step), pos.step)
                 window.pause(time.perf_counter() - pause)
                 if stop_now:
                     bar.close()
@@ -352,26 +395,57 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                 pos.epoch += 1
                 pos.batch = 0
     bar.close()
-    finish(accelerator, transformer, family, recipe, run, meta, pos.step)
+    finish(accelerator, model, family, recipe, run, meta, pos.step)
     return run
 
 
 def forward_backward(
     accelerator: Accelerator,
-    family: ModelFamily,
-    transformer: torch.nn.Module,
+    model: torch.nn.Module,
     batch: dict[str, Any],
     recipe: Recipe,
     micro: int,
     slots: list[int],
+    denoiser: Denoiser | None = None,
 ) -> torch.Tensor:
-    """One micro-batch: loss and backward. Dropout, noise and timesteps are seeded from (seed, micro-step,
-    slot in the global batch), so resumes and different process counts draw exactly the same numbers."""
+    """One micro-batch through one denoiser: loss and backward. Dropout, noise and timesteps are seeded from (seed,
+    micro-step, slot in the global batch), so resumes and different process counts draw exactly the same numbers."""
     seed = recipe.train.seed
     torch.manual_seed(step_seed(seed, micro, accelerator.process_index))  # LoRA dropout
-    loss = flow_loss(family, transformer, batch, recipe, [step_generator(seed, micro, s) for s in slots])
+    loss = flow_loss(model, batch, recipe, [step_generator(seed, micro, s) for s in slots], denoiser)
     accelerator.backward(loss)  # under DeepSpeed this also steps (or skips a non-finite step)
     return loss
+
+
+def expert_param_groups(model: Denoisers, t: Any) -> list[dict[str, Any]]:
+    """One optimizer parameter group per trained denoiser (its LoRA), with its learning-rate factor."""
+    labels = {c: model.family.trained_denoisers()[i].label for i, c in enumerate(model.experts)}
+    unknown = sorted(set(t.expert_lr_scale) - set(labels.values()))
+    if unknown:
+        raise UserError(f"train.expert_lr_scale: no expert {unknown} here; experts: {sorted(labels.values())}")
+    return [
+        {
+            "params": [p for p in expert.parameters() if p.requires_grad],
+            "lr": t.learning_rate * t.expert_lr_scale.get(labels[component], 1.0),
+            "component": component,
+        }
+        for component, expert in model.experts.items()
+    ]
+
+
+def activate(
+    model: torch.nn.Module, optimizer: Any, scheduler: Any, denoiser: Denoiser, offload: bool, device: torch.device
+) -> None:
+    """Only the step's denoiser learns: the other experts' learning rate is 0 for the step (the scheduler restores
+    it), so no optimizer moves their weights (DeepSpeed's would, on its zero gradients); with `offload`, only the
+    step's expert is on the device."""
+    if len(optimizer.param_groups) == 1:
+        return
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr if group["component"] == denoiser.component else 0.0
+    if offload:
+        for component, expert in unwrapped(model).experts.items():
+            expert.to(device if component == denoiser.component else "cpu")
 
 
 def optimizer_step(
@@ -441,24 +515,31 @@ def adapter_meta(recipe: Recipe, family: ModelFamily) -> dict[str, Any]:
 
 def finish(
     accelerator: Accelerator,
-    transformer: torch.nn.Module,
+    model: torch.nn.Module,
     family: ModelFamily,
     recipe: Recipe,
     run: Path,
     meta: dict,
     steps: int,
 ) -> None:
-    """Write the final adapter: canonical, diffusers (`pytorch_lora_weights.safetensors`, the name
-    `load_lora_weights` looks for in a folder) and every other format of `export.formats`."""
+    """Write the final adapters (one per trained denoiser): canonical, diffusers (`pytorch_lora_weights.safetensors`,
+    the name `load_lora_weights` looks for in a folder; `_high_noise` / `_low_noise` before the extension for
+    experts) and every other format of `export.formats`."""
     accelerator.wait_for_everyone()
-    lora = gather_lora(accelerator, transformer)  # every rank: ZeRO-3 gathers
+    loras = gather_lora(accelerator, model)  # every rank: ZeRO-3 gathers
     if accelerator.is_main_process:
         from trainer.export import export_adapter, export_files
 
-        save_adapter(run / ADAPTER, accelerator.unwrap_model(transformer), {**meta, "steps": steps}, lora)
-        out = export_adapter(run / ADAPTER, run / "pytorch_lora_weights.safetensors", "diffusers", recipe.export.dtype)
-        print(f"adapter: {out}")
+        experts = unwrapped(model).experts
+        written = []
+        for denoiser in family.trained_denoisers():
+            path = run / adapter_name(denoiser)
+            expert_meta = {**meta, **denoiser_meta(denoiser), "steps": steps}
+            save_adapter(path, experts[denoiser.component], expert_meta, loras[denoiser.component])
+            written.append(path)
+            out = run / "pytorch_lora_weights.safetensors"  # export adds the expert: ..._high_noise.safetensors
+            print(f"adapter: {export_adapter(path, out, 'diffusers', recipe.export.dtype)}")
         others = [f for f in recipe.export.formats if f != "diffusers"]
-        for written in export_files([run / ADAPTER], others, out_dir=run, dtype=recipe.export.dtype) if others else []:
-            print(f"adapter ({written.fmt}): {written.path}")
+        for w in export_files(written, others, out_dir=run, dtype=recipe.export.dtype) if others else []:
+            print(f"adapter ({w.fmt}): {w.path}")
     accelerator.end_training()

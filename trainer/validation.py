@@ -28,7 +28,7 @@ from data.media import write_video
 from data.prepare import load_index
 from trainer.config import Recipe, UserError
 from trainer.flow_matching import noisy_and_target
-from trainer.models.base import ModelFamily
+from trainer.models.base import Denoisers, ModelFamily
 
 log = logging.getLogger("vidlora.validation")
 
@@ -64,6 +64,7 @@ class Validator:
             for i in range(len(self.prompts))
         ]
         self.vae: torch.nn.Module | None = None
+        self.others: dict[str, torch.nn.Module] = {}  # experts this run does not train, for the pipeline
 
     def shard(self, n: int) -> list[int | None]:
         """This rank's item indices, padded with None so every rank makes the same number of passes."""
@@ -71,58 +72,64 @@ class Validator:
         return [i if i < n else None for i in range(rank, math.ceil(n / world) * world, world)]
 
     @torch.no_grad()
-    def run(self, transformer: torch.nn.Module, step: int) -> dict[str, float]:
-        model = self.accelerator.unwrap_model(transformer)
+    def run(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+        model = self.accelerator.unwrap_model(model)
         was_training = model.training
         model.eval()
         logs: dict[str, float] = {}
         try:
             if self.loss_items:
-                logs["val_loss"] = self.loss(model)
+                logs.update(self.loss(model))
             if self.prompts:
                 self.videos(model, step)
         finally:
             model.train(was_training)
         return logs
 
-    def loss(self, model: torch.nn.Module) -> float:
+    def loss(self, model: Denoisers) -> dict[str, float]:
+        """val_loss over every fixed sigma a trained denoiser serves, and per expert (val_loss_high_noise ...)."""
         device = self.accelerator.device
-        total = torch.zeros(2, dtype=torch.float64, device=device)
+        trained = self.family.trained_denoisers()
+        sigmas = [
+            (k, s, d) for k, s in enumerate(self.v.loss_sigmas) for d in trained if d.sigmas[0] <= s < d.sigmas[1]
+        ]
+        total = torch.zeros(len(trained), 2, dtype=torch.float64, device=device)
         for i in self.shard(len(self.loss_items)):
             reader, entry = self.loss_items[i if i is not None else 0]
             batch = collate([reader.load(entry, entry["text_ids"][0])])
             batch.update(self.family.collate_text(batch.pop("text")))
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            for k, sigma in enumerate(self.v.loss_sigmas):
-                sigmas = torch.tensor([sigma])
+            for k, sigma, denoiser in sigmas:
                 g = torch.Generator().manual_seed((self.v.seed * 1_000_003 + (i or 0)) * 101 + k)
-                noisy, target = noisy_and_target(batch["latents"], sigmas, g)
-                pred = self.family.predict(model, noisy, sigmas.to(device), batch)
+                noisy, target = noisy_and_target(batch["latents"], torch.tensor([sigma]), g)
+                pred = model(denoiser.component, noisy, torch.tensor([sigma], device=device), batch)
                 if i is not None:
-                    total += torch.stack(
-                        [
-                            torch.nn.functional.mse_loss(pred.float(), target.float()).double(),
-                            torch.ones((), dtype=torch.float64, device=device),
-                        ]
-                    )
+                    loss = torch.nn.functional.mse_loss(pred.float(), target.float()).double()
+                    total[trained.index(denoiser)] += torch.stack([loss, torch.ones_like(loss)])
         total = self.accelerator.reduce(total, "sum")
-        return (total[0] / total[1]).item()
+        logs = {"val_loss": (total[:, 0].sum() / total[:, 1].sum()).item()} if total[:, 1].sum() else {}
+        if len(trained) > 1:
+            logs |= {f"val_loss_{d.label}": (t[0] / t[1]).item() for d, t in zip(trained, total) if t[1]}
+        return logs
 
-    def pipeline(self, model: torch.nn.Module) -> Any:
-        m = self.recipe.model
+    def pipeline(self, model: Denoisers) -> Any:
+        dtype = torch.float32 if self.accelerator.device.type == "cpu" else torch.bfloat16
         if self.vae is None:
-            self.vae = self.family.load_vae(torch.float32 if self.accelerator.device.type == "cpu" else torch.bfloat16)
+            self.vae = self.family.load_vae(dtype)
+        for d in self.family.denoisers():  # a one-expert run still samples with both: the other one as it is
+            if d.component not in model.experts and d.component not in self.others:
+                self.others[d.component] = self.family.load_transformer(dtype, d).eval()
         self.vae.to(self.accelerator.device)
-        pipe = self.family.pipeline_class.from_pretrained(
-            m.path,
-            revision=m.revision,
-            transformer=model,
+        pipe = self.family.pretrained(
+            self.family.pipeline_class.from_pretrained,
+            **dict(model.experts.items()),
+            **self.others,
             vae=self.family.vae_module(self.vae),
             text_encoder=None,
             tokenizer=None,
         )
         for name, component in pipe.components.items():  # e.g. the I2V image encoder, loaded on the CPU
-            if isinstance(component, torch.nn.Module) and name not in ("transformer", "vae"):
+            if isinstance(component, torch.nn.Module) and name not in (*model.experts, "vae"):
                 component.to(self.accelerator.device)
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -157,6 +164,8 @@ class Validator:
             name = f"{i:02d}-{slug(self.dataset.caption(text_id))}.mp4"
             written.append(write_video(out_dir / name, pixels, fps=self.family.native_fps))
         self.vae.to("cpu")
+        for other in self.others.values():
+            other.to("cpu")
         acc.wait_for_everyone()
         if acc.is_main_process:
             self.log_videos(step, sorted(out_dir.glob("*.mp4")))

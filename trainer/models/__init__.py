@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from trainer.config import ModelSection
     from trainer.models.base import ModelFamily
 
-# name -> "module:Class", imported lazily so `vidlora --help` does not import diffusers.
+# name -> "module:Class", imported lazily so `vidlora --help` does not import diffusers. The name is what recipes
+# (model.family), caches and adapter headers say.
 FAMILIES: dict[str, str] = {
     "wan": "trainer.models.wan:Wan",
     "wan_i2v": "trainer.models.wan_i2v:WanI2V",
+    "wan22": "trainer.models.wan22:Wan22",
+    "wan22_i2v": "trainer.models.wan22_i2v:Wan22I2V",
     "hunyuan_video": "trainer.models.hunyuan_video:HunyuanVideo",
 }
+DEFAULT_FAMILY = "wan"  # a recipe without model.family
+# Families from outside this folder (plugins, tests): VIDLORA_FAMILIES="name=package.module:Class,...".
+for _item in filter(None, os.environ.get("VIDLORA_FAMILIES", "").split(",")):
+    _name, _, _target = _item.partition("=")
+    FAMILIES[_name.strip()] = _target.strip()
 
 
 def family_class(name: str) -> type[ModelFamily]:

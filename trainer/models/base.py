@@ -10,19 +10,43 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
+from data.cache import DTYPES  # noqa: F401 - re-exported: the dtypes of model weights
 from trainer.config import ModelSection, RecipeError, UserError
+
+if TYPE_CHECKING:
+    from trainer.formats import FamilyNames
 
 log = logging.getLogger("vidlora.models")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+@dataclass(frozen=True)
+class Denoiser:
+    """One transformer of a family (most have one; Wan 2.2 A14B has a high- and a low-noise expert)."""
+
+    component: str = "transformer"  # diffusers subfolder, and the pipeline's argument name
+    label: str = ""  # "" for a family's only denoiser; names the expert in files, metrics and logs otherwise
+    sigmas: tuple[float, float] = (0.0, 1.0)  # the noise levels it serves: low <= sigma < high (1.0 inclusive)
+
+    @property
+    def file_key(self) -> str:
+        """The recipe key of its original single-file checkpoint (model.transformer_file, transformer_2_file)."""
+        return f"{self.component}_file"
+
+    @property
+    def suffix(self) -> str:
+        """What its adapter files carry after the name: `NAME_high_noise.safetensors`; nothing for a lone one."""
+        return f"_{self.label}" if self.label else ""
+
+
 T = TypeVar("T")
 
 
@@ -63,7 +87,8 @@ def hub_source(path: str, revision: str | None) -> dict[str, Any]:
 
 
 class ModelFamily:
-    """A model family: how to load it, what to cache for it, and how to call its transformer."""
+    """A model family: how to load it, what to cache for it, how to call its transformer, and what its LoRA files
+    are called. Everything outside trainer/models/ asks the family; nothing else names one."""
 
     name: ClassVar[str]
     pipeline_class: ClassVar[type[DiffusionPipeline]]
@@ -80,6 +105,17 @@ class ModelFamily:
     fp32_components: ClassVar[tuple[str, ...]] = ()  # pipeline components loaded in fp32 whatever the weight dtype
     guidance_is_cfg: ClassVar[bool] = True  # the pipeline's guidance_scale is classifier-free (needs a negative)
     default_guidance: ClassVar[float | None] = None  # embedded guidance while training; None: no guidance input
+    # Latent geometry: VAE compression (frames, height, width), latent channels, transformer patch (f, h, w).
+    vae_stride: ClassVar[tuple[int, int, int]] = (4, 8, 8)
+    latent_channels: ClassVar[int] = 16
+    patch: ClassVar[tuple[int, int, int]] = (1, 2, 2)
+    # LoRA files: module names in every export layout, and released models by hidden size (for adapter headers).
+    lora_names: ClassVar[FamilyNames]
+    variants: ClassVar[dict[int, str]] = {}
+    # A family with several transformers: expert label (`Denoiser.label`) -> diffusers component it runs.
+    expert_components: ClassVar[dict[str, str]] = {}
+    # Benchmarks (scripts/bench_train.py): name -> (transformer config, text tokens, where it was published).
+    bench_presets: ClassVar[dict[str, tuple[dict[str, Any], int, str]]] = {}
 
     def __init__(self, cfg: ModelSection):
         if cfg.guidance is not None and self.default_guidance is None:
@@ -90,6 +126,54 @@ class ModelFamily:
     @property
     def guidance(self) -> float | None:
         return self.cfg.guidance or self.default_guidance
+
+    @classmethod
+    def bucket_step(cls) -> int:
+        """Bucket sides are multiples of this: the VAE's spatial stride times the patch size."""
+        return cls.vae_stride[1] * cls.patch[1]
+
+    @classmethod
+    def claims_lora(cls, modules: set[str]) -> bool:
+        """Whether a LoRA file with these (diffusers) modules is this family's rather than that of the first family
+        registered with the same name tables (e.g. image cross-attention makes a Wan LoRA an I2V one)."""
+        return False
+
+    @classmethod
+    def lora_reader_notes(cls, fmt: str, file_modules: set[str], modules: set[str]) -> list[str]:
+        """What readers of such a file should know (a loader that will not read it, or only partly): `file_modules`
+        are the names in the file's layout, `modules` the diffusers names they stand for."""
+        return []
+
+    @classmethod
+    def patch_of(cls, config: dict[str, Any]) -> tuple[int, int, int]:
+        """The patch (frames, height, width) of a transformer config."""
+        return tuple(config["patch_size"])
+
+    @classmethod
+    def step_ops(cls, config: dict[str, Any], latent: tuple[int, int, int, int], t: int) -> list:
+        """Every matrix product of one forward pass for one sample, for trainer/perf.py's FLOPs count."""
+        raise NotImplementedError
+
+    @classmethod
+    def random_text(cls, config: dict[str, Any], batch_size: int, tokens: int, g: torch.Generator) -> dict:
+        """Random text inputs shaped like a collated batch, for benchmarks."""
+        raise NotImplementedError
+
+    def denoisers(self) -> tuple[Denoiser, ...]:
+        """The transformers this family denoises with, in the pipeline's order."""
+        return (Denoiser(),)
+
+    def trained_denoisers(self) -> tuple[Denoiser, ...]:
+        """The ones a run trains (`model.experts`): all, or the expert whose label starts with high / low."""
+        all_ = self.denoisers()
+        if self.cfg.experts == "both":
+            return all_
+        chosen = tuple(d for d in all_ if d.label.startswith(self.cfg.experts))
+        if not chosen:
+            raise RecipeError(
+                f"model.experts = {self.cfg.experts!r}: the {self.name} family has one transformer; use 'both'"
+            )
+        return chosen
 
     # --- loading -------------------------------------------------------------------------------------
     def pretrained(self, load: Callable[..., T], **kwargs: Any) -> T:
@@ -106,12 +190,15 @@ class ModelFamily:
             self._configs[subfolder] = dict(self.pretrained(cls.load_config, subfolder=subfolder))
         return self._configs[subfolder]
 
-    def load_transformer(self, dtype: torch.dtype) -> nn.Module:
-        """The transformer from the diffusers folder, or from an original single-file checkpoint."""
-        if self.cfg.transformer_file:
-            config = self.config(self.transformer_class, "transformer")
-            return load_single_file(self.transformer_class, self.cfg.transformer_file, config, self.cfg.path, dtype)
-        return self._from_pretrained(self.transformer_class, "transformer", dtype)
+    def load_transformer(self, dtype: torch.dtype, denoiser: Denoiser | None = None) -> nn.Module:
+        """A transformer (the first denoiser's by default) from the diffusers folder, or from an original single-file
+        checkpoint."""
+        denoiser = denoiser or self.denoisers()[0]
+        file = getattr(self.cfg, denoiser.file_key, None)
+        if file:
+            config = self.config(self.transformer_class, denoiser.component)
+            return load_single_file(self.transformer_class, file, config, self.cfg.path, dtype)
+        return self._from_pretrained(self.transformer_class, denoiser.component, dtype)
 
     def load_vae(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """What the VAE pass of `prepare` needs: the VAE, plus any encoder the family's conditions need from
@@ -126,16 +213,24 @@ class ModelFamily:
         """The family's pipeline with tokenizers and text encoders only (no transformer, no VAE)."""
         return self.pretrained(self.pipeline_class.from_pretrained, transformer=None, vae=None, dtype=dtype)
 
-    def load_pipeline(self, transformer: nn.Module | None, dtype: torch.dtype) -> DiffusionPipeline:
-        """A full pipeline for samples, around a given (LoRA-wrapped) transformer or the model's own
-        (`transformer_file` included)."""
-        if transformer is None:
-            transformer = self.load_transformer(dtype)
+    def load_pipeline(self, dtype: torch.dtype, denoisers: dict[str, nn.Module] | None = None) -> DiffusionPipeline:
+        """A full pipeline for samples, around given (LoRA-wrapped) transformers by component name, the model's own
+        for the others (single files included)."""
+        given = denoisers or {}
+        own = {d.component: self.load_transformer(dtype, d) for d in self.denoisers() if d.component not in given}
         return self.pretrained(
             self.pipeline_class.from_pretrained,
-            transformer=transformer,
+            **own,
+            **given,
             dtype={"default": dtype, **dict.fromkeys(self.fp32_components, torch.float32)},
         )
+
+    def load_adapters(self, pipe: DiffusionPipeline, files: dict[str, str | Path]) -> None:
+        """Load exported diffusers-format adapters (by component) into a pipeline, as diffusers' users do: the
+        second transformer's with `load_into_transformer_2=True`."""
+        for component, file in files.items():
+            extra = {} if component == "transformer" else {f"load_into_{component}": True}
+            pipe.load_lora_weights(str(file), **extra)
 
     def shape_problem(self, width: int, height: int, frames: int) -> str | None:
         """Why the transformer cannot take videos of this size, or None when it can."""
@@ -198,6 +293,21 @@ class ModelFamily:
     def make_tiny(cls, out_dir: Path, seed: int = 0) -> Path:
         """Write a tiny randomly initialised model folder that `pipeline_class.from_pretrained` loads."""
         raise NotImplementedError
+
+
+class Denoisers(nn.Module):
+    """The transformers a run trains, as one module, so accelerate, DDP and DeepSpeed prepare, checkpoint and shard
+    them together; each call runs one of them (by component name) through the family's transformer call."""
+
+    def __init__(self, family: ModelFamily, models: dict[str, nn.Module]):
+        super().__init__()
+        self.family = family
+        self.experts = nn.ModuleDict(models)
+
+    def forward(
+        self, component: str, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        return self.family.predict(self.experts[component], noisy, sigmas, batch)
 
 
 def pad_stack(tensors: list[torch.Tensor], length: int | None = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ padded on the right to its longest caption: less to store, less attention to com
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -21,8 +22,119 @@ from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PRO
 from torch import nn
 
 from trainer.config import UserError
+from trainer.formats import FamilyNames
 from trainer.models.base import ModelFamily, pad_stack
+from trainer.perf import Attention, Matmul, grid_tokens
 
+_QKV = ("attn.to_q", "attn.to_k", "attn.to_v")
+_ADD_QKV = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")
+_REFINER = "context_embedder.token_refiner.refiner_blocks.{i}"
+_TXT_REFINER = "txt_in.individual_token_refiner.blocks.{i}"
+# ComfyUI builds HunyuanVideo from flux's layers: MLP embedders are `in_layer`/`out_layer`, MLPs `mlp.0`/`mlp.2`,
+# modulations `*_mod.lin`. Its loader maps those internal names, plus the original spelling where a fixed list of
+# replacements turns one into the other (`_mod.lin.` -> `_mod.linear.`, `mlp.0.` -> `mlp.fc1.`, `_attn.qkv.` ->
+# `_attn_qkv.` ...); for the embedders it does not, so their comfyui and kohya names are ComfyUI's own.
+_EMBEDDERS = {
+    "time_in.mlp.0": "time_in.in_layer",
+    "time_in.mlp.2": "time_in.out_layer",
+    "guidance_in.mlp.0": "guidance_in.in_layer",
+    "guidance_in.mlp.2": "guidance_in.out_layer",
+    "txt_in.t_embedder.mlp.0": "txt_in.t_embedder.in_layer",
+    "txt_in.t_embedder.mlp.2": "txt_in.t_embedder.out_layer",
+    "txt_in.c_embedder.linear_1": "txt_in.c_embedder.in_layer",
+    "txt_in.c_embedder.linear_2": "txt_in.c_embedder.out_layer",
+}
+
+
+def _kohya(internal: str, *also: str) -> tuple[str, ...]:
+    """kohya names: ComfyUI's internal name with dots as underscores first (written), other spellings after (read)."""
+    return (internal.replace(".", "_"), *also)
+
+
+# Tencent/HunyuanVideo hyvideo/modules/models.py <-> diffusers transformer_hunyuan_video.py (the table of diffusers'
+# lora_conversion_utils._convert_hunyuan_video_lora_to_diffusers).
+HUNYUAN_VIDEO_NAMES = FamilyNames(
+    name_map=(
+        (tuple(f"transformer_blocks.{{i}}.{p}" for p in _QKV), "double_blocks.{i}.img_attn_qkv"),
+        (tuple(f"transformer_blocks.{{i}}.{p}" for p in _ADD_QKV), "double_blocks.{i}.txt_attn_qkv"),
+        ("transformer_blocks.{i}.attn.to_out.0", "double_blocks.{i}.img_attn_proj"),
+        ("transformer_blocks.{i}.attn.to_add_out", "double_blocks.{i}.txt_attn_proj"),
+        ("transformer_blocks.{i}.ff.net.0.proj", "double_blocks.{i}.img_mlp.fc1"),
+        ("transformer_blocks.{i}.ff.net.2", "double_blocks.{i}.img_mlp.fc2"),
+        ("transformer_blocks.{i}.ff_context.net.0.proj", "double_blocks.{i}.txt_mlp.fc1"),
+        ("transformer_blocks.{i}.ff_context.net.2", "double_blocks.{i}.txt_mlp.fc2"),
+        ("transformer_blocks.{i}.norm1.linear", "double_blocks.{i}.img_mod.linear"),
+        ("transformer_blocks.{i}.norm1_context.linear", "double_blocks.{i}.txt_mod.linear"),
+        (
+            (*(f"single_transformer_blocks.{{i}}.{p}" for p in _QKV), "single_transformer_blocks.{i}.proj_mlp"),
+            "single_blocks.{i}.linear1",
+        ),
+        ("single_transformer_blocks.{i}.proj_out", "single_blocks.{i}.linear2"),
+        ("single_transformer_blocks.{i}.norm.linear", "single_blocks.{i}.modulation.linear"),
+        ("x_embedder.proj", "img_in.proj"),
+        ("time_text_embed.timestep_embedder.linear_1", "time_in.mlp.0"),
+        ("time_text_embed.timestep_embedder.linear_2", "time_in.mlp.2"),
+        ("time_text_embed.guidance_embedder.linear_1", "guidance_in.mlp.0"),
+        ("time_text_embed.guidance_embedder.linear_2", "guidance_in.mlp.2"),
+        ("time_text_embed.text_embedder.linear_1", "vector_in.in_layer"),
+        ("time_text_embed.text_embedder.linear_2", "vector_in.out_layer"),
+        ("context_embedder.proj_in", "txt_in.input_embedder"),
+        ("context_embedder.time_text_embed.timestep_embedder.linear_1", "txt_in.t_embedder.mlp.0"),
+        ("context_embedder.time_text_embed.timestep_embedder.linear_2", "txt_in.t_embedder.mlp.2"),
+        ("context_embedder.time_text_embed.text_embedder.linear_1", "txt_in.c_embedder.linear_1"),
+        ("context_embedder.time_text_embed.text_embedder.linear_2", "txt_in.c_embedder.linear_2"),
+        (f"{_REFINER}.attn.to_out.0", f"{_TXT_REFINER}.self_attn_proj"),
+        (f"{_REFINER}.ff.net.0.proj", f"{_TXT_REFINER}.mlp.fc1"),
+        (f"{_REFINER}.ff.net.2", f"{_TXT_REFINER}.mlp.fc2"),
+        (f"{_REFINER}.norm_out.linear", f"{_TXT_REFINER}.adaLN_modulation.1"),
+        ("proj_out", "final_layer.linear"),
+    ),
+    kohya_names={
+        "double_blocks.{i}.img_mod.linear": _kohya("double_blocks.{i}.img_mod.lin", "double_blocks_{i}_img_mod_linear"),
+        "double_blocks.{i}.txt_mod.linear": _kohya("double_blocks.{i}.txt_mod.lin", "double_blocks_{i}_txt_mod_linear"),
+        "double_blocks.{i}.img_mlp.fc1": _kohya("double_blocks.{i}.img_mlp.0", "double_blocks_{i}_img_mlp_fc1"),
+        "double_blocks.{i}.img_mlp.fc2": _kohya("double_blocks.{i}.img_mlp.2", "double_blocks_{i}_img_mlp_fc2"),
+        "double_blocks.{i}.txt_mlp.fc1": _kohya("double_blocks.{i}.txt_mlp.0", "double_blocks_{i}_txt_mlp_fc1"),
+        "double_blocks.{i}.txt_mlp.fc2": _kohya("double_blocks.{i}.txt_mlp.2", "double_blocks_{i}_txt_mlp_fc2"),
+        "single_blocks.{i}.modulation.linear": _kohya(
+            "single_blocks.{i}.modulation.lin", "single_blocks_{i}_modulation_linear"
+        ),
+        f"{_TXT_REFINER}.mlp.fc1": _kohya(f"{_TXT_REFINER}.mlp.0", f"{_TXT_REFINER}.mlp.fc1".replace(".", "_")),
+        f"{_TXT_REFINER}.mlp.fc2": _kohya(f"{_TXT_REFINER}.mlp.2", f"{_TXT_REFINER}.mlp.fc2".replace(".", "_")),
+        **{o: _kohya(c, o.replace(".", "_")) for o, c in _EMBEDDERS.items()},
+    },
+    comfyui_names=_EMBEDDERS,
+    not_exportable={
+        "norm_out.linear": "final_layer.adaLN_modulation.1 stores shift/scale swapped and diffusers' converter also "
+        "permutes lora_A's rows, so no original-layout file loads correctly",
+        **{
+            f"{_REFINER}.{p}": "the token refiner's fused self_attn_qkv is split "
+            "by diffusers' converter as if lora_A were fused too"
+            for p in _QKV
+        },
+    },
+    fused_rest=frozenset({"single_blocks.{i}.linear1"}),
+)
+
+
+HUNYUAN_13B = {
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_attention_heads": 24,
+    "attention_head_dim": 128,
+    "num_layers": 20,
+    "num_single_layers": 40,
+    "num_refiner_layers": 2,
+    "mlp_ratio": 4.0,
+    "patch_size": 2,
+    "patch_size_t": 1,
+    "qk_norm": "rms_norm",
+    "guidance_embeds": True,
+    "text_embed_dim": 4096,
+    "pooled_projection_dim": 768,
+    "rope_theta": 256.0,
+    "rope_axes_dim": (16, 56, 56),
+}
 # peft full-matches these against module names. Anchored at the block lists on purpose: a bare `to_q` would also
 # wrap the token refiner (context_embedder.token_refiner...), whose fused original layout cannot be exported.
 HV_ATTENTION = (
@@ -59,6 +171,108 @@ class HunyuanVideo(ModelFamily):
     sample_defaults = {"guidance_scale": 6.0}
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     guidance_is_cfg = False  # guidance_scale is the distilled model's embedded guidance, not CFG
+    lora_names = HUNYUAN_VIDEO_NAMES
+    variants = {3072: "HunyuanVideo-13B"}
+    bench_presets = {
+        "hunyuan-small": (  # the bench's "small" for the double/single-stream architecture
+            {**HUNYUAN_13B, "num_attention_heads": 4, "attention_head_dim": 64, "rope_axes_dim": (16, 24, 24),
+             "num_layers": 2, "num_single_layers": 2, "num_refiner_layers": 1, "text_embed_dim": 1024},
+            256,
+            "",
+        ),
+        "hunyuan-13b": (HUNYUAN_13B, 256, "hunyuanvideo-community/HunyuanVideo/transformer/config.json"),
+    }  # fmt: skip
+
+    @classmethod
+    def patch_of(cls, config: dict) -> tuple[int, int, int]:
+        return config["patch_size_t"], config["patch_size"], config["patch_size"]
+
+    @classmethod
+    def random_text(cls, config: dict, batch_size: int, tokens: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        return {
+            "prompt_embeds": torch.randn(batch_size, tokens, config["text_embed_dim"], generator=g),
+            "encoder_attention_mask": torch.ones(batch_size, tokens, dtype=torch.int64),
+            "pooled_projections": torch.randn(batch_size, config["pooled_projection_dim"], generator=g),
+        }
+
+    @classmethod
+    def lora_reader_notes(cls, fmt: str, file_modules: set[str], modules: set[str]) -> list[str]:
+        """HunyuanVideo files diffusers' loader will not read (or silently ignores) although ComfyUI reads them."""
+        if fmt == "kohya":
+            return ["diffusers has no reader for HunyuanVideo kohya files"]
+        if fmt != "comfyui":
+            return []
+        notes = []
+        if not any("img_attn_qkv" in n for n in file_modules):
+            notes.append(
+                "no img_attn_qkv key: diffusers' HunyuanVideo loader does not recognise the original layout and "
+                "silently loads nothing; use the diffusers format for diffusers"
+            )
+        comfy_only = sorted(n for n in file_modules if n.endswith(("in_layer", "out_layer")) and "vector_in" not in n)
+        if comfy_only:
+            notes.append(
+                f"{', '.join(comfy_only[:4])}: ComfyUI's names for the embedders (ComfyUI maps no other), which "
+                "diffusers' HunyuanVideo loader does not read; use the diffusers format for diffusers"
+            )
+        if any(n.startswith("single_blocks.") and n.endswith("linear1") for n in file_modules):
+            notes.append(
+                "single_blocks.N.linear1: diffusers' HunyuanVideo loader splits it assuming hidden size 3072 "
+                "(the 13B model); other sizes load wrongly in diffusers"
+            )
+        return notes
+
+    @classmethod
+    def step_ops(cls, config: dict, latent: tuple[int, int, int, int], t: int) -> list[Matmul | Attention]:
+        """Every matrix product of one forward pass for one sample (trainer/perf.py counts them)."""
+        c = config
+        d = c["num_attention_heads"] * c["attention_head_dim"]
+        m = int(d * c["mlp_ratio"])
+        dt, refiners, double, single = (
+            c["text_embed_dim"],
+            c["num_refiner_layers"],
+            c["num_layers"],
+            c["num_single_layers"],
+        )
+        n, p = grid_tokens(cls.patch_of(c), latent), math.prod(cls.patch_of(c))
+        s = n + t  # single-stream blocks run on video and text tokens together
+        frozen = {"input_grad": False}
+        ops: list[Matmul | Attention] = [
+            Matmul("x_embedder (conv)", n, c["in_channels"] * p, d, **frozen),
+            # timestep + guidance embedders (256 -> d -> d) and the pooled-text projection, once per sample
+            Matmul("time/guidance embedders linear_1", 1, 256, d, 1 + c["guidance_embeds"], **frozen),
+            Matmul("time/guidance embedders linear_2", 1, d, d, 1 + c["guidance_embeds"], **frozen),
+            Matmul("pooled text_embedder", 1, c["pooled_projection_dim"], d, **frozen),
+            Matmul("pooled text_embedder.linear_2", 1, d, d, **frozen),
+            # token refiner: its own time/text embedding, proj_in, and `refiners` self-attention blocks on the text
+            Matmul("refiner time_text_embed", 1, 256 + d + dt + d, d, **frozen),
+            Matmul("refiner proj_in", t, dt, d, **frozen),
+            Matmul("refiner to_q/k/v/to_out", t, d, d, 4 * refiners, **frozen),
+            Attention("refiner attn", t, t, d, refiners, grad=False),
+            Matmul("refiner ff", t, d, 2 * 4 * d, refiners, **frozen),  # d->4d and 4d->d, mlp ratio 4
+            Matmul("refiner norm_out", 1, d, 2 * d, refiners, **frozen),
+        ]
+        g = "transformer_blocks"
+        for stream, tokens in (("", n), ("context ", t)):
+            ops += [
+                Matmul(f"double.0 {stream}q/k/v", tokens, d, d, 3, False, "attn", g),
+                Matmul(f"double.N {stream}q/k/v", tokens, d, d, 3 * (double - 1), True, "attn", g),
+                Matmul(f"double {stream}attn out", tokens, d, d, double, True, "attn", g),
+                Matmul(f"double {stream}ff", tokens, d, m, double, True, "ffn", g),
+                Matmul(f"double {stream}ff.net.2", tokens, m, d, double, True, "ffn", g),
+                Matmul(f"double {stream}norm1 modulation", 1, d, 6 * d, double, False, None, g),
+            ]
+        ops.append(Attention("double joint attn", s, s, d, double, g))
+        g = "single_transformer_blocks"
+        ops += [
+            Matmul("single norm modulation", 1, d, 3 * d, single, False, None, g),
+            Matmul("single proj_mlp", s, d, m, single, True, "ffn", g),
+            Matmul("single attn to_q/k/v", s, d, d, 3 * single, True, "attn", g),
+            Attention("single attn", s, s, d, single, g),
+            Matmul("single proj_out", s, d + m, d, single, True, "ffn", g),
+            Matmul("norm_out modulation", 1, d, 2 * d, **frozen),
+            Matmul("proj_out", n, d, c["out_channels"] * p),
+        ]
+        return ops
 
     @staticmethod
     def prompt_template(tokenizer) -> dict:

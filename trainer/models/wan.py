@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -9,10 +10,75 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, Wa
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean
 from torch import nn
 
+from trainer.formats import FamilyNames
 from trainer.models.base import ModelFamily, pad_stack
+from trainer.perf import Attention, Matmul, grid_tokens
 
 WAN_ATTENTION = r".*blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)"
 WAN_FFN = r".*blocks\.\d+\.ffn\.net\.(0\.proj|2)"
+
+# Wan-Video/Wan2.1 wan/modules/model.py <-> diffusers transformer_wan.py (Wan 2.2 keeps the names). All renames are
+# one-to-one; ComfyUI's internal names are the original ones.
+WAN_NAMES = FamilyNames(
+    name_map=(
+        ("blocks.{i}.attn1.to_q", "blocks.{i}.self_attn.q"),
+        ("blocks.{i}.attn1.to_k", "blocks.{i}.self_attn.k"),
+        ("blocks.{i}.attn1.to_v", "blocks.{i}.self_attn.v"),
+        ("blocks.{i}.attn1.to_out.0", "blocks.{i}.self_attn.o"),
+        ("blocks.{i}.attn2.to_q", "blocks.{i}.cross_attn.q"),
+        ("blocks.{i}.attn2.to_k", "blocks.{i}.cross_attn.k"),
+        ("blocks.{i}.attn2.to_v", "blocks.{i}.cross_attn.v"),
+        ("blocks.{i}.attn2.to_out.0", "blocks.{i}.cross_attn.o"),
+        ("blocks.{i}.attn2.add_k_proj", "blocks.{i}.cross_attn.k_img"),
+        ("blocks.{i}.attn2.add_v_proj", "blocks.{i}.cross_attn.v_img"),
+        ("blocks.{i}.ffn.net.0.proj", "blocks.{i}.ffn.0"),
+        ("blocks.{i}.ffn.net.2", "blocks.{i}.ffn.2"),
+        ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+        ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+        ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+        ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+        ("condition_embedder.time_proj", "time_projection.1"),
+        ("condition_embedder.image_embedder.ff.net.0.proj", "img_emb.proj.1"),
+        ("condition_embedder.image_embedder.ff.net.2", "img_emb.proj.3"),
+        ("proj_out", "head.head"),
+    ),
+    not_exportable={
+        "patch_embedding": "diffusers' Wan LoRA converter has no rule for patch_embedding in the original layout",
+    },
+    alpha_in_original=r"blocks\.\d+\.(self_attn|cross_attn|ffn)\.",
+)
+WAN_1_3B = {
+    "patch_size": (1, 2, 2),
+    "num_attention_heads": 12,
+    "attention_head_dim": 128,
+    "in_channels": 16,
+    "out_channels": 16,
+    "text_dim": 4096,
+    "freq_dim": 256,
+    "ffn_dim": 8960,
+    "num_layers": 30,
+    "cross_attn_norm": True,
+    "qk_norm": "rms_norm_across_heads",
+    "eps": 1e-6,
+    "rope_max_seq_len": 1024,
+}
+# A block of a kohya file as diffusers' Wan converter requires it (it raises KeyError on any missing one).
+_MUSUBI_WAN_BLOCK = [f"{a}_{p}" for a in ("self_attn", "cross_attn") for p in "qkvo"] + ["ffn_0", "ffn_2"]
+
+
+def wan_reader_notes(fmt: str, file_modules: set[str]) -> list[str]:
+    """Wan files diffusers' loader will not read although ComfyUI does."""
+    if fmt == "comfyui" and not any(n.startswith("blocks.") for n in file_modules):
+        return ["no block keys: diffusers' Wan converter fails on original-layout files without blocks.N keys"]
+    if fmt == "kohya":
+        blocks = {n.split("_")[1] for n in file_modules if n.startswith("blocks_")}
+        full = {f"blocks_{b}_{m}" for b in blocks for m in _MUSUBI_WAN_BLOCK}
+        if not blocks or not full <= file_modules or sorted(map(int, blocks)) != list(range(len(blocks))):
+            return [
+                "diffusers reads Wan kohya files only when blocks 0..N-1 each have self_attn and cross_attn "
+                "q,k,v,o and ffn_0, ffn_2 (its converter raises KeyError otherwise)"
+            ]
+    return []
 
 
 class Wan(ModelFamily):
@@ -28,6 +94,63 @@ class Wan(ModelFamily):
     text_keys = ("prompt_embeds",)
     text_length = 512  # umT5 tokens the pipeline pads to; the padding is attended (no mask), so keep it
     sample_defaults = {"guidance_scale": 5.0}
+    lora_names = WAN_NAMES
+    variants = {1536: "Wan2.1-T2V-1.3B", 5120: "Wan2.1-T2V-14B"}
+    bench_presets = {
+        # Not a published model: Wan's architecture at a size where one CPU step takes a fraction of a second,
+        # big enough that the training loop's own overhead would show next to the model's work.
+        "small": (
+            {**WAN_1_3B, "num_attention_heads": 4, "attention_head_dim": 64, "ffn_dim": 1024, "num_layers": 4,
+             "text_dim": 1024},
+            512,
+            "",
+        ),
+        "wan-1.3b": (WAN_1_3B, 512, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers/transformer/config.json"),
+        "wan-14b": (
+            {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40},
+            512,
+            "Wan-AI/Wan2.1-T2V-14B-Diffusers/transformer/config.json",
+        ),
+    }  # fmt: skip
+
+    @classmethod
+    def lora_reader_notes(cls, fmt: str, file_modules: set[str], modules: set[str]) -> list[str]:
+        notes = wan_reader_notes(fmt, file_modules)
+        if not any(".attn2.add_" in m for m in modules):
+            notes.append("no image cross-attention keys: T2V LoRA (also loads into I2V)")
+        return notes
+
+    @classmethod
+    def step_ops(cls, config: dict, latent: tuple[int, int, int, int], t: int) -> list[Matmul | Attention]:
+        """Every matrix product of one forward pass for one sample (trainer/perf.py counts them); Wan I2V's
+        extra cross-attention to 257 image tokens is not counted (under 1% at 480p)."""
+        c = config
+        d, f, layers = c["num_attention_heads"] * c["attention_head_dim"], c["ffn_dim"], c["num_layers"]
+        n, p = grid_tokens(cls.patch_of(c), latent), math.prod(cls.patch_of(c))
+        g = "blocks"
+        return [
+            Matmul("patch_embedding (conv)", n, c["in_channels"] * p, d, input_grad=False),
+            Matmul("time_embedder.linear_1", 1, c["freq_dim"], d, input_grad=False),
+            Matmul("time_embedder.linear_2 + time_proj", 1, d, 7 * d, input_grad=False),
+            Matmul("text_embedder.linear_1", t, c["text_dim"], d, input_grad=False),
+            Matmul("text_embedder.linear_2", t, d, d, input_grad=False),
+            # block 0's self-attention input comes from the frozen patch embedding: no gradient needed for it
+            Matmul("blocks.0.attn1.to_q/k/v", n, d, d, 3, False, "attn", g),
+            Matmul("blocks.N.attn1.to_q/k/v", n, d, d, 3 * (layers - 1), True, "attn", g),
+            Attention("attn1 (self)", n, n, d, layers, g),
+            Matmul("attn1.to_out + attn2.to_q", n, d, d, 2 * layers, True, "attn", g),
+            Matmul("attn2.to_k/v (text)", t, d, d, 2 * layers, False, "attn", g),
+            Attention("attn2 (cross, text)", n, t, d, layers, g),
+            Matmul("attn2.to_out", n, d, d, layers, True, "attn", g),
+            Matmul("ffn.net.0.proj", n, d, f, layers, True, "ffn", g),
+            Matmul("ffn.net.2", n, f, d, layers, True, "ffn", g),
+            Matmul("proj_out", n, d, c["out_channels"] * p),
+        ]
+
+    @classmethod
+    def random_text(cls, config: dict, batch_size: int, tokens: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """Random text inputs shaped like a collated batch (benchmarks)."""
+        return {"prompt_embeds": torch.randn(batch_size, tokens, config["text_dim"], generator=g)}
 
     def shape_problem(self, width: int, height: int, frames: int) -> str | None:
         # Wan's RoPE table has rope_max_seq_len positions per axis of the patch grid: a longer axis fails inside

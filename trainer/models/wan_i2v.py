@@ -17,7 +17,7 @@ from PIL import Image
 from torch import nn
 
 from trainer.config import UserError
-from trainer.models.wan import WAN_ATTENTION, WAN_FFN, Wan, tiny_components
+from trainer.models.wan import WAN_ATTENTION, WAN_FFN, Wan, tiny_components, wan_reader_notes
 
 WAN_IMAGE_KV = r".*blocks\.\d+\.attn2\.(add_k_proj|add_v_proj)"  # cross-attention keys/values of the image tokens
 MASK_CHANNELS = 4  # the first-frame mask, one channel per frame folded into a latent frame (temporal compression)
@@ -50,11 +50,20 @@ class WanI2V(Wan):
     }
     text_keys = ("prompt_embeds",)
     vae_components = ("vae", "image_encoder", "image_processor")  # the condition is part of the latent entry
+    variants = {5120: "Wan2.1-I2V-14B"}
     # CLIP in fp32 wherever it runs, as diffusers' Wan I2V examples load it: samples then see the image embeddings
     # the cache was made with. It is small next to the VAE activations.
     fp32_components = ("image_encoder",)
     # text_length stays 512: the I2V attention splits image from text tokens with a hard-coded 512, so any other
     # length is silently wrong.
+
+    @classmethod
+    def claims_lora(cls, modules: set[str]) -> bool:
+        return any(".attn2.add_" in m for m in modules)  # the image cross-attention only I2V has
+
+    @classmethod
+    def lora_reader_notes(cls, fmt: str, file_modules: set[str], modules: set[str]) -> list[str]:
+        return wan_reader_notes(fmt, file_modules)
 
     def load_vae(self, dtype: torch.dtype = torch.float32) -> VaePass:
         pipe = self.pretrained(
@@ -94,14 +103,16 @@ class WanI2V(Wan):
             first = Image.fromarray(
                 ((video[:, 0] + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy()
             )
-            embeds.append(pipe.encode_image(first, device))
+            if pipe.image_encoder is not None:  # Wan 2.1 I2V's CLIP tokens (Wan 2.2 I2V has none)
+                embeds.append(pipe.encode_image(first, device))
             image = pipe.video_processor.preprocess(first, height=height, width=width).to(device, torch.float32)
             placeholder = torch.zeros(1, z, *out["latents"].shape[2:], device=device)  # so no noise is drawn
             _, condition = pipe.prepare_latents(
                 image, 1, z, height, width, frames, torch.float32, device, latents=placeholder
             )
             conditions.append(condition[:, MASK_CHANNELS:])
-        return {**out, "image_embeds": torch.cat(embeds), "condition_latents": torch.cat(conditions)}
+        out["condition_latents"] = torch.cat(conditions)
+        return {**out, "image_embeds": torch.cat(embeds)} if embeds else out
 
     def predict(self, transformer, noisy, sigmas, batch):
         condition = batch["condition_latents"].to(noisy.dtype)
@@ -111,7 +122,7 @@ class WanI2V(Wan):
             hidden_states=torch.cat([noisy, mask, condition], dim=1),
             timestep=sigmas * 1000,
             encoder_hidden_states=batch["prompt_embeds"].to(noisy.dtype),
-            encoder_hidden_states_image=batch["image_embeds"].to(noisy.dtype),
+            encoder_hidden_states_image=batch["image_embeds"].to(noisy.dtype) if "image_embeds" in batch else None,
             return_dict=False,
         )[0]
 

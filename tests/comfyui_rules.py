@@ -7,10 +7,11 @@ only because the two were written from different sources.
 
 - The model's weight names come from the documented original architectures (Wan-Video/Wan2.1 ``model.py``,
   Tencent/HunyuanVideo ``models.py``); tests check them against diffusers' own single-file converters.
-- ComfyUI's internal names: Wan uses the original names. HunyuanVideo uses flux-style names (``img_mod.lin``,
-  ``img_attn.qkv``, ``img_attn.proj``, ``img_mlp.0/.2``, ``modulation.lin``; embedders as ``MLPEmbedder``
-  ``in_layer/out_layer``). The token refiner (``txt_in``) is left out: its internal names are not documented, so a key
-  there is reported as not loaded (a possible false alarm, never a false pass).
+- ComfyUI's internal names: Wan uses the original names. HunyuanVideo (comfy/ldm/hunyuan_video/model.py, built from
+  flux's layers) uses ``img_mod.lin``, ``img_attn.qkv``, ``img_attn.proj``, ``img_mlp.0/.2``, ``modulation.lin``;
+  every MLP embedder (``time_in``, ``vector_in``, ``guidance_in``, the token refiner's ``t_embedder`` and
+  ``c_embedder``) is an ``MLPEmbedder`` with ``in_layer``/``out_layer``; the token refiner's blocks have
+  ``self_attn.qkv``, ``self_attn.proj``, ``mlp.0/.2``, ``adaLN_modulation.1``.
 """
 
 from __future__ import annotations
@@ -88,32 +89,66 @@ def hunyuan_video_original_weights(
 # Original HunyuanVideo spelling -> ComfyUI's internal flux-style spelling (dots included so only whole parts match).
 _HV_INTERNAL = (
     ("_mod.linear.", "_mod.lin."),
-    ("_attn_qkv.", "_attn.qkv."),
+    ("_attn_qkv.", "_attn.qkv."),  # also the token refiner's self_attn_qkv
     ("_attn_proj.", "_attn.proj."),
     ("_mlp.fc1.", "_mlp.0."),
     ("_mlp.fc2.", "_mlp.2."),
+    (".mlp.fc1.", ".mlp.0."),  # the token refiner's MLP
+    (".mlp.fc2.", ".mlp.2."),
     (".modulation.linear.", ".modulation.lin."),
     ("time_in.mlp.0.", "time_in.in_layer."),
     ("time_in.mlp.2.", "time_in.out_layer."),
     ("guidance_in.mlp.0.", "guidance_in.in_layer."),
     ("guidance_in.mlp.2.", "guidance_in.out_layer."),
+    ("t_embedder.mlp.0.", "t_embedder.in_layer."),
+    ("t_embedder.mlp.2.", "t_embedder.out_layer."),
+    ("c_embedder.linear_1.", "c_embedder.in_layer."),
+    ("c_embedder.linear_2.", "c_embedder.out_layer."),
 )
+
+
+def original_weights(family: str, config: dict) -> list[str]:
+    """Weight names of a family's original checkpoint for a diffusers transformer config. A new family adds its
+    rules here, read from ComfyUI's own model code, so its exports are checked against ComfyUI too."""
+    if family.startswith("wan"):
+        i2v = config.get("added_kv_proj_dim") is not None
+        return wan_original_weights(config["num_layers"], i2v=i2v, cross_attn_norm=config["cross_attn_norm"])
+    if family == "hunyuan_video":
+        return hunyuan_video_original_weights(
+            config["num_layers"], config["num_single_layers"], config["num_refiner_layers"], config["guidance_embeds"]
+        )
+    raise ValueError(f"no ComfyUI rules for family {family!r}: add them to tests/comfyui_rules.py")
 
 
 def comfyui_internal_weights(family: str, original_weights: Iterable[str]) -> list[str]:
     """ComfyUI's own weight names for a model given its original checkpoint weight names (see module docstring)."""
-    if family in ("wan", "wan_i2v"):
+    if family.startswith("wan"):
         return list(original_weights)
     if family != "hunyuan_video":
         raise ValueError(f"no ComfyUI rules for family {family!r}")
     out = []
     for name in original_weights:
-        if name.startswith("txt_in.") or name.endswith(("q_norm.weight", "k_norm.weight")):
-            continue  # undocumented internal names (refiner) / flux norms hold `.scale`, not `.weight`
-        for old, new in _HV_INTERNAL:
-            name = name.replace(old, new)
-        out.append(name)
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            continue  # flux norms hold `.scale`, not `.weight`
+        out.append(hunyuan_internal_name(name))
     return out
+
+
+def hunyuan_internal_name(original: str) -> str:
+    name = original
+    for old, new in _HV_INTERNAL:
+        name = name.replace(old, new)
+    return name
+
+
+def original_names(family: str, original_weights: Iterable[str]) -> dict[str, str]:
+    """ComfyUI's internal weight name -> the original checkpoint's, for a model's original weights."""
+    originals = list(original_weights)
+    return (
+        dict(zip(comfyui_internal_weights(family, originals), originals))
+        if family.startswith("wan")
+        else {hunyuan_internal_name(o): o for o in originals}
+    )
 
 
 # ComfyUI's HunyuanVideo branch ("diffusion-pipe lora format"): internal spelling -> original spelling.
