@@ -108,7 +108,7 @@ CSS = """
 body{font:14px/1.45 system-ui,sans-serif;margin:0 auto;max-width:1400px;padding:0 20px 40px;color:#222}
 h1{margin:16px 0 4px}h2{border-bottom:2px solid #ddd;padding-bottom:4px;margin-top:32px}h3{margin:20px 0 6px}
 table{border-collapse:collapse;margin:6px 0}td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}
-th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f4f4f4}
 pre{background:#f7f7f7;padding:8px;overflow:auto;max-height:420px;font-size:12px}
 .cards{display:flex;gap:12px;flex-wrap:wrap}.card{border:1px solid #ddd;border-radius:6px;padding:6px 14px}
 .card b{font-size:20px;display:block}.ok b{color:#2a7d2a}.failed b{color:#c0392b}.skipped b{color:#b9770e}
@@ -117,7 +117,7 @@ pre{background:#f7f7f7;padding:8px;overflow:auto;max-height:420px;font-size:12px
 figure{margin:0;border:1px solid #eee;border-radius:6px;padding:4px}figcaption{font-weight:600;padding:2px 6px}
 svg.chart{width:100%;height:auto;display:block}svg text{font:11px system-ui,sans-serif;fill:#555}
 .thumbs{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:12px}
-.thumb{border:1px solid #eee;border-radius:6px;padding:6px}.thumb img{max-height:128px;margin-right:4px;image-rendering:pixelated}
+.thumb{border:1px solid #eee;border-radius:6px;padding:6px}.thumb img{max-height:128px;margin-right:4px}
 .thumb p{margin:4px 0}.small{font-size:12px;color:#666}
 video{width:288px;max-height:360px;background:#000;display:block}
 td.heat{text-align:right;min-width:48px}
@@ -289,7 +289,11 @@ def _thumbnails(cache: Path, index: dict[str, Any], n: int, family_for: Callable
         return title + f"<p class=warn>thumbnails not decoded: cannot load the VAE ({esc(reason)})</p>"
     cells = []
     for s in pick(index["samples"], n):
-        frames = decode_frames(cache, s, vae, family)
+        try:
+            frames = decode_frames(cache, s, vae, family)
+        except Exception as e:  # a damaged entry costs its thumbnail (the summary's health check names it)
+            cells.append(f'<div class="thumb warn">{esc(s["file"])}: cannot decode ({esc(e)})</div>')
+            continue
         shown = sorted({0, len(frames) // 2, len(frames) - 1})
         imgs = "".join(
             f'<img src="{_jpeg(frames[i])}" alt="frame {i}" title="frame {i} of {len(frames)}">' for i in shown
@@ -357,7 +361,7 @@ def _status(run: Path, rows: list[dict[str, Any]], max_steps: int) -> str:
     last = max((r["step"] for r in rows), default=0)
     finished = last >= max_steps and any(run.glob("adapter*.safetensors"))
     items = [
-        f"step {last} of {max_steps} ({100 * last / max_steps:.0f}%): "
+        f"step {last} of {max_steps} ({100 * last / max(max_steps, 1):.0f}%): "
         + ("finished" if finished else "in progress, or stopped")
     ]
     metrics = run / "metrics.jsonl"
@@ -367,9 +371,8 @@ def _status(run: Path, rows: list[dict[str, Any]], max_steps: int) -> str:
     if losses:
         smooth = ema(losses)
         items.append(f"loss (smoothed) {smooth[0]:.5g} → {smooth[-1]:.5g}")
-    bad = sum(1 for r in train if r["loss"] is None)
     skipped = max((r.get("skipped_steps") or 0 for r in train), default=0)
-    if skipped or bad:
+    if skipped:
         items.append(f'<span class="bad">{skipped} non-finite steps skipped</span> (see the console for their files)')
     else:
         items.append("no non-finite steps")
@@ -458,8 +461,7 @@ def _shade(i: int, n: int) -> str:
 
 def _validation_videos(run: Path, cache: Path | None, out: Path) -> str:
     """Each validation prompt's video at every validation step, side by side."""
-    steps = sorted((run / "validation").glob("step-*"), key=lambda p: p.name)
-    steps = [s for s in steps if s.is_dir()]
+    steps = sorted(p for p in (run / "validation").glob("step-*") if p.is_dir() and p.name[5:].isdigit())
     if not steps:
         return "<h3>Validation videos</h3><p>none yet (validation.every, data.validation_prompts)</p>"
     prompts = sorted({v.name for s in steps for v in s.glob("*.mp4")})
