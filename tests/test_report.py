@@ -89,7 +89,8 @@ def run_report(validated_run):
     return recipe, run, run / "report.html", proc, train_proc
 
 
-def test_train_and_prepare_print_the_report_command(run_report):
+@pytest.mark.slow
+def test_train_prints_the_report_command(run_report):
     _, run, out, proc, train_proc = run_report
     assert f"see it: vidlora report {run}" in train_proc.stdout
     assert proc.stdout.strip() == f"report: {out}"
