@@ -47,6 +47,7 @@ class Issue:
 
     path: str
     reason: str
+    caption_missing: bool = False  # about the media file's own caption (missing, empty, not UTF-8)
 
 
 @dataclass
@@ -167,7 +168,7 @@ def discover(
         captions = [c for c in captions if c]
         if not captions:
             if missing_caption == "skip":
-                found.skipped.append(Issue(str(path), problem))
+                found.skipped.append(Issue(str(path), problem, caption_missing=True))
                 return
             if missing_caption == "error":
                 missing.append(Issue(str(path), problem))

@@ -90,23 +90,34 @@ def pick(samples: list[dict], n: int) -> list[dict]:
     return chosen + rest[: n - len(chosen)]
 
 
+def load_decoder(family: Encoders) -> torch.nn.Module:
+    """`family`'s VAE, on the GPU when there is one, ready for `decode_frames`."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return family.load_vae(torch.float32 if device.type == "cpu" else torch.bfloat16).to(device).eval()
+
+
 @torch.no_grad()
+def decode_frames(root: Path, sample: dict[str, Any], vae: torch.nn.Module, family: Encoders) -> np.ndarray:
+    """One cached sample decoded back to pixels: uint8 [F, H, W, 3], exactly what the model trains on."""
+    latents = load_entry(root / sample["file"])["latents"][None].to(next(vae.parameters()).device)
+    pixels = family.decode_video(vae, latents)[0]  # [3, F, H, W] in [-1, 1]
+    frames = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+    return np.ascontiguousarray(frames)
+
+
 def decode_samples(root: Path, index: dict, n: int, out_dir: str | Path | None, family: Encoders) -> list[Path]:
     """Decode `n` cached latents with `family`'s VAE; writes videos and returns their paths."""
     from data.media import write_image, write_video
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    vae = family.load_vae(torch.float32 if device.type == "cpu" else torch.bfloat16).to(device).eval()
+    vae = load_decoder(family)
     out = Path(out_dir) if out_dir else root / "inspect"
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for s in pick(index["samples"], n):
-        latents = load_entry(root / s["file"])["latents"][None].to(device)
-        pixels = family.decode_video(vae, latents)[0]  # [3, F, H, W] in [-1, 1]
-        frames = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).cpu().numpy()
+        frames = decode_frames(root, s, vae, family)
         stem = out / Path(s["file"]).stem
         if len(frames) == 1:
             written.append(write_image(stem.with_suffix(".png"), frames[0]))
         else:
-            written.append(write_video(stem.with_suffix(".mp4"), np.ascontiguousarray(frames), fps=s.get("fps") or 16))
+            written.append(write_video(stem.with_suffix(".mp4"), frames, fps=s.get("fps") or 16))
     return written

@@ -113,7 +113,10 @@ def build_manifest(datasets: list[DatasetSection], names: list[str]) -> tuple[Da
     for name, ds in zip(names, datasets):
         found = discover(ds.path, ds.caption_extension, ds.missing_caption, ds.default_caption, ds.trigger)
         notes = {n.path: n.reason for n in found.notes}
-        unused += [{"path": i.path, "dataset": name, "status": "skipped", "reason": i.reason} for i in found.skipped]
+        for i in found.skipped:
+            unused.append({"path": i.path, "dataset": name, "status": "skipped", "reason": i.reason})
+            if i.caption_missing:
+                unused[-1]["caption_missing"] = True
         for item in found.items:
             rows.append(
                 {
@@ -152,6 +155,8 @@ def make_plan(
         row["captions"] = len(item["captions"])
         if item["note"]:
             row["note"] = item["note"]
+        if item["caption_source"] == "default":
+            row["caption_missing"] = True
         inputs.append(row)
         try:
             info = probes.probe(item["path"])

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import time
 from collections.abc import Callable, Hashable
 from pathlib import Path
@@ -456,6 +457,7 @@ def format_summary(report: dict[str, Any], root: Path, max_lines: int = 40) -> s
     if report.get("pruned"):
         lines.append(f"pruned {report['pruned']} cache entries that are not part of this plan")
     lines.append(f"cache: {root}  report: {root / 'report.json'}")
+    lines.append(f"see it: vidlora report {shlex.quote(str(root))}")
     return "\n".join(lines)
 
 

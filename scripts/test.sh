@@ -5,4 +5,5 @@ set -euo pipefail
 source "$(dirname "$0")/setup_env.sh"
 ruff check .
 ruff format --check .
+command -v chromium >/dev/null || echo "no chromium: the report's browser test is skipped (apt-get install chromium)"
 python -m pytest "$@"

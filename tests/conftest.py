@@ -58,6 +58,20 @@ def prepared(tmp_path_factory, tiny_wan) -> tuple[Path, Path]:
     return prepare_cache(tmp_path_factory.mktemp("training"), tiny_wan)
 
 
+@pytest.fixture(scope="session")
+def validated_run(tmp_path_factory, prepared) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """(recipe, run folder, finished `vidlora train` process): 6 steps on the prepared cache, validation (videos and
+    loss) every 3 steps and before training, one clip held out, wandb offline."""
+    from tests.training_setup import recipe_text, train_run
+
+    model, cache = prepared
+    tmp = tmp_path_factory.mktemp("validation")
+    text = recipe_text(model, cache, tmp / "run", 6, log_every=2).replace("wandb = false", 'project = "vidlora-test"')
+    text += "[validation]\nevery = 3\nat_start = true\nholdout_clips = 1\ninference_steps = 2\nnum_frames = 5\n"
+    recipe = write_recipe(tmp / "r.toml", text)
+    return recipe, tmp / "run", train_run(recipe)
+
+
 def train_capturing(recipe, on_build=None):
     """`vidlora train` in-process (the real loop, unchanged), keeping what build_model made. `recipe` is a recipe path
     or a loaded Recipe; returns (run folder, the trained transformer), or (run folder, the Denoisers) for a run with

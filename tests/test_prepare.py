@@ -194,6 +194,7 @@ def test_every_bad_input_is_reported_by_name_with_a_reason(zoo, zoo_run):
         row = rows[zoo[name].name]
         assert row["status"] == "ok" and row["samples"] == len(windows) and row["windows"] == [list(w) for w in windows]
         assert len(row["buckets"]) == 1
+    assert [name for name, r in rows.items() if r.get("caption_missing")] == [zoo["no_caption"].name]
     for cut in ("cut_tail.mp4", "cut.webm"):  # the part that decodes is used, and the report says so
         assert "truncated" in rows[cut]["note"] and rows[cut]["frames"] < 60
     assert report["samples"] == report["encoded_now"] == sum(len(w) for w, _ in EXPECTED.values())

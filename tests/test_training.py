@@ -159,18 +159,6 @@ def test_memory_modes_train(prepared, tmp_path, monkeypatch):
 # --- validation and tracking ----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def validated_run(tmp_path_factory, prepared):
-    """6 steps with validation every 3 (and before training), one clip held out, wandb offline."""
-    model, cache = prepared
-    tmp = tmp_path_factory.mktemp("validation")
-    text = recipe_text(model, cache, tmp / "run", 6, log_every=2).replace("wandb = false", 'project = "vidlora-test"')
-    text += "[validation]\nevery = 3\nat_start = true\nholdout_clips = 1\ninference_steps = 2\nnum_frames = 5\n"
-    recipe = write_recipe(tmp / "r.toml", text)
-    proc = train_run(recipe)
-    return recipe, tmp / "run", proc
-
-
 @pytest.mark.slow
 def test_validation_videos_and_held_out_loss(validated_run, prepared, tmp_path):
     recipe, run, _ = validated_run
@@ -195,7 +183,9 @@ def test_validation_videos_and_held_out_loss(validated_run, prepared, tmp_path):
     other = write_recipe(tmp_path / "other.toml", text)
     train_run(other, "one", "--set", "train.seed=7", "--set", "validation.videos=false")
     first = json.loads((tmp_path / "other/metrics.jsonl").read_text().splitlines()[0])
-    assert first == {"step": 0, "val_loss": val[0]}
+    assert first == rows[0] and first["step"] == 0 and first["val_loss"] == val[0]
+    sigmas = load_recipe(recipe).validation.loss_sigmas  # and per noise level, each measured at every sigma
+    assert {f"val_loss_sigma_{s:g}" for s in sigmas} <= set(first)
 
 
 @pytest.mark.slow

@@ -164,6 +164,18 @@ def test_validation_uses_both_experts_and_reports_each(trained22):
     assert list((run / "validation/step-000012").glob("*.mp4"))
 
 
+@pytest.mark.slow
+def test_report_draws_each_expert(trained22):
+    _, run, _ = trained22
+    run_cli("report", run, "--thumbnails", "0")
+    page = (run / "report.html").read_text(encoding="utf-8")
+    charts = {f.split("</figcaption>")[0]: f for f in page.split("<figure><figcaption>")[1:]}
+    for expert in EXPERTS:  # a line per expert: training loss, validation loss, steps trained
+        assert f">{expert} (smoothed)</text>" in charts["training loss"]
+        assert f">{expert}</text>" in charts["validation loss"] and f">{expert}</text>" in charts["steps per expert"]
+    assert 'src="validation/step-000012/00-a_yellow_star_spins_slowly.mp4#t=0"' in page
+
+
 def expert_outputs(transformer, transformer_2, family):
     g = torch.Generator().manual_seed(0)
     noisy = torch.randn(1, 16, 3, 8, 8, generator=g)

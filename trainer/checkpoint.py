@@ -1,6 +1,7 @@
 """Run folder layout, atomic checkpoints and the adapter file every checkpoint carries.
 
     RUN/recipe.toml               the resolved recipe
+    RUN/env.json                  `vidlora env --json` of the machine, written at every start
     RUN/metrics.jsonl             one line per logged step (cut back to the checkpoint step on resume)
     RUN/checkpoints/step-000250/  accelerate state: LoRA weights only, optimizer, RNG of every rank
                                   (under DeepSpeed: its own files, frozen base excluded)
@@ -33,8 +34,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from peft.utils import get_peft_model_state_dict
 
-from data.cache import atomic_write
+from data.cache import atomic_write, write_json
 from trainer.config import Recipe, UserError
+from trainer.env import collect
 from trainer.formats import alphas_from_model, load_lora, save_lora
 
 if TYPE_CHECKING:
@@ -268,9 +270,11 @@ def find_resume_checkpoint(run: Path, resume: str | None) -> Path | None:
 
 
 def start_run_folder(run: Path, recipe: Recipe, checkpoint: Path | None, step: int) -> None:
-    """Write the recipe; on resume, drop what happened after the checkpoint (metrics, newer checkpoints)."""
+    """Write the recipe and the environment (`vidlora env`, for `vidlora report`); on resume, drop what happened after
+    the checkpoint (metrics, newer checkpoints)."""
     run.mkdir(parents=True, exist_ok=True)
     (run / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
+    write_json(run / "env.json", collect(check_ops=False))
     remove_partial(run / "checkpoints")
     if checkpoint is None:
         return

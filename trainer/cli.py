@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -140,6 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--build-ops", action="store_true", help="also JIT-build DeepSpeed's ops now (slow, once)")
 
+    p = sub.add_parser(
+        "report",
+        help="one HTML page (opens from disk) of a run or a cache: inputs, buckets, thumbnails, curves, videos",
+        description="Write a self-contained HTML report (docs/report.md). Given a run folder: its training (curves, "
+        "validation videos, recipe, environment) and its dataset (the cache named in its recipe.toml); given a cache: "
+        "the dataset only. Works on a run in progress.",
+    )
+    p.add_argument("path", type=Path, help="run folder or prepared cache folder")
+    p.add_argument("--out", type=Path, help="output .html (default: PATH/report.html)")
+    p.add_argument(
+        "--thumbnails", type=int, default=8, metavar="N", help="samples decoded with the VAE for thumbnails (0: none)"
+    )
+    p.add_argument("--model", help="model folder or hub id to decode with (default: the one in the cache's index.json)")
+
     p = sub.add_parser("plot", help="draw a run's loss curve (metrics.jsonl) to a PNG")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, help="output .png (default: RUN_DIR/loss.png)")
@@ -187,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir = train(load_recipe(args.recipe, args.overrides), resume=args.resume)
         if os.environ.get("RANK", "0") == "0":
             print(f"run: {run_dir}")
+            print(f"see it: vidlora report {shlex.quote(str(run_dir))}")
     elif args.command in ("export", "convert"):
         from trainer.export import export_files
 
@@ -222,6 +238,11 @@ def run(args: argparse.Namespace) -> int:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed and bitsandbytes print on import
             info = collect(build_ops=args.build_ops)
         print(json.dumps(info, indent=1) if args.json else format_report(info))
+    elif args.command == "report":
+        from trainer.report import build_report
+
+        path = build_report(args.path, args.out, args.thumbnails, lambda cache: cache_family(cache, args.model))
+        print(f"report: {path}")
     elif args.command == "plot":
         from trainer.plot import plot
 

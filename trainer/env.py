@@ -86,7 +86,8 @@ def deepspeed_ops(build: bool = False) -> dict[str, str]:
     return out
 
 
-def collect(build_ops: bool = False) -> dict[str, Any]:
+def collect(build_ops: bool = False, check_ops: bool = True) -> dict[str, Any]:
+    """Everything `vidlora env` prints; `check_ops=False` skips DeepSpeed's op check (an import of ~1 s)."""
     import torch
 
     info: dict[str, Any] = {
@@ -102,7 +103,7 @@ def collect(build_ops: bool = False) -> dict[str, Any]:
         "gpus": gpus(),
         "bf16_supported": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
         "fp8_storage": hasattr(torch, "float8_e4m3fn"),
-        "deepspeed_ops": deepspeed_ops(build_ops) if version("deepspeed") != "not installed" else {},
+        "deepspeed_ops": deepspeed_ops(build_ops) if check_ops and version("deepspeed") != "not installed" else {},
         "env": {
             k: v
             for k, v in os.environ.items()

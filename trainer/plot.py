@@ -9,11 +9,16 @@ from trainer.config import UserError
 
 
 def read_metrics(run: Path) -> list[dict]:
+    """Every logged row of a run, also of one in progress."""
     path = Path(run) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: no metrics here (is {run} a run folder that has logged a step?)")
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    if not text.endswith("\n"):
+        lines.pop()  # a line the run is writing right now: every complete line ends with a newline
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))

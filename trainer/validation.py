@@ -87,13 +87,15 @@ class Validator:
         return logs
 
     def loss(self, model: Denoisers) -> dict[str, float]:
-        """val_loss over every fixed sigma a trained denoiser serves, and per expert (val_loss_high_noise ...)."""
+        """val_loss over every fixed sigma a trained denoiser serves, per sigma (val_loss_sigma_0.1 ...: which noise
+        levels the LoRA helps or hurts) and per expert (val_loss_high_noise ...)."""
         device = self.accelerator.device
         trained = self.family.trained_denoisers()
         sigmas = [
             (k, s, d) for k, s in enumerate(self.v.loss_sigmas) for d in trained if d.sigmas[0] <= s < d.sigmas[1]
         ]
         total = torch.zeros(len(trained), 2, dtype=torch.float64, device=device)
+        per_sigma = torch.zeros(len(self.v.loss_sigmas), 2, dtype=torch.float64, device=device)
         for i in self.shard(len(self.loss_items)):
             reader, entry = self.loss_items[i if i is not None else 0]
             batch = collate([reader.load(entry, entry["text_ids"][0])])
@@ -106,8 +108,15 @@ class Validator:
                 if i is not None:
                     loss = torch.nn.functional.mse_loss(pred.float(), target.float()).double()
                     total[trained.index(denoiser)] += torch.stack([loss, torch.ones_like(loss)])
-        total = self.accelerator.reduce(total, "sum")
+                    per_sigma[k] += torch.stack([loss, torch.ones_like(loss)])
+        total, per_sigma = self.accelerator.reduce(torch.cat([total, per_sigma]), "sum").split(
+            [len(trained), len(per_sigma)]
+        )
         logs = {"val_loss": (total[:, 0].sum() / total[:, 1].sum()).item()} if total[:, 1].sum() else {}
+        if len(self.v.loss_sigmas) > 1:
+            logs |= {
+                f"val_loss_sigma_{s:g}": (t[0] / t[1]).item() for s, t in zip(self.v.loss_sigmas, per_sigma) if t[1]
+            }
         if len(trained) > 1:
             logs |= {f"val_loss_{d.label}": (t[0] / t[1]).item() for d, t in zip(trained, total) if t[1]}
         return logs
