@@ -329,8 +329,12 @@ def set_attention_backend(transformer: nn.Module, backend: str) -> None:
 
 
 def repeated_block_lists(transformer: nn.Module) -> dict[str, nn.ModuleList]:
-    """The ModuleLists of the blocks gradient checkpointing wraps (Wan: blocks; HunyuanVideo: double, single)."""
-    names = set(getattr(transformer, "_repeated_blocks", []))
+    """The ModuleLists of the blocks gradient checkpointing wraps (Wan: blocks; HunyuanVideo: double, single). A class
+    may list a variant's blocks only under `_no_split_modules` (diffusers' HunyuanVideo, its token-replace blocks)."""
+    names = {
+        *(getattr(transformer, "_repeated_blocks", None) or []),
+        *(getattr(transformer, "_no_split_modules", None) or []),
+    }
     return {
         name: child
         for name, child in transformer.named_children()

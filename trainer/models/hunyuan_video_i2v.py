@@ -38,6 +38,7 @@ from trainer.perf import Matmul
 
 # The pipeline's default image-token stride per variant (its `image_embed_interleave`).
 INTERLEAVE = {"latent_concat": 2, "token_replace": 4}
+TOKEN_REPLACE_BLOCKS = ("HunyuanVideoTokenReplaceTransformerBlock", "HunyuanVideoTokenReplaceSingleTransformerBlock")
 
 
 class VaePass(nn.Module):
@@ -96,6 +97,9 @@ class HunyuanVideoI2V(HunyuanVideo):
         transformer = super().load_transformer(dtype, denoiser)
         if self.cfg.guidance is not None and not transformer.config.guidance_embeds:
             raise RecipeError(f"model.guidance: the transformer of {self.cfg.path} has no guidance input (33ch model)")
+        # diffusers lists the token-replace blocks under _no_split_modules only: without them train.compile = "blocks"
+        # would compile the embedders and none of the blocks.
+        transformer._repeated_blocks = [*transformer._repeated_blocks, *TOKEN_REPLACE_BLOCKS]
         return transformer
 
     # --- caching -------------------------------------------------------------------------------------
