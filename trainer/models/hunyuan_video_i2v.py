@@ -102,6 +102,11 @@ class HunyuanVideoI2V(HunyuanVideo):
         transformer._repeated_blocks = [*transformer._repeated_blocks, *TOKEN_REPLACE_BLOCKS]
         return transformer
 
+    def shape_problem(self, width: int, height: int, frames: int) -> str | None:
+        if frames < 5 and self.condition_type == "token_replace":
+            return "one latent frame is only the given first frame (token replacement): nothing to denoise"
+        return None
+
     # --- caching -------------------------------------------------------------------------------------
     def load_vae(self, dtype: torch.dtype = torch.float32) -> VaePass:
         return VaePass(super().load_vae(dtype))
