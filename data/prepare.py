@@ -138,7 +138,7 @@ def validation_pictures(recipe: Recipe, family: Encoders, good: list[Sample]) ->
     if len(images) not in (1, len(prompts)):
         raise UserError(
             f"validation.images: the {family.name} text encoder reads each validation prompt with its first frame; "
-            f"give one image, or one per validation prompt ({len(prompts)})"
+            f"give one image, or one per validation prompt ({len(prompts)}), or no data.validation_prompts"
         )
     samples = [_index_entry(s) for s in good]
     held = holdout_sources(samples, recipe.validation.holdout_clips) if recipe.validation.holdout_clips else set()

@@ -104,7 +104,7 @@ class HunyuanVideoI2V(HunyuanVideo):
 
     def shape_problem(self, width: int, height: int, frames: int) -> str | None:
         if frames < 5 and self.condition_type == "token_replace":
-            return "one latent frame is only the given first frame (token replacement): nothing to denoise"
+            return "one latent frame is only the given first frame (token replacement): train on 5+ frames, no stills"
         return None
 
     # --- caching -------------------------------------------------------------------------------------
