@@ -135,10 +135,11 @@ class HunyuanVideoI2V(HunyuanVideo):
             image_latents.append(latent[:, :, :1])
         return {**out, "image_latents": torch.cat(image_latents)}
 
-    def prompt_template(self, tokenizer, text_encoder_config) -> dict:
-        """The official I2V template with its positions counted on this tokenizer and vision tower: `crop_start`
-        (the prefix's tokens, `<image>` counted once; 103 for llava-llama-3), where `<image>` is (5) and how many
-        tokens the image becomes (576: CLIP ViT-L/14 at 336 px, class token dropped)."""
+    @staticmethod
+    def i2v_template(tokenizer, text_encoder_config) -> dict:
+        """The official I2V template with its positions counted on this tokenizer and vision tower: `crop_start` (the
+        prefix's tokens, `<image>` counted once), where `<image>` is, and how many tokens the image becomes (CLIP's
+        patches; the class token is dropped). The pipeline's defaults for llava-llama-3 are 103, 5 and 576."""
         prefix = DEFAULT_PROMPT_TEMPLATE["template"].split("{}")[0]
         ids = tokenizer(prefix).input_ids
         start = ids.index(text_encoder_config.image_token_index)
@@ -159,7 +160,7 @@ class HunyuanVideoI2V(HunyuanVideo):
         if images is None or len(images) != len(prompts):
             raise ValueError(f"{self.name} encodes each prompt with its first frame: give one image per prompt")
         encoder = text_pipe.text_encoder
-        template = self.prompt_template(text_pipe.tokenizer, encoder.config)
+        template = self.i2v_template(text_pipe.tokenizer, encoder.config)
         out = []
         for prompt, image in zip(prompts, images):  # one at a time, as the pipeline encodes (its crop assumes it)
             with torch.no_grad():
@@ -224,7 +225,7 @@ class HunyuanVideoI2V(HunyuanVideo):
         picture = Image.fromarray(read_image(image, (width, height)))
         tokenizer = self.pretrained(AutoTokenizer.from_pretrained, subfolder="tokenizer")
         config = self.pretrained(AutoConfig.from_pretrained, subfolder="text_encoder")
-        return {**self.sample_defaults, "image": picture, "prompt_template": self.prompt_template(tokenizer, config)}
+        return {**self.sample_defaults, "image": picture, "prompt_template": self.i2v_template(tokenizer, config)}
 
     @classmethod
     def step_ops(cls, config: dict, latent: tuple[int, int, int, int], t: int) -> list:
