@@ -126,6 +126,23 @@ def read_frames(media: MediaInfo | str | Path, indices: Sequence[int]) -> np.nda
     return frames[[position[i] for i in wanted]]
 
 
+def read_image(path: str | Path, size: tuple[int, int]) -> np.ndarray:
+    """An image file as an image-to-video model's first frame: upright (EXIF orientation applied, as training stills
+    are read), resized and centre-cropped to `size` = (width, height) as training frames are; uint8 [H, W, 3].
+    Anything else is one UserError naming the file."""
+    from data.buckets import resize_crop
+    from trainer.config import UserError
+
+    path = Path(path)
+    try:
+        info = probe(path)
+        if info.kind != "image":
+            raise UserError(f"{path}: a {info.kind}, not an image (give its first frame as an image file)")
+        return resize_crop(read_frames(info, [0]), size)[0]
+    except MediaError as e:
+        raise UserError(f"{path}: not a readable image ({e.reason})") from None
+
+
 # ---------------------------------------------------------------------------------------------- stills
 
 

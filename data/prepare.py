@@ -20,6 +20,7 @@ import os
 import shlex
 import time
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -35,15 +36,16 @@ from data.cache import (
     DTYPES,
     FORMAT_VERSION,
     atomic_write,
+    file_identity,
     fingerprint,
     read_meta,
     remove_temp_files,
     save_entry,
     write_json,
 )
-from data.media import MediaInfo, read_frames
+from data.media import MediaInfo, read_frames, read_image
 from data.plan import Plan, ProbeCache, Sample, make_plan
-from trainer.config import ModelSection, Recipe, UserError
+from trainer.config import ModelSection, Recipe, UserError, ValidationSection
 
 log = logging.getLogger("vidlora.prepare")
 
@@ -60,6 +62,7 @@ class Encoders(Protocol):
     native_fps: float
     vae_components: tuple[str, ...]
     text_components: tuple[str, ...]
+    text_needs_image: bool
 
     def bucket_step(self) -> int: ...
     def check_shapes(self, shapes: Any, what: str) -> None: ...
@@ -68,7 +71,9 @@ class Encoders(Protocol):
     def encode_video(self, vae: torch.nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]: ...
     def decode_video(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor: ...
     def load_text_pipeline(self, dtype: torch.dtype = ...) -> Any: ...
-    def encode_prompts(self, text_pipe: Any, prompts: list[str]) -> list[dict[str, torch.Tensor]]: ...
+    def encode_prompts(
+        self, text_pipe: Any, prompts: list[str], images: list[np.ndarray] | None = None
+    ) -> list[dict[str, torch.Tensor]]: ...
 
 
 def model_identity(family: Encoders, components: tuple[str, ...]) -> dict[str, Any]:
@@ -82,8 +87,67 @@ def model_identity(family: Encoders, components: tuple[str, ...]) -> dict[str, A
     return ident
 
 
-def text_id(caption: str, te_ident: dict[str, Any], dtype: str) -> str:
-    return fingerprint("text", caption, te_ident, dtype)[:24]
+@dataclass(frozen=True)
+class Picture:
+    """The first frame a text entry is encoded with, for a family whose text encoder also reads it
+    (`text_needs_image`): frame `frame` of `source` (a clip, a still or a validation image) resized and centre-cropped
+    to `size` (width, height) as training frames are; without a source, the black picture the pipelines pair with
+    the negative prompt."""
+
+    source: str | None
+    frame: int
+    size: tuple[int, int]
+
+    def key(self) -> str:
+        """What the picture depends on: the file (path, size, mtime), the frame, the size and the decoder version."""
+        source = file_identity(self.source) if self.source else None
+        return fingerprint(FORMAT_VERSION, source, self.frame, list(self.size))
+
+    def meta(self) -> dict[str, Any]:
+        return {"source": self.source, "frame": self.frame, "size": list(self.size), "key": self.key()}
+
+    def read(self, media: dict[str, MediaInfo]) -> np.ndarray:
+        """uint8 [H, W, 3]: decoded as the VAE pass decodes a window (a clip's frame), or as `vidlora sample` reads an
+        image (a validation image)."""
+        width, height = self.size
+        if self.source is None:
+            return np.zeros((height, width, 3), np.uint8)
+        if self.source in media:
+            return resize_crop(read_frames(media[self.source], [self.frame]), self.size)[0]
+        return read_image(self.source, self.size)
+
+
+def text_id(caption: str, te_ident: dict[str, Any], dtype: str, picture: Picture | None = None) -> str:
+    """A text entry's name: its caption (and first frame) under the text encoders that make it."""
+    return fingerprint("text", caption, te_ident, dtype, *([picture.key()] if picture else []))[:24]
+
+
+def validation_size(v: ValidationSection, training: list[dict[str, Any]]) -> tuple[int, int]:
+    """(width, height) of validation videos: validation.width/height, else the bucket of the first training sample
+    (index entries not held out). Image-conditioned prompts are encoded at this size."""
+    width, height = training[0]["bucket"]
+    return v.width or width, v.height or height
+
+
+def validation_pictures(recipe: Recipe, family: Encoders, good: list[Sample]) -> tuple[list[Picture], Picture]:
+    """The pictures a family whose text encoder reads the first frame encodes the validation prompts with
+    (validation.images at the validation size, read now so a bad one stops prepare before encoding) and the
+    negative prompt with (black, as the pipelines do)."""
+    from data.dataset import holdout_sources  # that module reads this one's index
+
+    prompts, images = recipe.data.validation_prompts, recipe.validation.images
+    if len(images) not in (1, len(prompts)):
+        raise UserError(
+            f"validation.images: the {family.name} text encoder reads each validation prompt with its first frame; "
+            f"give one image, or one per validation prompt ({len(prompts)}), or no data.validation_prompts"
+        )
+    samples = [_index_entry(s) for s in good]
+    held = holdout_sources(samples, recipe.validation.holdout_clips) if recipe.validation.holdout_clips else set()
+    size = validation_size(recipe.validation, [s for s in samples if s["source"] not in held] or samples)
+    pictures = [Picture(images[i % len(images)], 0, size) for i in range(len(prompts))]
+    for picture in dict.fromkeys(pictures):
+        picture.read({})
+    return pictures, Picture(None, 0, size)
 
 
 def fixed_batches(items: list[T], key: Callable[[T], Hashable], size: int) -> list[list[T]]:
@@ -193,14 +257,16 @@ def encode_latents(
 def encode_texts(
     chunks: list[list[str]],
     stale: set[str],
-    captions: dict[str, str],
+    jobs: dict[str, tuple[str, Picture | None]],
+    media: dict[str, MediaInfo],
     family: Encoders,
     root: Path,
     recipe: Recipe,
     device: torch.device,
     show_progress: bool = True,
 ) -> int:
-    """Text pass over `chunks` of text ids; writes the entries in `stale`. Returns how many were written."""
+    """Text pass over `chunks` of text ids (each the id of a caption and, for a family whose text encoder reads the
+    first frame, its picture); writes the entries in `stale`. Returns how many were written."""
     if not chunks:
         return 0
     pipe = family.load_text_pipeline(torch.float32 if device.type == "cpu" else torch.bfloat16).to(device)
@@ -208,9 +274,16 @@ def encode_texts(
     written = 0
     with tqdm(total=sum(map(len, chunks)), desc="encode captions", unit="caption", disable=not show_progress) as bar:
         for chunk in chunks:
-            for tid, tensors in zip(chunk, family.encode_prompts(pipe, [captions[t] for t in chunk])):
+            prompts = [jobs[t][0] for t in chunk]
+            if family.text_needs_image:
+                encoded = family.encode_prompts(pipe, prompts, [jobs[t][1].read(media) for t in chunk])
+            else:
+                encoded = family.encode_prompts(pipe, prompts)
+            for tid, tensors in zip(chunk, encoded):
                 if tid in stale:
-                    meta = {"caption": captions[tid], "family": family.name}
+                    caption, picture = jobs[tid]
+                    meta = {"caption": caption, "family": family.name}
+                    meta |= {"image": picture.meta()} if picture else {}
                     save_entry(root / "text" / f"{tid}.safetensors", {k: v.to(dtype) for k, v in tensors.items()}, meta)
                     written += 1
             bar.update(len(chunk))
@@ -271,6 +344,8 @@ def prepare(recipe: Recipe, family: Encoders, strict: bool = False, dry_run: boo
                 remove_temp_files(folder, recursive)  # left by a run killed mid-write
             _write_manifest(plan, root / "manifest.jsonl")
     family.check_shapes((s.shape for s in plan.samples), "bucket")
+    if family.text_needs_image and recipe.data.validation_prompts and plan.samples:
+        validation_pictures(recipe, family, plan.samples)  # a missing or bad validation image stops us before encoding
     if dry_run:
         report = summarise(plan, plan.samples, {}, 0, 0, time.time() - started, dry_run=True)
         if main:
@@ -289,24 +364,31 @@ def prepare(recipe: Recipe, family: Encoders, strict: bool = False, dry_run: boo
     errors = {k: v for share_errors, _ in shares for k, v in share_errors.items()}
     per_process = [n for _, n in shares]
 
-    # Texts: every caption of every good sample, and the validation prompts, in fixed chunks too.
+    # Texts: every caption of every good sample, and the validation prompts, in fixed chunks too. A family whose
+    # text encoder reads the first frame makes one entry per (caption, first frame).
     good = [s for s in samples if s.file not in errors]
-    captions: dict[str, str] = {}
+    dtype = recipe.data.cache_dtype
+    jobs: dict[str, tuple[str, Picture | None]] = {}  # text id -> (caption, picture)
     for s in good:
-        s.text_ids = [text_id(c, te_ident, recipe.data.cache_dtype) for c in s.captions]
-        captions.update(zip(s.text_ids, s.captions))
-    validation = {text_id(p, te_ident, recipe.data.cache_dtype): p for p in recipe.data.validation_prompts}
+        picture = Picture(s.source, s.frames[0], s.bucket) if family.text_needs_image else None
+        s.text_ids = [text_id(c, te_ident, dtype, picture) for c in s.captions]
+        jobs.update((t, (c, picture)) for t, c in zip(s.text_ids, s.captions))
+    prompts = recipe.data.validation_prompts if good or not family.text_needs_image else []
+    pictures, negative_picture = ([None] * len(prompts), None)
+    if family.text_needs_image and prompts:
+        pictures, negative_picture = validation_pictures(recipe, family, good)
+    validation = {text_id(p, te_ident, dtype, pic): (p, pic) for p, pic in zip(prompts, pictures)}
     negative = recipe.validation.negative_prompt  # validation videos use guidance: embed the negative too
-    negative_id = text_id(negative, te_ident, recipe.data.cache_dtype) if validation else None
-    captions.update(validation)
+    negative_id = text_id(negative, te_ident, dtype, negative_picture) if validation else None
+    jobs.update(validation)
     if negative_id:
-        captions[negative_id] = negative
-    ids = sorted(captions)
+        jobs[negative_id] = (negative, negative_picture)
+    ids = sorted(jobs)
     text_stale = {t for t in ids if read_meta(root / "text" / f"{t}.safetensors") is None}
     chunks = [ids[i : i + TEXT_BATCH] for i in range(0, len(ids), TEXT_BATCH)]
     chunks = [c for c in chunks if text_stale.intersection(c)]
     state.wait_for_everyone()
-    texts = encode_texts(chunks[rank::world], text_stale, captions, family, root, recipe, device, main)
+    texts = encode_texts(chunks[rank::world], text_stale, jobs, plan.media, family, root, recipe, device, main)
     texts = sum(gather_object([texts]))  # also the barrier: every entry is written after this
 
     report = summarise(plan, good, errors, sum(per_process), texts, time.time() - started)

@@ -191,9 +191,13 @@ def bare_step(recipe, preset, optimizer_kind: str, batch: dict, tensors: dict):
 
 
 def bare_forward(preset, transformer, noisy, timestep, batch: dict):
-    """The transformer call of diffusers' own pipelines (Wan's, or HunyuanVideo's with its pooled text and mask)."""
+    """The transformer call of diffusers' own pipelines (Wan's, or HunyuanVideo's with its pooled text and mask). An
+    image-to-video transformer's condition channels are zeros here: their values do not change the cost."""
     import torch
 
+    extra = transformer.config.in_channels - noisy.shape[1]
+    if extra > 0:
+        noisy = torch.cat([noisy, noisy.new_zeros(noisy.shape[0], extra, *noisy.shape[2:])], dim=1)
     if "pooled_projections" not in batch:
         return transformer(
             hidden_states=noisy, timestep=timestep, encoder_hidden_states=batch["prompt_embeds"], return_dict=False

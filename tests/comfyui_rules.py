@@ -86,6 +86,10 @@ def hunyuan_video_original_weights(
     return names
 
 
+# Families on HunyuanVideo's 13B architecture: ComfyUI loads HunyuanVideo-I2V (both its 33-channel concat model and the
+# token-replace one) into the same model class, so the same names.
+HUNYUAN_13B = ("hunyuan_video", "hunyuan_video_i2v")
+
 # Original HunyuanVideo spelling -> ComfyUI's internal flux-style spelling (dots included so only whole parts match).
 _HV_INTERNAL = (
     ("_mod.linear.", "_mod.lin."),
@@ -113,7 +117,7 @@ def original_weights(family: str, config: dict) -> list[str]:
     if family.startswith("wan"):
         i2v = config.get("added_kv_proj_dim") is not None
         return wan_original_weights(config["num_layers"], i2v=i2v, cross_attn_norm=config["cross_attn_norm"])
-    if family == "hunyuan_video":
+    if family in HUNYUAN_13B:
         return hunyuan_video_original_weights(
             config["num_layers"], config["num_single_layers"], config["num_refiner_layers"], config["guidance_embeds"]
         )
@@ -124,7 +128,7 @@ def comfyui_internal_weights(family: str, original_weights: Iterable[str]) -> li
     """ComfyUI's own weight names for a model given its original checkpoint weight names (see module docstring)."""
     if family.startswith("wan"):
         return list(original_weights)
-    if family != "hunyuan_video":
+    if family not in HUNYUAN_13B:
         raise ValueError(f"no ComfyUI rules for family {family!r}")
     out = []
     for name in original_weights:
@@ -180,7 +184,7 @@ def comfyui_lora_key_map(family: str, internal_weights: Iterable[str]) -> dict[s
         path = weight.removesuffix(".weight")
         key_map[f"diffusion_model.{path}"] = weight
         key_map[f"lora_unet_{path.replace('.', '_')}"] = weight
-        if family == "hunyuan_video":
+        if family in HUNYUAN_13B:
             original = hunyuan_original_spelling(path)
             key_map[f"transformer.{original}"] = weight
             key_map[f"diffusion_model.{original}"] = weight

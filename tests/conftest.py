@@ -106,7 +106,7 @@ def fixed_eval_loss(family, transformer, latents, batch) -> float:
         for i, s in enumerate([0.2, 0.4, 0.6, 0.8]):
             sigmas = torch.tensor([s])
             noisy, target = noisy_and_target(latents, sigmas, torch.Generator().manual_seed(100 + i))
-            pred = family.predict(transformer, noisy, sigmas, batch)
+            pred, target = family.loss_region(transformer, family.predict(transformer, noisy, sigmas, batch), target)
             losses.append(torch.nn.functional.mse_loss(pred, target).item())
     return sum(losses) / len(losses)
 

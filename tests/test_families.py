@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from data import synth
 from trainer.config import ModelSection
 from trainer.models import FAMILIES, family_class, get_family
 
@@ -58,7 +59,9 @@ def test_training_batches_have_a_flops_count(family):
 
     recipe = load_recipe(None, [f"model.family={family.name}", f"model.path={family.cfg.path}"])
     transformer = family.load_transformer(torch.float32)
-    text = family.encode_prompts(family.load_text_pipeline(), ["a cat walks on the grass"])
+    prompts = ["a cat walks on the grass"]
+    pictures = [synth.pattern_frames(1, 32, 32)[0]] if family.text_needs_image else None  # HunyuanVideo-I2V's LLaVA
+    text = family.encode_prompts(family.load_text_pipeline(), prompts, *([pictures] if pictures else []))
     batch = {"latents": torch.zeros(1, transformer.config.out_channels, 2, 4, 4), **family.collate_text(text)}
     one = batch_step_flops(transformer, family.name, batch, recipe)
     two = batch_step_flops(

@@ -43,6 +43,13 @@ TINY_HV = perf.ModelPreset(  # diffusers' own HunyuanVideo test config, 2 double
     },
     text_tokens=5,
 )
+# HunyuanVideo-I2V: token replacement (extra modulation) and the 33-channel concat model (wider input, no guidance)
+TINY_HV_I2V = perf.ModelPreset("hunyuan_video_i2v", {**TINY_HV.config, "image_condition_type": "token_replace"}, 5)
+TINY_HV_I2V_33 = perf.ModelPreset(
+    "hunyuan_video_i2v",
+    {**TINY_HV.config, "in_channels": 33, "guidance_embeds": False, "image_condition_type": "latent_concat"},
+    5,
+)
 LATENT = (16, 3, 8, 8)
 
 
@@ -82,8 +89,19 @@ def count_step(preset: perf.ModelPreset, model, recipe, batch_size: int = 2) -> 
         (TINY_WAN, ["train.gradient_checkpointing=true", "train.gradient_checkpointing_ratio=0.5"]),
         (TINY_HV, []),
         (TINY_HV, ["train.gradient_checkpointing=true", "train.gradient_checkpointing_ratio=0.5"]),
+        (TINY_HV_I2V, ["train.gradient_checkpointing=true"]),
+        (TINY_HV_I2V_33, []),
     ],
-    ids=["wan", "wan-attention-lora", "wan-checkpointing", "wan-half-checkpointed", "hunyuan", "hunyuan-half-ckpt"],
+    ids=[
+        "wan",
+        "wan-attention-lora",
+        "wan-checkpointing",
+        "wan-half-checkpointed",
+        "hunyuan",
+        "hunyuan-half-ckpt",
+        "hunyuan-i2v-ckpt",
+        "hunyuan-i2v-33ch",
+    ],  # fmt: skip
 )
 def test_flops_formula_equals_pytorch_flop_counter(preset, overrides):
     recipe, _, model = tiny_model(preset, overrides)

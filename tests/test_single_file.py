@@ -225,6 +225,26 @@ def test_hunyuan_original_pt_and_safetensors_load_equal(tmp_path):
         assert_same_model(ref, family.load_transformer(torch.float32), hv_inputs(cfg))
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"in_channels": 9, "guidance_embeds": False, "image_condition_type": "latent_concat"},  # the 33-channel model
+        {"image_condition_type": "token_replace"},
+    ],
+    ids=["latent_concat", "token_replace"],
+)
+def test_hunyuan_i2v_original_file_loads_equal(tmp_path, overrides):
+    """HunyuanVideo-I2V's checkpoints keep the T2V names: the 33-channel one has a wider img_in and no guidance_in."""
+    cfg, ref, path = hv_reference(tmp_path, **overrides)
+    original = hunyuan_to_original(ref.state_dict())
+    assert original["img_in.proj.weight"].shape[1] == cfg["in_channels"]
+    assert ("guidance_in.mlp.0.weight" in original) == cfg["guidance_embeds"]
+    pt = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": original}, pt)
+    family = get_family(ModelSection(family="hunyuan_video_i2v", path=path, transformer_file=str(pt)))
+    assert_same_model(ref, family.load_transformer(torch.float32), hv_inputs(cfg))
+
+
 def test_bad_single_files_name_the_problem(tmp_path):
     _, ref, path = hv_reference(tmp_path)
     original = hunyuan_to_original(ref.state_dict())

@@ -113,10 +113,11 @@ def model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 def random_batch(
     preset: ModelPreset, latent: tuple[int, int, int, int], batch_size: int, text_tokens: int, seed: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Random latents and text embeddings shaped like a collated training batch of the family."""
+    """Random latents, text embeddings and conditions shaped like a collated training batch of the family."""
     g = torch.Generator().manual_seed(seed)
     out = {"latents": torch.randn(batch_size, *latent, generator=g)}
-    return {**out, **preset.family_class.random_text(preset.config, batch_size, text_tokens, g)}
+    out |= preset.family_class.random_text(preset.config, batch_size, text_tokens, g)
+    return {**out, **preset.family_class.random_conditions(preset.config, out["latents"], g)}
 
 
 def bench_family(preset: ModelPreset, cfg: ModelSection, device: str | torch.device = "cpu") -> ModelFamily:
@@ -328,8 +329,12 @@ def set_attention_backend(transformer: nn.Module, backend: str) -> None:
 
 
 def repeated_block_lists(transformer: nn.Module) -> dict[str, nn.ModuleList]:
-    """The ModuleLists of the blocks gradient checkpointing wraps (Wan: blocks; HunyuanVideo: double, single)."""
-    names = set(getattr(transformer, "_repeated_blocks", []))
+    """The ModuleLists of the blocks gradient checkpointing wraps (Wan: blocks; HunyuanVideo: double, single). A class
+    may list a variant's blocks only under `_no_split_modules` (diffusers' HunyuanVideo, its token-replace blocks)."""
+    names = {
+        *(getattr(transformer, "_repeated_blocks", None) or []),
+        *(getattr(transformer, "_no_split_modules", None) or []),
+    }
     return {
         name: child
         for name, child in transformer.named_children()

@@ -192,7 +192,8 @@ def flow_loss(
         noisy.append(x)
         target.append(y)
     pred = model(denoiser.component, torch.cat(noisy), torch.cat(sigmas).to(latents.device), batch)
-    return F.mse_loss(pred.float(), torch.cat(target).float())
+    pred, target = family.loss_region(unwrapped(model).experts[denoiser.component], pred, torch.cat(target))
+    return F.mse_loss(pred.float(), target.float())
 
 
 def unwrapped(model: torch.nn.Module) -> Denoisers:

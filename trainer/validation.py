@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
+from data.cache import read_meta
 from data.dataset import CachedDataset, collate
 from data.media import write_video
-from data.prepare import load_index
+from data.prepare import Picture, load_index, validation_size
 from trainer.config import Recipe, UserError
 from trainer.flow_matching import noisy_and_target
 from trainer.models.base import Denoisers, ModelFamily
@@ -53,8 +54,7 @@ class Validator:
             log.warning("validation: no videos (the cache has no validation prompts: set data.validation_prompts)")
         if not self.loss_items:
             log.warning("validation: no loss (set validation.holdout_clips or validation.loss_cache_dir)")
-        width, height = dataset.entries[0]["bucket"]
-        self.width, self.height = self.v.width or width, self.v.height or height
+        self.width, self.height = validation_size(self.v, dataset.entries)
         images = self.v.images
         if images and len(images) not in (1, len(self.prompts)):
             raise UserError(f"validation.images: give one image, or one per validation prompt ({len(self.prompts)})")
@@ -63,6 +63,16 @@ class Validator:
             family.sample_kwargs(images[i % len(images)] if images else None, self.height, self.width)
             for i in range(len(self.prompts))
         ]
+        for i, text_id in enumerate(self.prompts):  # prompts encoded with their first frame: that frame, that size
+            encoded = (read_meta(dataset.root / "text" / f"{text_id}.safetensors") or {}).get("image")
+            wanted = Picture(images[i % len(images)], 0, (self.width, self.height)) if encoded and images else None
+            if encoded and (wanted is None or wanted.key() != encoded["key"]):
+                size = "x".join(map(str, encoded["size"]))
+                raise UserError(
+                    f"validation prompt {i + 1} was encoded by `vidlora prepare` with {encoded['source']} at {size}, "
+                    f"not with {wanted.source if wanted else 'no image'} at {self.width}x{self.height} (a changed "
+                    "validation.images, image file, width/height or holdout_clips): re-run `vidlora prepare`"
+                )
         self.vae: torch.nn.Module | None = None
         self.others: dict[str, torch.nn.Module] = {}  # experts this run does not train, for the pipeline
 
@@ -105,6 +115,7 @@ class Validator:
                 g = torch.Generator().manual_seed((self.v.seed * 1_000_003 + (i or 0)) * 101 + k)
                 noisy, target = noisy_and_target(batch["latents"], torch.tensor([sigma]), g)
                 pred = model(denoiser.component, noisy, torch.tensor([sigma], device=device), batch)
+                pred, target = self.family.loss_region(model.experts[denoiser.component], pred, target)
                 if i is not None:
                     loss = torch.nn.functional.mse_loss(pred.float(), target.float()).double()
                     total[trained.index(denoiser)] += torch.stack([loss, torch.ones_like(loss)])

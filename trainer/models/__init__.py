@@ -17,6 +17,7 @@ FAMILIES: dict[str, str] = {
     "wan22": "trainer.models.wan22:Wan22",
     "wan22_i2v": "trainer.models.wan22_i2v:Wan22I2V",
     "hunyuan_video": "trainer.models.hunyuan_video:HunyuanVideo",
+    "hunyuan_video_i2v": "trainer.models.hunyuan_video_i2v:HunyuanVideoI2V",
 }
 DEFAULT_FAMILY = "wan"  # a recipe without model.family
 # Families from outside this folder (plugins, tests): VIDLORA_FAMILIES="name=package.module:Class,...".

@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from torch import nn
@@ -102,6 +103,9 @@ class ModelFamily:
     # Folders of the model whose weights make the latent / text caches (a change there makes entries stale).
     vae_components: ClassVar[tuple[str, ...]] = ("vae",)
     text_components: ClassVar[tuple[str, ...]] = ("text_encoder", "tokenizer")
+    # The text encoder also reads the conditioning image (HunyuanVideo-I2V's LLaVA): a text entry then belongs to a
+    # (caption, first frame) pair, and `encode_prompts` is given the pictures.
+    text_needs_image: ClassVar[bool] = False
     fp32_components: ClassVar[tuple[str, ...]] = ()  # pipeline components loaded in fp32 whatever the weight dtype
     guidance_is_cfg: ClassVar[bool] = True  # the pipeline's guidance_scale is classifier-free (needs a negative)
     default_guidance: ClassVar[float | None] = None  # embedded guidance while training; None: no guidance input
@@ -263,8 +267,11 @@ class ModelFamily:
         """The inverse of `encode_video`: cached latents [B,C,f,h,w] -> pixels [B,3,F,H,W] in [-1, 1]."""
         raise NotImplementedError
 
-    def encode_prompts(self, text_pipe: DiffusionPipeline, prompts: list[str]) -> list[dict[str, torch.Tensor]]:
-        """One dict of tensors per prompt (named by `text_keys`), trimmed of padding to keep caches small."""
+    def encode_prompts(
+        self, text_pipe: DiffusionPipeline, prompts: list[str], images: list[np.ndarray] | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """One dict of tensors per prompt (named by `text_keys`), trimmed of padding to keep caches small. A family
+        with `text_needs_image` is also given each prompt's picture (uint8 [H, W, 3], at the video's size)."""
         raise NotImplementedError
 
     def collate_text(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -272,6 +279,19 @@ class ModelFamily:
         raise NotImplementedError
 
     # --- training ------------------------------------------------------------------------------------
+    @classmethod
+    def random_conditions(cls, config: dict[str, Any], latents: torch.Tensor, g: torch.Generator) -> dict:
+        """Random conditioning inputs (an I2V family's first-frame latent ...) for a batch of `latents`, for
+        benchmarks; none by default."""
+        return {}
+
+    def loss_region(
+        self, transformer: nn.Module, pred: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parts of a prediction and its target the loss is taken over: all of them by default; a transformer
+        that is handed a clean first frame it never denoises (token replacement) leaves that frame out."""
+        return pred, target
+
     def predict(
         self, transformer: nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> torch.Tensor:

@@ -129,19 +129,10 @@ class WanI2V(Wan):
     def sample_kwargs(self, image, height, width):
         if image is None:
             raise UserError(f"{self.name} generates from a first frame: pass --image PATH")
-        from data.buckets import resize_crop
-        from data.media import MediaError, probe, read_frames
+        from data.media import read_image
 
-        path = Path(image)
-        try:
-            info = probe(path)
-            if info.kind != "image":
-                raise UserError(f"{path}: a {info.kind}, not an image (give its first frame as an image file)")
-            picture = read_frames(info, [0])  # upright (EXIF orientation applied), as prepare reads stills
-        except MediaError as e:
-            raise UserError(f"{path}: not a readable image ({e.reason})") from None
-        # Resized and centre-cropped to the video size as training frames are, so CLIP sees the same crop.
-        return {**self.sample_defaults, "image": Image.fromarray(resize_crop(picture, (width, height))[0])}
+        # Upright, resized and centre-cropped to the video size as training frames are, so CLIP sees the same crop.
+        return {**self.sample_defaults, "image": Image.fromarray(read_image(image, (width, height)))}
 
     @classmethod
     def make_tiny(cls, out_dir: Path, seed: int = 0) -> Path:
