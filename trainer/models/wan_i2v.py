@@ -114,6 +114,13 @@ class WanI2V(Wan):
         out["condition_latents"] = torch.cat(conditions)
         return {**out, "image_embeds": torch.cat(embeds)} if embeds else out
 
+    @classmethod
+    def random_conditions(cls, config: dict, latents: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
+        out = {"condition_latents": torch.randn(latents.shape, generator=g)}
+        if config.get("image_dim"):  # Wan 2.1 I2V's CLIP tokens: 257 at 224 px
+            out["image_embeds"] = torch.randn(latents.shape[0], 257, config["image_dim"], generator=g)
+        return out
+
     def predict(self, transformer, noisy, sigmas, batch):
         condition = batch["condition_latents"].to(noisy.dtype)
         mask = torch.zeros_like(condition[:, :MASK_CHANNELS])
