@@ -1,15 +1,18 @@
 """Exact resume of real `vidlora train` processes on the CPU (fp32): SIGKILL mid-run, SIGKILL inside a
-checkpoint write, and Ctrl-C; each resumed run's per-step losses and final LoRA equal an uninterrupted
-run's exactly. The runs use DataLoader workers and LoRA dropout, the two usual sources of drift."""
+checkpoint write (also the first one, then docs/training.md's Slurm requeue line), and Ctrl-C; each
+resumed run's per-step losses and final LoRA equal an uninterrupted run's exactly, and metrics.jsonl has
+each step once. The runs use DataLoader workers and LoRA dropout, the two usual sources of drift."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 
 import pytest
 import torch
 
-from tests.conftest import write_recipe
+from tests.conftest import ROOT, write_recipe
 from tests.training_setup import kill_group, losses, recipe_text, start_run, train_run, wait_for_step
 from trainer.checkpoint import KILL_IN_CHECKPOINT, latest_checkpoint, read_adapter
 
@@ -33,7 +36,8 @@ def reference(tmp_path_factory, prepared):
 
 def assert_same_run(run, reference):
     got, want = losses(run), losses(reference)
-    assert sorted(got) == list(range(1, STEPS + 1))
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))  # each step once, in order
     assert got == want
     a, b = read_adapter(run / "adapter.safetensors")[0], read_adapter(reference / "adapter.safetensors")[0]
     assert all(torch.equal(a[k], b[k]) for k in b)
@@ -64,6 +68,27 @@ def test_kill_inside_checkpoint_write_leaves_previous_one(reference, prepared, t
     assert latest_checkpoint(checkpoints).name == "step-000010"
     train_run(recipe, "one", "--resume")
     assert not list(checkpoints.glob(".tmp-*"))
+    assert_same_run(run, reference)
+
+
+def slurm_resume_flag(run):
+    """What docs/training.md's Slurm script passes to `vidlora train` on a requeue of this run."""
+    line = next(x for x in (ROOT / "docs/training.md").read_text().splitlines() if x.startswith("RESUME="))
+    line = line.replace("runs/my_run", str(run))
+    return subprocess.run(["bash", "-c", f'{line}; printf %s "$RESUME"'], capture_output=True, text=True).stdout
+
+
+def test_kill_inside_the_first_checkpoint_write_then_slurm_requeue(reference, prepared, tmp_path):
+    recipe = make_recipe(tmp_path, prepared, "run")
+    run = tmp_path / "run"
+    proc = train_run(recipe, check=False, env={KILL_IN_CHECKPOINT: "5"})
+    assert proc.returncode == -signal.SIGKILL
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [".tmp-step-000005"]
+    assert slurm_resume_flag(run) == "--resume"
+    proc = train_run(recipe, "one", "--resume")
+    warnings = [line for line in proc.stderr.splitlines() if "no complete checkpoint" in line]
+    assert len(warnings) == 1 and "starting from step 0" in warnings[0], proc.stderr[-3000:]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
     assert_same_run(run, reference)
 
 

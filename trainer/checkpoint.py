@@ -224,7 +224,10 @@ def check_resumable(state: dict, recipe: Recipe, world: int, deepspeed: bool) ->
         log.warning("resuming with %s: the run continues, but not as the uninterrupted run would", ", ".join(changed))
 
 
-def find_resume_checkpoint(run: Path, resume: str | None) -> Path | None:
+def find_resume_checkpoint(run: Path, resume: str | None, main: bool = True) -> Path | None:
+    """The checkpoint to resume from: `resume` is a folder or 'latest'. With 'latest' and no complete
+    checkpoint (a kill before or inside the first save), the run starts fresh: a requeued job that always
+    passes --resume must not fail forever. `main`: the process that says so."""
     checkpoints = run / "checkpoints"
     if not resume:
         done = complete_checkpoints(checkpoints)
@@ -233,29 +236,33 @@ def find_resume_checkpoint(run: Path, resume: str | None) -> Path | None:
                 f"{checkpoints} already holds {done[-1].name}: resume with --resume, or choose another train.output_dir"
             )
         return None
-    checkpoint = latest_checkpoint(checkpoints) if resume == "latest" else Path(resume)
-    if checkpoint is None:
-        raise FileNotFoundError(f"{checkpoints}: no complete checkpoint to resume from")
-    if not (checkpoint / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a complete vidlora checkpoint (no trainer_state.json)")
+    if resume != "latest":
+        if not (Path(resume) / STATE).is_file():
+            raise FileNotFoundError(f"{resume}: not a complete vidlora checkpoint (no {STATE})")
+        return Path(resume)
+    checkpoint = latest_checkpoint(checkpoints)
+    if checkpoint is None and main:
+        partial = " (a partial one from a killed save is removed)" if any(checkpoints.glob(".tmp-step-*")) else ""
+        log.warning("--resume: no complete checkpoint in %s%s: starting from step 0", checkpoints, partial)
     return checkpoint
 
 
 def start_run_folder(run: Path, recipe: Recipe, checkpoint: Path | None, step: int) -> None:
-    """Write the recipe; on resume, drop what happened after the checkpoint (metrics, newer checkpoints)."""
+    """Write the recipe; on resume, drop what happened after the checkpoint (metrics, newer checkpoints);
+    on a fresh start, what an earlier attempt in this folder logged (its metrics and wandb run)."""
     run.mkdir(parents=True, exist_ok=True)
     (run / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
     remove_partial(run / "checkpoints")
+    metrics = run / "metrics.jsonl"
     if checkpoint is None:
+        metrics.unlink(missing_ok=True)
+        (run / "wandb_id").unlink(missing_ok=True)
         return
     for moved in set_aside_newer(run / "checkpoints", step):
         log.warning("resuming from step %d: newer checkpoint moved to %s", step, moved)
-    metrics = run / "metrics.jsonl"
     if metrics.is_file():
         kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         text = "".join(line + "\n" for line in kept)
-        from data.cache import atomic_write
-
         atomic_write(metrics, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 

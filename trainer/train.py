@@ -235,7 +235,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     set_seed(t.seed)
     family = get_family(recipe.model)
     checkpoints = run / "checkpoints"
-    checkpoint = find_resume_checkpoint(run, resume)
+    checkpoint = find_resume_checkpoint(run, resume, accelerator.is_main_process)
 
     dataset = CachedDataset(recipe.data.cache_dir, seed=t.seed, holdout_clips=v.holdout_clips)
     if dataset.family != family.name:
