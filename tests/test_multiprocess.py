@@ -1,6 +1,7 @@
 """Real 2-process launches on the CPU: DDP (gloo) and DeepSpeed ZeRO-2/3 train, checkpoint, resume and
 export; N processes with batch size B match one process with batch size N x B; SIGKILL of the whole
-launch (the rank processes, not just the launcher) resumes bit for bit.
+launch (the rank processes, not just the launcher) resumes bit for bit, and so does Slurm's SIGTERM to
+every process with DataLoader workers on.
 
 Tolerance: the 2-process runs reduce gradients in another order than one process sums a batch, so they
 match one process to float32 rounding, amplified a little by Adam: losses within 1e-5 relative; after 8
@@ -11,7 +12,7 @@ within 1e-3 of its norm. Runs of the same launch mode match exactly.
 from __future__ import annotations
 
 import json
-import time
+import signal
 
 import pytest
 import torch
@@ -21,15 +22,16 @@ from data.cache import load_entry, read_meta, save_entry
 from tests.conftest import ROOT, write_recipe
 from tests.training_setup import (
     copy_cache,
-    group_alive,
-    kill_group,
+    job_processes,
     losses,
     recipe_text,
+    signal_job,
     start_run,
     train_run,
     wait_for_step,
+    wait_job,
 )
-from trainer.checkpoint import read_adapter
+from trainer.checkpoint import latest_checkpoint, read_adapter
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -145,6 +147,15 @@ def test_zero2_resumes_exactly(ddp_reference, prepared, tmp_path):
     assert all(torch.equal(again[k], first_adapter[k]) for k in first_adapter)
 
 
+def resume_matches_reference(recipe, run, reference):
+    train_run(recipe, "ddp", "--resume")
+    got, want = losses(run), losses(reference)
+    assert sorted(got) == list(range(1, REFERENCE_STEPS + 1))
+    assert got == want  # every step, before and after the stop, bit for bit
+    a, b = read_adapter(run / "adapter.safetensors")[0], read_adapter(reference / "adapter.safetensors")[0]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 def test_sigkill_ranks_mid_run_then_resume_is_exact(ddp_reference, tmp_path):
     src, recipe, reference = ddp_reference
     text = recipe.read_text().replace(str(reference), str(tmp_path / "run"))
@@ -152,22 +163,35 @@ def test_sigkill_ranks_mid_run_then_resume_is_exact(ddp_reference, tmp_path):
     run = tmp_path / "run"
     proc = start_run(recipe, "ddp")
     killed_at = wait_for_step(proc, run, 10)
-    kill_group(proc)
-    proc.wait(timeout=60)
-    for _ in range(100):  # every rank and worker is gone, none keeps training
-        if not group_alive(proc.pid):
-            break
-        time.sleep(0.05)
-    assert not group_alive(proc.pid)
+    job = job_processes(proc)
+    signal_job(job, signal.SIGKILL)
+    wait_job(job, 60)  # every rank and worker is gone, none keeps training
     assert killed_at < REFERENCE_STEPS
     assert not (run / "adapter.safetensors").exists()
+    resume_matches_reference(recipe, run, reference)
 
-    train_run(recipe, "ddp", "--resume")
-    got, want = losses(run), losses(reference)
-    assert sorted(got) == list(range(1, REFERENCE_STEPS + 1))
-    assert got == want  # every step, before and after the kill, bit for bit
-    a, b = read_adapter(run / "adapter.safetensors")[0], read_adapter(reference / "adapter.safetensors")[0]
-    assert all(torch.equal(a[k], b[k]) for k in b)
+
+def test_sigterm_to_every_process_with_dataloader_workers_saves_and_resumes(ddp_reference, tmp_path):
+    """Slurm's time-limit SIGTERM reaches every process of the job: the launcher, the ranks and their
+    DataLoader workers, and torchrun forwards it to the ranks again. Both ranks save the step they stop
+    at. Workers only load data, so the reference (no workers) is the uninterrupted run."""
+    _, recipe, reference = ddp_reference
+    text = recipe.read_text().replace(str(reference), str(tmp_path / "run"))
+    assert "dataloader_workers = 0" in text
+    recipe = write_recipe(tmp_path / "r.toml", text.replace("dataloader_workers = 0", "dataloader_workers = 2"))
+    run = tmp_path / "run"
+    proc = start_run(recipe, "ddp")
+    wait_for_step(proc, run, 6)
+    job = job_processes(proc)
+    assert len(job) >= 7  # launcher, 2 ranks, 2 workers each
+    signal_job(job, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    wait_job(job)
+    assert "killed by signal" not in err and "interrupted: stopped at step" in err, err[-3000:]
+    stopped = max(losses(run))
+    assert stopped < REFERENCE_STEPS and latest_checkpoint(run / "checkpoints").name == f"step-{stopped:06d}"
+    assert not (run / "adapter.safetensors").exists()
+    resume_matches_reference(recipe, run, reference)
 
 
 def test_zero2_skips_a_nonfinite_step_on_every_rank(prepared, tmp_path):

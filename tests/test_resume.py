@@ -1,5 +1,5 @@
 """Exact resume of real `vidlora train` processes on the CPU (fp32): SIGKILL mid-run, SIGKILL inside a
-checkpoint write (also the first one, then docs/training.md's Slurm requeue line), and Ctrl-C; each
+checkpoint write (also the first one, then docs/training.md's Slurm requeue line), Ctrl-C and SIGTERM; each
 resumed run's per-step losses and final LoRA equal an uninterrupted run's exactly, and metrics.jsonl has
 each step once. The runs use DataLoader workers and LoRA dropout, the two usual sources of drift."""
 
@@ -92,13 +92,16 @@ def test_kill_inside_the_first_checkpoint_write_then_slurm_requeue(reference, pr
     assert_same_run(run, reference)
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resumes_exactly(reference, prepared, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_resumes_exactly(sig, reference, prepared, tmp_path):
+    """What a terminal's Ctrl-C and Slurm's time-limit SIGTERM do: signal the trainer and its DataLoader
+    workers (the whole process group). The workers must not die under the trainer before it saves."""
     recipe = make_recipe(tmp_path, prepared, "run")
     run = tmp_path / "run"
     proc = start_run(recipe)
     wait_for_step(proc, run, 7)
-    kill_group(proc, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-    out, err = proc.communicate(timeout=120)
+    kill_group(proc, sig)
+    out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
     assert "Traceback" not in err and "interrupted: stopped at step" in err
     latest = latest_checkpoint(run / "checkpoints")

@@ -83,8 +83,9 @@ class Position:
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM (Slurm, torchrun) asks the loop to stop after the current step and save.
 
-    A second signal within a second is ignored (`accelerate launch` forwards the terminal's Ctrl-C to ranks
-    that already got it); a later one aborts at once without saving.
+    A repeated SIGTERM is ignored (Slurm signals every process of the job, and the launcher forwards it to
+    the ranks again), as is a second Ctrl-C within a second (`accelerate launch` forwards the terminal's
+    Ctrl-C to ranks that already got it); a later Ctrl-C aborts at once without saving.
     """
 
     def __init__(self) -> None:
@@ -109,13 +110,16 @@ class StopRequest:
                 "(Ctrl-C again to abort without saving)",
                 flush=True,
             )
-        elif time.monotonic() - self.first > 1.0:
+        elif signum == signal.SIGINT and time.monotonic() - self.first > 1.0:
             raise KeyboardInterrupt
 
 
-def ignore_sigint(_worker_id: int) -> None:
-    """DataLoader workers share the terminal's process group: Ctrl-C must reach only the trainer."""
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers get the trainer's Ctrl-C (same process group) and SIGTERM (Slurm signals every
+    process; torchrun signals each rank's group), and a dead worker kills the loop before it can save:
+    only the trainer may act on them. The trainer stops its workers through their queues."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def lora_targets(family: ModelFamily, targets: str | list[str]) -> str | list[str]:
@@ -250,7 +254,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         collate_fn=partial(collate_batch, family),
         num_workers=workers,
         persistent_workers=workers > 0,
-        worker_init_fn=ignore_sigint if workers else None,
+        worker_init_fn=ignore_stop_signals if workers else None,
         pin_memory=device.type == "cuda",
     )
     transformer = build_model(recipe, family, DTYPES[weight_dtype], device if t.block_offload else None)
