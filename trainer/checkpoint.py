@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from peft.utils import get_peft_model_state_dict
 
-from data.cache import atomic_write
+from data.cache import atomic_write, file_mode
 from trainer.config import Recipe, UserError
 from trainer.formats import alphas_from_model, load_lora, save_lora
 
@@ -187,7 +187,11 @@ def set_aside_newer(folder: Path, step: int) -> list[Path]:
 
 
 def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder; files get the mode open() gives (accelerate's safetensors are 0600)."""
+    mode = file_mode()
     for path in [*root.rglob("*"), root]:
+        if path.is_file():
+            os.chmod(path, mode)
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
