@@ -74,12 +74,28 @@ def test_nan_in_a_cached_sample_skips_its_steps(prepared, tmp_path):
     def adapter(step):
         return read_adapter(run / f"checkpoints/step-{step:06d}/adapter.safetensors")[0]
 
+    for step in range(1, 9):  # checkpoint_every = 1, but never a state inside a non-finite streak
+        assert (run / f"checkpoints/step-{step:06d}").is_dir() == (step not in skipped), step
     for step in range(2, 9):
-        before, after = adapter(step - 1), adapter(step)
-        unchanged = all(torch.equal(before[k], after[k]) for k in before)
-        assert unchanged == (step in skipped), step  # skipped steps leave the LoRA as it was
+        if step not in skipped and step - 1 not in skipped:  # a finite step updates the LoRA
+            before, after = adapter(step - 1), adapter(step)
+            assert not all(torch.equal(before[k], after[k]) for k in before), step
+    # a skipped step leaves the LoRA as it was: the same run stopped right after it ends with the weights
+    # of the step before
+    step = next(s for s in skipped if s > 1 and s - 1 not in skipped)
+    short = tmp_path / "short"
+    train_run(recipe, "one", "--set", f"train.max_steps={step}", "--set", f"train.output_dir={short}")
+    final, before = read_adapter(short / "adapter.safetensors")[0], adapter(step - 1)
+    assert all(torch.equal(final[k], before[k]) for k in before)
     final = read_adapter(run / "adapter.safetensors")[0]
     assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def error_line(stderr: str) -> str:
+    """The `vidlora: error:` line, which must start a line of its own (not follow the progress bar)."""
+    lines = [line for line in stderr.split("\n") if "vidlora: error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("vidlora: error: "), lines
+    return lines[0]
 
 
 @pytest.mark.slow
@@ -96,10 +112,47 @@ def test_nonfinite_steps_in_a_row_abort_with_the_checkpoint_intact(prepared, tmp
         recipe, "one", "--resume", "--set", "train.max_steps=20", "--set", "train.max_nonfinite_in_row=3", check=False
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "vidlora: error: 3 steps in a row had a non-finite loss or gradient (last at step 7)" in proc.stderr
-    assert "step-000004 is intact" in proc.stderr and "Traceback" not in proc.stderr
+    line = error_line(proc.stderr)
+    assert line.startswith("vidlora: error: 3 steps in a row (5-7) had a non-finite loss or gradient")
+    assert f"no checkpoint is known good: {checkpoints / 'step-000004'}, the last one, went straight" in line
+    assert "Traceback" not in proc.stderr
     assert tree_hash(checkpoints) == before
     assert latest_checkpoint(checkpoints).name == "step-000004"
+
+
+@pytest.mark.slow
+def test_a_nonfinite_streak_names_a_good_checkpoint_that_resumes_cleanly(prepared, tmp_path):
+    """A learning rate that blows the LoRA up (|w| ~ 1e30 after one step, then inf): the following steps
+    are skipped, no checkpoint is written inside the streak, and the abort names the last checkpoint whose
+    weights still gave a finite step, not the one holding the blown-up weights. Resumed from it with the
+    recipe's learning rate, the run finishes cleanly."""
+    model, cache = prepared
+    recipe = write_recipe(tmp_path / "r.toml", recipe_text(model, cache, tmp_path / "run", 4, checkpoint_every=2))
+    train_run(recipe)
+    checkpoints = tmp_path / "run/checkpoints"
+    before = tree_hash(checkpoints)
+    blow_up = [
+        "--set",
+        "train.learning_rate=1e30",
+        "--set",
+        "train.max_nonfinite_in_row=3",
+        "--set",
+        "train.max_steps=20",
+    ]
+    proc = train_run(recipe, "one", "--resume", *blow_up, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "resuming with train.learning_rate 1e+30" in proc.stderr  # the recipe's rate wins over the saved one
+    named = checkpoints / "step-000004"  # its weights gave the finite step 5, whose update blew them up
+    line = error_line(proc.stderr)
+    assert line.startswith("vidlora: error: 3 steps in a row (6-8)") and f"last good checkpoint is {named} " in line
+    assert tree_hash(checkpoints) == before  # nothing written during the streak (step 6 and 8 were due)
+
+    train_run(recipe, "one", "--resume", str(named), "--set", "train.max_steps=8")
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["loss"] is not None and r["skipped_steps"] == 0 for r in rows)
+    final = read_adapter(tmp_path / "run/adapter.safetensors")[0]
+    assert max(v.abs().max().item() for v in final.values()) < 1.0
 
 
 # --- memory modes -----------------------------------------------------------------------------------

@@ -203,6 +203,20 @@ def load_trainer_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
 
 
+def load_scheduler(scheduler: Any, state: dict, learning_rate: float) -> None:
+    """Restore the LR schedule's position. Its saved base learning rate would silently win over the
+    recipe's, so a lowered train.learning_rate (say after a non-finite streak) would do nothing: the
+    recipe's applies from the first resumed step."""
+    scheduler.load_state_dict(state)
+    if all(lr == learning_rate for lr in scheduler.base_lrs):
+        return
+    log.warning("resuming with train.learning_rate %g (the checkpoint had %g)", learning_rate, scheduler.base_lrs[0])
+    scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = learning_rate, learning_rate * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def run_shape(recipe: Recipe, world: int, deepspeed: bool) -> dict[str, Any]:
     """What a checkpoint's data position and optimizer shards depend on."""
     t = recipe.train

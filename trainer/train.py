@@ -36,7 +36,7 @@ from trainer.checkpoint import (
     check_resumable,
     find_resume_checkpoint,
     gather_lora,
-    latest_checkpoint,
+    load_scheduler,
     load_trainer_state,
     register_lora_only_state,
     run_shape,
@@ -60,7 +60,14 @@ class TrainingAborted(UserError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C / SIGTERM: a checkpoint was saved and training stopped cleanly."""
+    """Ctrl-C / SIGTERM: a checkpoint was saved (unless inside a non-finite streak) and training stopped."""
+
+    def __init__(self, step: int, checkpoint: Path | None, in_streak: bool) -> None:
+        if in_streak:
+            super().__init__(f"stopped at step {step} inside a non-finite streak, not saved; checkpoint: {checkpoint}")
+        else:
+            super().__init__(f"stopped at step {step}; checkpoint: {checkpoint}")
+        self.checkpoint = checkpoint
 
 
 @dataclass
@@ -281,7 +288,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         else:
             accelerator.load_state(str(checkpoint))
         pos.load_state_dict(state["position"])
-        scheduler.load_state_dict(state["scheduler"])
+        load_scheduler(scheduler, state["scheduler"], t.learning_rate)
         log.info("resumed from %s at step %d", checkpoint, pos.step)
     if accelerator.is_main_process:
         start_run_folder(run, recipe, checkpoint, pos.step)
@@ -299,6 +306,8 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     bar = tqdm(total=t.max_steps, initial=pos.step, desc="train", disable=not accelerator.is_main_process)
     window = Window(peak_flops(accelerator))
     bad_in_row = 0
+    saved = checkpoint  # the newest checkpoint; `good`: the newest whose weights then gave a finite step
+    good = None
 
     with StopRequest() as stop:
         while pos.step < t.max_steps:
@@ -327,13 +336,15 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                     bad_in_row += 1
                     warn_skipped(accelerator, window, pos, grad_norm, bad_in_row)
                 else:
-                    bad_in_row = 0
+                    bad_in_row, good = 0, saved  # skipped steps left the weights as `saved` holds them
                 if bad_in_row >= t.max_nonfinite_in_row:
-                    raise TrainingAborted(aborted_message(run, pos.step, bad_in_row))
+                    bar.close()
+                    raise TrainingAborted(aborted_message(pos.step, bad_in_row, good, saved))
                 if pos.step % t.log_every == 0 or pos.step == t.max_steps or stop_now:
                     log_metrics(accelerator, bar, run, pos, window.logs(scheduler, grad_norm, pos))
                 pause = time.perf_counter()
-                if pos.step % t.checkpoint_every == 0 or pos.step == t.max_steps or stop_now:
+                due = pos.step % t.checkpoint_every == 0 or pos.step == t.max_steps or stop_now
+                if due and not bad_in_row:  # never a state inside a non-finite streak
                     state = {
                         "position": pos.state_dict(),
                         "scheduler": scheduler.state_dict(),
@@ -348,7 +359,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                 if stop_now:
                     bar.close()
                     accelerator.end_training()
-                    raise Interrupted(f"stopped at step {pos.step}; checkpoint: {saved}")
+                    raise Interrupted(pos.step, saved, in_streak=bad_in_row > 0)
                 if pos.step >= t.max_steps:
                     break
             else:
@@ -413,12 +424,19 @@ def warn_skipped(accelerator: Accelerator, window: Window, pos: Position, grad_n
         )
 
 
-def aborted_message(run: Path, step: int, in_row: int) -> str:
-    last = latest_checkpoint(run / "checkpoints")
-    where = f"the last checkpoint {last} is intact" if last else "no checkpoint was written yet"
+def aborted_message(step: int, in_row: int, good: Path | None, last: Path | None) -> str:
+    """Name a checkpoint worth resuming from: one whose weights went on to give a finite step (none is
+    written inside a streak, but the last one before it may hold the weights that blew up)."""
+    if good:
+        where = f"the last good checkpoint is {good} (resume with --resume {good})"
+    elif last:
+        where = f"no checkpoint is known good: {last}, the last one, went straight into the streak"
+    else:
+        where = "no checkpoint was written yet"
     return (
-        f"{in_row} steps in a row had a non-finite loss or gradient (last at step {step}): stopping; {where}. "
-        "Check the cache files named above, lower train.learning_rate, or raise train.max_nonfinite_in_row"
+        f"{in_row} steps in a row ({step - in_row + 1}-{step}) had a non-finite loss or gradient: stopping; "
+        f"{where}. Check the cache files named above, lower train.learning_rate, or raise "
+        "train.max_nonfinite_in_row"
     )
 
 
