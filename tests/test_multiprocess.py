@@ -66,6 +66,7 @@ def ddp_reference(tmp_path_factory, prepared):
     recipe = per_rank_recipe(tmp, prepared, "ref", REFERENCE_STEPS, 1)
     proc = train_run(recipe, "ddp")
     assert proc.stdout.count("run: ") == 1  # the ranks print and save once
+    assert "vidlora train: DDP over gloo, 2 processes on cpu, mixed precision no" in proc.stdout
     return tmp, recipe, tmp / "ref"
 
 
@@ -132,11 +133,14 @@ def test_ddp_and_deepspeed_match_one_process_and_export(ddp_reference, prepared,
     assert loaded and all(p.abs().sum() > 0 for p in loaded.values())
 
 
-def test_zero2_resumes_exactly(ddp_reference, prepared, tmp_path):
+def test_zero2_in_bf16_resumes_exactly(ddp_reference, prepared, tmp_path):
     """Resume a DeepSpeed run from an earlier checkpoint: the newer one is set aside, the steps after the
-    checkpoint repeat exactly."""
+    checkpoint repeat exactly. In bf16, the shipped recipes' precision: DeepSpeed casts the whole model to
+    bf16 and does not autocast, so the trainer feeds it bf16 inputs (fp32 ones crashed at step 1)."""
     recipe = per_rank_recipe(tmp_path, prepared, "z2", COMPARE_STEP, 1)
-    train_run(recipe, ZERO2)
+    write_recipe(recipe, recipe.read_text().replace('mixed_precision = "no"', 'mixed_precision = "bf16"'))
+    proc = train_run(recipe, ZERO2)
+    assert "vidlora train: DeepSpeed ZeRO-2 over gloo, 2 processes on cpu, mixed precision bf16" in proc.stdout
     run = tmp_path / "z2"
     first = losses(run)
     first_adapter = adapter_at(run, COMPARE_STEP)
@@ -213,3 +217,18 @@ def test_zero2_skips_a_nonfinite_step_on_every_rank(prepared, tmp_path):
     for step in range(2, 5):
         before, after = adapter_at(run, step - 1), adapter_at(run, step)
         assert all(torch.equal(before[k], after[k]) for k in before) == (step in skipped), step
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="launches that only go wrong without GPUs")
+def test_launches_that_would_not_run_what_they_ask_for_stop_before_writing(prepared, tmp_path):
+    """Without GPUs, the multi-GPU config starts unconnected processes that would race on one run folder,
+    and ACCELERATE_USE_CPU=true silently turns a DeepSpeed config into plain DDP: both stop at once."""
+    recipe = per_rank_recipe(tmp_path, prepared, "run", 2, 1)
+    proc = train_run(recipe, str(ROOT / "recipes/accelerate/multi_gpu.yaml"), check=False)
+    assert proc.returncode != 0
+    assert "2 processes were launched but each one runs alone (1 process)" in proc.stderr
+    assert "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu" in proc.stderr
+    proc = train_run(recipe, ZERO2, check=False, env={"ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode != 0
+    assert "asks for DeepSpeed, but ACCELERATE_USE_CPU=true (or --cpu) turns it into plain DDP" in proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ from data.dataset import BucketBatchSampler, CachedDataset, holdout_sources
 from data.media import probe
 from tests.conftest import ROOT, run_cli, train_capturing, write_recipe
 from tests.training_setup import copy_cache, losses, recipe_text, train_run
-from trainer.checkpoint import latest_checkpoint, read_adapter
+from trainer.checkpoint import latest_checkpoint, lock_run_folder, read_adapter
 from trainer.config import UserError, load_recipe
 from trainer.memory import parameter_bytes
 from trainer.tracking import FORMATS
@@ -60,6 +61,7 @@ def test_nan_in_a_cached_sample_skips_its_steps(prepared, tmp_path):
     corrupt(bad)
     recipe = write_recipe(tmp_path / "r.toml", recipe_text(model, cache, tmp_path / "run", 8, checkpoint_every=1))
     proc = train_run(recipe)
+    assert "vidlora train: single process on cpu, mixed precision no" in proc.stdout.splitlines()[0]
     run = tmp_path / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     skipped = [
@@ -153,6 +155,23 @@ def test_a_nonfinite_streak_names_a_good_checkpoint_that_resumes_cleanly(prepare
     assert all(r["loss"] is not None and r["skipped_steps"] == 0 for r in rows)
     final = read_adapter(tmp_path / "run/adapter.safetensors")[0]
     assert max(v.abs().max().item() for v in final.values()) < 1.0
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_a_run_folder_in_use_stops(prepared, tmp_path):
+    """One trainer per run folder: a job submitted twice, or ranks of an earlier launch still running,
+    would interleave checkpoints and metrics. Here this test's process holds the folder."""
+    model, cache = prepared
+    recipe = write_recipe(tmp_path / "r.toml", recipe_text(model, cache, tmp_path / "run", 2))
+    lock = lock_run_folder(tmp_path / "run")
+    try:
+        proc = train_run(recipe, check=False)
+    finally:
+        lock.close()
+    assert proc.returncode == 2
+    line = error_line(proc.stderr)
+    assert f"{tmp_path / 'run'}: vidlora train (pid {os.getpid()} on " in line and "is training into" in line
+    assert not (tmp_path / "run/recipe.toml").exists()
 
 
 # --- memory modes -----------------------------------------------------------------------------------

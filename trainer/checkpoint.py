@@ -1,6 +1,7 @@
 """Run folder layout, atomic checkpoints and the adapter file every checkpoint carries.
 
     RUN/recipe.toml               the resolved recipe
+    RUN/.lock                     held by the training process (one trainer per folder)
     RUN/metrics.jsonl             one line per logged step (cut back to the checkpoint step on resume)
     RUN/checkpoints/step-000250/  accelerate state: LoRA weights only, optimizer, RNG of every rank
                                   (under DeepSpeed: its own files, frozen base excluded)
@@ -19,13 +20,16 @@ with `weights_only=True` (DeepSpeed's own checkpoint files are read by DeepSpeed
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from peft.utils import get_peft_model_state_dict
@@ -263,6 +267,30 @@ def find_resume_checkpoint(run: Path, resume: str | None, main: bool = True) -> 
         partial = " (a partial one from a killed save is removed)" if any(checkpoints.glob(".tmp-step-*")) else ""
         log.warning("--resume: no complete checkpoint in %s%s: starting from step 0", checkpoints, partial)
     return checkpoint
+
+
+def lock_run_folder(run: Path) -> IO[str]:
+    """Hold RUN/.lock while training: a second trainer on the same folder (a job submitted twice, ranks of
+    an earlier launch still running) would interleave checkpoints and metrics. A POSIX lock: it goes with
+    the process (even on SIGKILL), forked DataLoader workers do not hold it, and it works over NFS.
+    Filesystems that cannot lock are not locked."""
+    run.mkdir(parents=True, exist_ok=True)
+    f = open(run / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 (kept open: it holds the lock)
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            return f
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise UserError(
+            f"{run}: {owner} is training into this folder; wait for it to end or choose another train.output_dir"
+        ) from None
+    f.truncate(0)
+    f.write(f"vidlora train (pid {os.getpid()} on {socket.gethostname()})")
+    f.flush()
+    return f
 
 
 def start_run_folder(run: Path, recipe: Recipe, checkpoint: Path | None, step: int) -> None:

@@ -96,6 +96,16 @@ class Window:
         return logs
 
 
+def engine(accelerator: Accelerator) -> str:
+    """What really runs (launch flags and environment variables can silently change it)."""
+    n = accelerator.num_processes
+    plugin = accelerator.state.deepspeed_plugin
+    name = f"DeepSpeed ZeRO-{plugin.zero_stage}" if plugin else ("DDP" if n > 1 else "single process")
+    over = f" over {accelerator.state.backend}" if n > 1 and accelerator.state.backend else ""
+    procs = f", {n} processes" if n > 1 else ""
+    return f"{name}{over}{procs} on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}"
+
+
 def memory_gb() -> float:
     """Peak GPU memory allocated since the last log (CUDA), else this process's resident memory."""
     if torch.cuda.is_available():

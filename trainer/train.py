@@ -38,6 +38,7 @@ from trainer.checkpoint import (
     gather_lora,
     load_scheduler,
     load_trainer_state,
+    lock_run_folder,
     register_lora_only_state,
     run_shape,
     save_adapter,
@@ -50,7 +51,7 @@ from trainer.memory import apply_memory_modes, make_optimizer, offload_base_weig
 from trainer.models import get_family
 from trainer.models.base import DTYPES, ModelFamily
 from trainer.perf import apply_speed_options, batch_step_flops, device_peak_flops
-from trainer.tracking import Window, init_tracking, log_metrics, log_validation
+from trainer.tracking import Window, engine, init_tracking, log_metrics, log_validation
 
 log = logging.getLogger("vidlora.train")
 
@@ -172,9 +173,11 @@ def flow_loss(
     batch: dict[str, Any],
     recipe: Recipe,
     generators: list[torch.Generator],
+    input_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """MSE between the transformer's prediction and the flow-matching velocity target. Each sample draws
-    its timestep and noise from its own generator (one per slot of the global batch)."""
+    its timestep and noise from its own generator (one per slot of the global batch). `input_dtype`: the
+    dtype the model takes its inputs in, when it does not autocast (DeepSpeed)."""
     t = recipe.train
     latents = batch["latents"]
     sigmas, noisy, target = [], [], []
@@ -186,7 +189,8 @@ def flow_loss(
         sigmas.append(s)
         noisy.append(x)
         target.append(y)
-    pred = family.predict(transformer, torch.cat(noisy), torch.cat(sigmas).to(latents.device), batch)
+    noisy = torch.cat(noisy).to(input_dtype or latents.dtype)
+    pred = family.predict(transformer, noisy, torch.cat(sigmas).to(latents.device), batch)
     return F.mse_loss(pred.float(), torch.cat(target).float())
 
 
@@ -202,6 +206,9 @@ def make_accelerator(recipe: Recipe, run: Path, mixed_precision: str) -> Acceler
         project_dir=str(run),
         kwargs_handlers=handlers,
     )
+    check_launch(accelerator)
+    if accelerator.is_main_process:
+        print(f"vidlora train: {engine(accelerator)}", flush=True)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         configure_deepspeed(plugin, recipe)
@@ -210,6 +217,22 @@ def make_accelerator(recipe: Recipe, run: Path, mixed_precision: str) -> Acceler
     if t.block_offload and accelerator.num_processes > 1:
         raise UserError("train.block_offload is for one process (a model bigger than one GPU); use DeepSpeed ZeRO-3")
     return accelerator
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Stop a launch that would not run what it asks for, before anything is loaded or written."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise UserError(
+            f"{launched} processes were launched but each one runs alone ({accelerator.num_processes} process): "
+            "they would race on one run folder. Without GPUs, launch DDP with `ACCELERATE_USE_CPU=true "
+            "accelerate launch --multi_gpu --num_processes N ...` (docs/training.md)"
+        )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and accelerator.state.deepspeed_plugin is None:
+        raise UserError(
+            "the accelerate config asks for DeepSpeed, but ACCELERATE_USE_CPU=true (or --cpu) turns it into plain "
+            "DDP: launch DeepSpeed configs without it, also on a CPU (docs/training.md)"
+        )
 
 
 def configure_deepspeed(plugin: Any, recipe: Recipe) -> None:
@@ -241,6 +264,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     run = Path(t.output_dir)
     mixed_precision, weight_dtype = resolve_device_precision(t.mixed_precision, recipe.model.dtype)
     accelerator = make_accelerator(recipe, run, mixed_precision)
+    _lock = lock_run_folder(run) if accelerator.is_main_process else None  # held until train() returns
     deepspeed = accelerator.state.deepspeed_plugin is not None
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     set_seed(t.seed)
@@ -383,9 +407,17 @@ def forward_backward(
     slot in the global batch), so resumes and different process counts draw exactly the same numbers."""
     seed = recipe.train.seed
     torch.manual_seed(step_seed(seed, micro, accelerator.process_index))  # LoRA dropout
-    loss = flow_loss(family, transformer, batch, recipe, [step_generator(seed, micro, s) for s in slots])
+    generators = [step_generator(seed, micro, s) for s in slots]
+    loss = flow_loss(family, transformer, batch, recipe, generators, deepspeed_input_dtype(accelerator))
     accelerator.backward(loss)  # under DeepSpeed this also steps (or skips a non-finite step)
     return loss
+
+
+def deepspeed_input_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """DeepSpeed casts the whole model to bf16/fp16 and does not autocast: inputs must come in that dtype."""
+    if accelerator.state.deepspeed_plugin is None or accelerator.mixed_precision not in DTYPES:
+        return None
+    return DTYPES[accelerator.mixed_precision]
 
 
 def optimizer_step(
