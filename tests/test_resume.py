@@ -6,6 +6,8 @@ each step once. The runs use DataLoader workers and LoRA dropout, the two usual 
 from __future__ import annotations
 
 import json
+import shlex
+import shutil
 import signal
 import subprocess
 
@@ -13,7 +15,15 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, write_recipe
-from tests.training_setup import kill_group, losses, recipe_text, start_run, train_run, wait_for_step
+from tests.training_setup import (
+    kill_group,
+    launch_command,
+    losses,
+    recipe_text,
+    start_run,
+    train_run,
+    wait_for_step,
+)
 from trainer.checkpoint import KILL_IN_CHECKPOINT, latest_checkpoint, read_adapter
 
 pytestmark = pytest.mark.slow
@@ -98,17 +108,37 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_resumes_exactly(sig, reference
     workers (the whole process group). The workers must not die under the trainer before it saves."""
     recipe = make_recipe(tmp_path, prepared, "run")
     run = tmp_path / "run"
-    proc = start_run(recipe)
+    proc = start_run(recipe, "one", "--set", "train.log_every=1")
     wait_for_step(proc, run, 7)
     kill_group(proc, sig)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-3000:]
-    assert "Traceback" not in err and "interrupted: stopped at step" in err
+    assert "Traceback" not in err and "\nvidlora: interrupted: stopped at step" in err
     latest = latest_checkpoint(run / "checkpoints")
     assert latest is not None and latest.name == f"step-{max(losses(run)):06d}"  # saved at the stop step
     assert not (run / "adapter.safetensors").exists()
-    train_run(recipe, "one", "--resume")
+    # the message gives the exact command that resumes, the user's --set included: run it as printed
+    command = next(x for x in err.splitlines() if x.startswith("resume with: "))
+    assert command == f"resume with: vidlora train {recipe} --set train.log_every=1 --resume"
+    cmd, env = launch_command(recipe, "one")
+    argv = shlex.split(command.removeprefix("resume with: "))
+    subprocess.run([*cmd[:3], *argv[1:]], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
     assert_same_run(run, reference)
+
+
+def test_resume_of_a_finished_run_says_so_and_trains_nothing(reference, prepared, tmp_path):
+    run = tmp_path / "ref"
+    shutil.copytree(reference, run)
+    recipe = make_recipe(tmp_path, prepared, "ref")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    proc = train_run(recipe, "one", "--resume")
+    assert f"vidlora: {run} already finished at step {STEPS} (train.max_steps = {STEPS}): nothing to train" in (
+        proc.stdout
+    )
+    assert "Traceback" not in proc.stderr and "train:" not in proc.stderr  # no progress bar: nothing trained
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == {
+        p: t for p, t in before.items() if p.name != ".lock"
+    }
 
 
 def test_fresh_run_refuses_a_folder_with_checkpoints(reference, prepared, tmp_path):

@@ -261,13 +261,18 @@ def test_validation_videos_and_held_out_loss(validated_run, prepared, tmp_path):
     assert len(held) == 1 and not {e["source"] for e in dataset.entries} & held
     assert {e["source"] for e in dataset.heldout} == held
 
-    # fixed sigmas and noise: another run (other training seed) measures the same loss for the same weights
+    # fixed sigmas and noise: another run (other training seed) that starts from this run's final adapter
+    # measures the same loss for the same weights; its first lines say what it imported
     text = recipe.read_text().replace(str(run), str(tmp_path / "other")).replace("max_steps = 6", "max_steps = 1")
     text = text.replace('project = "vidlora-test"', "wandb = false")
     other = write_recipe(tmp_path / "other.toml", text)
-    train_run(other, "one", "--set", "train.seed=7", "--set", "validation.videos=false")
+    init = ["--set", f"lora.init_from={run / 'adapter.safetensors'}"]
+    proc = train_run(other, "one", "--set", "train.seed=7", "--set", "validation.videos=false", *init)
     first = json.loads((tmp_path / "other/metrics.jsonl").read_text().splitlines()[0])
-    assert first == {"step": 0, "val_loss": val[0]}
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(val[6], rel=1e-6)
+    assert f"  init      weights, rank, alpha and targets from lora.init_from {run / 'adapter.safetensors'}" in (
+        proc.stdout.splitlines()
+    )
 
 
 @pytest.mark.slow
@@ -289,6 +294,49 @@ def test_console_metrics_file_and_wandb_agree(validated_run):
     assert len(wandb_runs) == 1
     assert b"vidlora-test" in next(wandb_runs[0].glob("*.wandb")).read_bytes()  # project name from the recipe
     assert len(list(wandb_runs[0].rglob("media/videos/**/*.mp4"))) == 3
+
+
+@pytest.mark.slow
+def test_a_run_says_what_it_trains_each_checkpoint_and_where_everything_went(validated_run, prepared):
+    recipe, run, proc = validated_run
+    out = proc.stdout.splitlines()
+    assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr  # DeepSpeed's noise is silenced
+    # before step 1: data, batch, LoRA, plan (the figures from the cache and the recipe)
+    dataset = CachedDataset(prepared[1], holdout_clips=1)
+    shapes = {dataset.shape_key(i) for i in range(len(dataset))}
+    assert len(shapes) == 1
+    w, h, f = shapes.pop()
+    data = next(x for x in out if x.startswith("  data "))
+    assert data == (
+        f"  data      {len(dataset)} samples in 1 bucket(s) ({w}x{h}x{f} frames: {len(dataset)}); "
+        f"1 clip(s) held out for val_loss ({len(dataset.heldout)} samples)"
+    )
+    assert "  batch     1 per process x 1 process(es) x 1 accumulation = 1 samples/step" in proc.stdout
+    lora = read_adapter(run / "adapter.safetensors")[0]
+    assert f"rank 4, alpha 4 on {len(lora) // 2} modules (default): {sum(v.numel() for v in lora.values()):,} " in (
+        proc.stdout
+    )
+    assert "  steps     1 to 6 (from scratch); checkpoint every 4, validation every 3" in out
+    assert [x for x in out if x.startswith("checkpoint: ")] == [
+        f"checkpoint: {run / 'checkpoints' / name}" for name in ("step-000004", "step-000006")
+    ]
+    # the closing summary: losses and every file
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    best = min(val, key=lambda r: r["val_loss"])
+    end = out[out.index(next(x for x in out if x.startswith("done: step 6 in "))) :]
+    wandb_run = next((run / "wandb").glob("offline-run-*"))
+    for line in (
+        f"  loss          {[r for r in rows if 'loss' in r][-1]['loss']:.5f} (last logged, step 6)",
+        f"  val_loss      best {best['val_loss']:.5f} (step {best['step']}), last {val[-1]['val_loss']:.5f} (step 6)",
+        f"  vidlora       {run / 'adapter.safetensors'}",
+        f"  diffusers     {run / 'pytorch_lora_weights.safetensors'}",
+        f"  checkpoints   {run / 'checkpoints'} (latest: step-000006)",
+        f"  metrics       {run / 'metrics.jsonl'} (`vidlora plot {run}` draws it)",
+        f"  validation    {run / 'validation'} (3 videos)",
+        f"  wandb         {wandb_run} (offline: `wandb sync {wandb_run}` uploads it)",
+    ):
+        assert line in end, (line, end)
 
 
 def test_plot_draws_the_loss_curve(validated_run, tmp_path):

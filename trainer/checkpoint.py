@@ -33,6 +33,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from peft.utils import get_peft_model_state_dict
+from tqdm.auto import tqdm
 
 from data.cache import atomic_write, file_mode
 from trainer.config import Recipe, UserError
@@ -166,6 +167,7 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
         for stale in complete_checkpoints(folder)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
+        tqdm.write(f"checkpoint: {final}")
     accelerator.wait_for_everyone()
     return final
 
@@ -244,6 +246,23 @@ def check_resumable(state: dict, recipe: Recipe, world: int, deepspeed: bool) ->
     changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if saved[k] is not None and saved[k] != now[k]]
     if changed:
         log.warning("resuming with %s: the run continues, but not as the uninterrupted run would", ", ".join(changed))
+
+
+def finished(run: Path, max_steps: int, main: bool) -> bool:
+    """Whether the run already trained `max_steps` steps and wrote its final adapters: then `--resume` has
+    nothing to do, and says so (`main`: the process that does)."""
+    if not (run / ADAPTER).is_file() or not (run / "pytorch_lora_weights.safetensors").is_file():
+        return False
+    steps = int(read_adapter(run / ADAPTER)[1].get("steps") or 0)
+    if steps < max_steps:
+        return False
+    if main:
+        print(
+            f"vidlora: {run} already finished at step {steps} (train.max_steps = {max_steps}): nothing to train; "
+            "raise train.max_steps (--set train.max_steps=N) to train further",
+            flush=True,
+        )
+    return True
 
 
 def find_resume_checkpoint(run: Path, resume: str | None, main: bool = True) -> Path | None:

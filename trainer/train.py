@@ -35,6 +35,7 @@ from trainer.checkpoint import (
     ADAPTER,
     check_resumable,
     find_resume_checkpoint,
+    finished,
     gather_lora,
     load_scheduler,
     load_trainer_state,
@@ -51,7 +52,7 @@ from trainer.memory import apply_memory_modes, make_optimizer, offload_base_weig
 from trainer.models import get_family
 from trainer.models.base import DTYPES, ModelFamily
 from trainer.perf import apply_speed_options, batch_step_flops, device_peak_flops
-from trainer.tracking import Window, engine, init_tracking, log_metrics, log_validation
+from trainer.tracking import Window, engine, init_tracking, log_metrics, log_validation, report_end, report_start
 
 log = logging.getLogger("vidlora.train")
 
@@ -260,6 +261,7 @@ def configure_deepspeed(plugin: Any, recipe: Recipe) -> None:
 
 def train(recipe: Recipe, resume: str | None = None) -> Path:
     """Train and return the run folder; `resume` is a checkpoint folder or 'latest'."""
+    started = time.monotonic()
     t, v = recipe.train, recipe.validation
     run = Path(t.output_dir)
     mixed_precision, weight_dtype = resolve_device_precision(t.mixed_precision, recipe.model.dtype)
@@ -270,6 +272,8 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     set_seed(t.seed)
     family = get_family(recipe.model)
     checkpoints = run / "checkpoints"
+    if resume == "latest" and finished(run, t.max_steps, accelerator.is_main_process):
+        return run
     checkpoint = find_resume_checkpoint(run, resume, accelerator.is_main_process)
 
     dataset = CachedDataset(recipe.data.cache_dir, seed=t.seed, holdout_clips=v.holdout_clips)
@@ -327,6 +331,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         validator = Validator(recipe, family, dataset, accelerator, run)
         if v.at_start and checkpoint is None:
             log_validation(accelerator, run, validator.run(transformer, 0), 0)
+    report_start(accelerator, recipe, dataset, sampler, params, checkpoint, pos.step)
     bar = tqdm(total=t.max_steps, initial=pos.step, desc="train", disable=not accelerator.is_main_process)
     window = Window(peak_flops(accelerator))
     bad_in_row = 0
@@ -390,7 +395,8 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                 pos.epoch += 1
                 pos.batch = 0
     bar.close()
-    finish(accelerator, transformer, family, recipe, run, meta, pos.step)
+    written = finish(accelerator, transformer, family, recipe, run, meta, pos.step)
+    report_end(accelerator, run, pos, started, written)
     return run
 
 
@@ -500,18 +506,21 @@ def finish(
     run: Path,
     meta: dict,
     steps: int,
-) -> None:
+) -> list[tuple[str, Path]]:
     """Write the final adapter: canonical, diffusers (`pytorch_lora_weights.safetensors`, the name
-    `load_lora_weights` looks for in a folder) and every other format of `export.formats`."""
+    `load_lora_weights` looks for in a folder) and every other format of `export.formats`. Returns
+    (format, file) of each on the main process."""
     accelerator.wait_for_everyone()
     lora = gather_lora(accelerator, transformer)  # every rank: ZeRO-3 gathers
+    written = []
     if accelerator.is_main_process:
         from trainer.export import export_adapter, export_files
 
         save_adapter(run / ADAPTER, accelerator.unwrap_model(transformer), {**meta, "steps": steps}, lora)
         out = export_adapter(run / ADAPTER, run / "pytorch_lora_weights.safetensors", "diffusers", recipe.export.dtype)
-        print(f"adapter: {out}")
+        written = [("vidlora", run / ADAPTER), ("diffusers", out)]
         others = [f for f in recipe.export.formats if f != "diffusers"]
-        for written in export_files([run / ADAPTER], others, out_dir=run, dtype=recipe.export.dtype) if others else []:
-            print(f"adapter ({written.fmt}): {written.path}")
+        for w in export_files([run / ADAPTER], others, out_dir=run, dtype=recipe.export.dtype) if others else []:
+            written.append((w.fmt, w.path))
     accelerator.end_training()
+    return written
