@@ -357,6 +357,23 @@ def test_env_reports_versions_hardware_and_deepspeed_ops():
     assert info["deepspeed_ops"]["CPUAdamBuilder"] in ("compatible", "incompatible")
     text = run_cli("env").stdout
     assert "deepspeed" in text and "bf16" in text and "fp8 storage" in text
+    assert "Setting accelerator to CPU" not in text + run_cli("env").stderr  # DeepSpeed's import noise
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's bf16")
+def test_env_tells_whether_bf16_training_runs_on_this_cpu():
+    """The truth is what a bf16 autocast forward and backward of a LoRA-sized layer does here."""
+    layer = torch.nn.Linear(16, 16)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(torch.randn(4, 16))
+        out.float().pow(2).mean().backward()
+        runs = out.dtype == torch.bfloat16 and layer.weight.grad is not None
+    except RuntimeError:
+        runs = False
+    info = json.loads(run_cli("env", "--json").stdout)
+    assert info["bf16_supported"] == runs and info["bf16"].startswith("cpu")
+    assert f"  bf16          {'yes' if runs else 'no'} (cpu" in run_cli("env").stdout
 
 
 # --- units ------------------------------------------------------------------------------------------
