@@ -65,11 +65,8 @@ class Interrupted(Exception):
     """Ctrl-C / SIGTERM: a checkpoint was saved (unless inside a non-finite streak) and training stopped."""
 
     def __init__(self, step: int, checkpoint: Path | None, in_streak: bool) -> None:
-        if in_streak:
-            super().__init__(f"stopped at step {step} inside a non-finite streak, not saved; checkpoint: {checkpoint}")
-        else:
-            super().__init__(f"stopped at step {step}; checkpoint: {checkpoint}")
-        self.checkpoint = checkpoint
+        unsaved = " inside a non-finite streak, not saved" if in_streak else ""
+        super().__init__(f"stopped at step {step}{unsaved}; checkpoint: {checkpoint or 'none yet'}")
 
 
 @dataclass
