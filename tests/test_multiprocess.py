@@ -200,7 +200,8 @@ def test_sigterm_to_every_process_with_dataloader_workers_saves_and_resumes(ddp_
 
 def test_zero2_skips_a_nonfinite_step_on_every_rank(prepared, tmp_path):
     """A NaN in one cached sample: only the rank holding it sees a bad loss, yet both ranks skip the step
-    (one all-reduce) and DeepSpeed applies no update; the run goes on."""
+    (one all-reduce) and DeepSpeed applies no update (a NaN update would poison every later weight); no
+    checkpoint is taken at a skipped step; the run goes on."""
     model, cache = prepared
     cache = copy_cache(cache, tmp_path / "cache")
     bad = sorted((cache / "samples").rglob("*.safetensors"))[0]
@@ -214,9 +215,15 @@ def test_zero2_skips_a_nonfinite_step_on_every_rank(prepared, tmp_path):
     skipped = [r["step"] for r in rows if r["loss"] is None]
     assert len(skipped) == 2 and rows[-1]["skipped_steps"] == 2  # global batch 2 of 4 samples: once per epoch
     assert proc.stdout.count("non-finite loss") == 2  # reported by the rank that had the sample
+    for step in range(1, 5):
+        assert (run / f"checkpoints/step-{step:06d}").is_dir() == (step not in skipped), step
     for step in range(2, 5):
-        before, after = adapter_at(run, step - 1), adapter_at(run, step)
-        assert all(torch.equal(before[k], after[k]) for k in before) == (step in skipped), step
+        if step not in skipped and step - 1 not in skipped:  # a finite step updates the LoRA
+            before, after = adapter_at(run, step - 1), adapter_at(run, step)
+            assert not all(torch.equal(before[k], after[k]) for k in before), step
+    final = read_adapter(run / "adapter.safetensors")[0]
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert any(v.abs().sum() > 0 for k, v in final.items() if "lora_B" in k)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="launches that only go wrong without GPUs")
