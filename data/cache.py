@@ -28,6 +28,7 @@ TMP_SUFFIX = ".tmp"
 
 def atomic_write(path: str | Path, write: Callable[[str], None], only_if_changed: bool = False) -> bool:
     """Run `write(tmp_path)`, fsync, then rename onto `path`; the folder is fsynced so the rename sticks.
+    The file gets the mode a plain open() would give it (`file_mode`), not the temp file's 0600.
 
     only_if_changed: leave `path` (and its mtime) alone when the new bytes equal the old ones.
     Returns whether `path` was written. Temp files are named `.<name>.*.tmp` (see `remove_temp_files`).
@@ -41,6 +42,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None], only_if_changed
         if only_if_changed and path.is_file() and filecmp.cmp(tmp, path, shallow=False):
             Path(tmp).unlink()
             return False
+        os.chmod(tmp, file_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -53,6 +55,21 @@ def atomic_write(path: str | Path, write: Callable[[str], None], only_if_changed
     finally:
         os.close(dir_fd)
     return True
+
+
+def file_mode() -> int:
+    """The mode a plain open() gives a new file (0666 & ~umask). Files must get it, so that another user
+    (a ComfyUI service, a teammate) can read them: mkstemp and safetensors create 0600 files."""
+    try:
+        umask = next(
+            int(line.split()[1], 8)
+            for line in Path("/proc/self/status").read_text().splitlines()
+            if line.startswith("Umask:")
+        )
+    except (OSError, StopIteration):  # no /proc (macOS): read it by setting it (not thread-safe, instant)
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def remove_temp_files(folder: str | Path, recursive: bool = True) -> int:

@@ -1,6 +1,7 @@
 """Real 2-process launches on the CPU: DDP (gloo) and DeepSpeed ZeRO-2/3 train, checkpoint, resume and
 export; N processes with batch size B match one process with batch size N x B; SIGKILL of the whole
-launch (the rank processes, not just the launcher) resumes bit for bit.
+launch (the rank processes, not just the launcher) resumes bit for bit, and so does Slurm's SIGTERM to
+every process with DataLoader workers on.
 
 Tolerance: the 2-process runs reduce gradients in another order than one process sums a batch, so they
 match one process to float32 rounding, amplified a little by Adam: losses within 1e-5 relative; after 8
@@ -11,7 +12,7 @@ within 1e-3 of its norm. Runs of the same launch mode match exactly.
 from __future__ import annotations
 
 import json
-import time
+import signal
 
 import pytest
 import torch
@@ -21,15 +22,16 @@ from data.cache import load_entry, read_meta, save_entry
 from tests.conftest import ROOT, write_recipe
 from tests.training_setup import (
     copy_cache,
-    group_alive,
-    kill_group,
+    job_processes,
     losses,
     recipe_text,
+    signal_job,
     start_run,
     train_run,
     wait_for_step,
+    wait_job,
 )
-from trainer.checkpoint import read_adapter
+from trainer.checkpoint import latest_checkpoint, read_adapter
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -64,6 +66,7 @@ def ddp_reference(tmp_path_factory, prepared):
     recipe = per_rank_recipe(tmp, prepared, "ref", REFERENCE_STEPS, 1)
     proc = train_run(recipe, "ddp")
     assert proc.stdout.count("run: ") == 1  # the ranks print and save once
+    assert "vidlora train: DDP over gloo, 2 processes on cpu, mixed precision no" in proc.stdout
     return tmp, recipe, tmp / "ref"
 
 
@@ -130,11 +133,14 @@ def test_ddp_and_deepspeed_match_one_process_and_export(ddp_reference, prepared,
     assert loaded and all(p.abs().sum() > 0 for p in loaded.values())
 
 
-def test_zero2_resumes_exactly(ddp_reference, prepared, tmp_path):
+def test_zero2_in_bf16_resumes_exactly(ddp_reference, prepared, tmp_path):
     """Resume a DeepSpeed run from an earlier checkpoint: the newer one is set aside, the steps after the
-    checkpoint repeat exactly."""
+    checkpoint repeat exactly. In bf16, the shipped recipes' precision: DeepSpeed casts the whole model to
+    bf16 and does not autocast, so the trainer feeds it bf16 inputs (fp32 ones crashed at step 1)."""
     recipe = per_rank_recipe(tmp_path, prepared, "z2", COMPARE_STEP, 1)
-    train_run(recipe, ZERO2)
+    write_recipe(recipe, recipe.read_text().replace('mixed_precision = "no"', 'mixed_precision = "bf16"'))
+    proc = train_run(recipe, ZERO2)
+    assert "vidlora train: DeepSpeed ZeRO-2 over gloo, 2 processes on cpu, mixed precision bf16" in proc.stdout
     run = tmp_path / "z2"
     first = losses(run)
     first_adapter = adapter_at(run, COMPARE_STEP)
@@ -145,6 +151,15 @@ def test_zero2_resumes_exactly(ddp_reference, prepared, tmp_path):
     assert all(torch.equal(again[k], first_adapter[k]) for k in first_adapter)
 
 
+def resume_matches_reference(recipe, run, reference):
+    train_run(recipe, "ddp", "--resume")
+    got, want = losses(run), losses(reference)
+    assert sorted(got) == list(range(1, REFERENCE_STEPS + 1))
+    assert got == want  # every step, before and after the stop, bit for bit
+    a, b = read_adapter(run / "adapter.safetensors")[0], read_adapter(reference / "adapter.safetensors")[0]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 def test_sigkill_ranks_mid_run_then_resume_is_exact(ddp_reference, tmp_path):
     src, recipe, reference = ddp_reference
     text = recipe.read_text().replace(str(reference), str(tmp_path / "run"))
@@ -152,27 +167,41 @@ def test_sigkill_ranks_mid_run_then_resume_is_exact(ddp_reference, tmp_path):
     run = tmp_path / "run"
     proc = start_run(recipe, "ddp")
     killed_at = wait_for_step(proc, run, 10)
-    kill_group(proc)
-    proc.wait(timeout=60)
-    for _ in range(100):  # every rank and worker is gone, none keeps training
-        if not group_alive(proc.pid):
-            break
-        time.sleep(0.05)
-    assert not group_alive(proc.pid)
+    job = job_processes(proc)
+    signal_job(job, signal.SIGKILL)
+    wait_job(job, 60)  # every rank and worker is gone, none keeps training
     assert killed_at < REFERENCE_STEPS
     assert not (run / "adapter.safetensors").exists()
+    resume_matches_reference(recipe, run, reference)
 
-    train_run(recipe, "ddp", "--resume")
-    got, want = losses(run), losses(reference)
-    assert sorted(got) == list(range(1, REFERENCE_STEPS + 1))
-    assert got == want  # every step, before and after the kill, bit for bit
-    a, b = read_adapter(run / "adapter.safetensors")[0], read_adapter(reference / "adapter.safetensors")[0]
-    assert all(torch.equal(a[k], b[k]) for k in b)
+
+def test_sigterm_to_every_process_with_dataloader_workers_saves_and_resumes(ddp_reference, tmp_path):
+    """Slurm's time-limit SIGTERM reaches every process of the job: the launcher, the ranks and their
+    DataLoader workers, and torchrun forwards it to the ranks again. Both ranks save the step they stop
+    at. Workers only load data, so the reference (no workers) is the uninterrupted run."""
+    _, recipe, reference = ddp_reference
+    text = recipe.read_text().replace(str(reference), str(tmp_path / "run"))
+    assert "dataloader_workers = 0" in text
+    recipe = write_recipe(tmp_path / "r.toml", text.replace("dataloader_workers = 0", "dataloader_workers = 2"))
+    run = tmp_path / "run"
+    proc = start_run(recipe, "ddp")
+    wait_for_step(proc, run, 6)
+    job = job_processes(proc)
+    assert len(job) >= 7  # launcher, 2 ranks, 2 workers each
+    signal_job(job, signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    wait_job(job)
+    assert "killed by signal" not in err and "interrupted: stopped at step" in err, err[-3000:]
+    stopped = max(losses(run))
+    assert stopped < REFERENCE_STEPS and latest_checkpoint(run / "checkpoints").name == f"step-{stopped:06d}"
+    assert not (run / "adapter.safetensors").exists()
+    resume_matches_reference(recipe, run, reference)
 
 
 def test_zero2_skips_a_nonfinite_step_on_every_rank(prepared, tmp_path):
     """A NaN in one cached sample: only the rank holding it sees a bad loss, yet both ranks skip the step
-    (one all-reduce) and DeepSpeed applies no update; the run goes on."""
+    (one all-reduce) and DeepSpeed applies no update (a NaN update would poison every later weight); no
+    checkpoint is taken at a skipped step; the run goes on."""
     model, cache = prepared
     cache = copy_cache(cache, tmp_path / "cache")
     bad = sorted((cache / "samples").rglob("*.safetensors"))[0]
@@ -186,6 +215,27 @@ def test_zero2_skips_a_nonfinite_step_on_every_rank(prepared, tmp_path):
     skipped = [r["step"] for r in rows if r["loss"] is None]
     assert len(skipped) == 2 and rows[-1]["skipped_steps"] == 2  # global batch 2 of 4 samples: once per epoch
     assert proc.stdout.count("non-finite loss") == 2  # reported by the rank that had the sample
+    for step in range(1, 5):
+        assert (run / f"checkpoints/step-{step:06d}").is_dir() == (step not in skipped), step
     for step in range(2, 5):
-        before, after = adapter_at(run, step - 1), adapter_at(run, step)
-        assert all(torch.equal(before[k], after[k]) for k in before) == (step in skipped), step
+        if step not in skipped and step - 1 not in skipped:  # a finite step updates the LoRA
+            before, after = adapter_at(run, step - 1), adapter_at(run, step)
+            assert not all(torch.equal(before[k], after[k]) for k in before), step
+    final = read_adapter(run / "adapter.safetensors")[0]
+    assert all(torch.isfinite(v).all() for v in final.values())
+    assert any(v.abs().sum() > 0 for k, v in final.items() if "lora_B" in k)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="launches that only go wrong without GPUs")
+def test_launches_that_would_not_run_what_they_ask_for_stop_before_writing(prepared, tmp_path):
+    """Without GPUs, the multi-GPU config starts unconnected processes that would race on one run folder,
+    and ACCELERATE_USE_CPU=true silently turns a DeepSpeed config into plain DDP: both stop at once."""
+    recipe = per_rank_recipe(tmp_path, prepared, "run", 2, 1)
+    proc = train_run(recipe, str(ROOT / "recipes/accelerate/multi_gpu.yaml"), check=False)
+    assert proc.returncode != 0
+    assert "2 processes were launched but each one runs alone (1 process)" in proc.stderr
+    assert "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu" in proc.stderr
+    proc = train_run(recipe, ZERO2, check=False, env={"ACCELERATE_USE_CPU": "true"})
+    assert proc.returncode != 0
+    assert "asks for DeepSpeed, but ACCELERATE_USE_CPU=true (or --cpu) turns it into plain DDP" in proc.stderr
+    assert not (tmp_path / "run").exists()

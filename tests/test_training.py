@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ from data.dataset import BucketBatchSampler, CachedDataset, holdout_sources
 from data.media import probe
 from tests.conftest import ROOT, run_cli, train_capturing, write_recipe
 from tests.training_setup import copy_cache, losses, recipe_text, train_run
-from trainer.checkpoint import latest_checkpoint, read_adapter
+from trainer.checkpoint import latest_checkpoint, lock_run_folder, read_adapter
 from trainer.config import UserError, load_recipe
 from trainer.memory import parameter_bytes
 from trainer.tracking import FORMATS
@@ -60,6 +61,7 @@ def test_nan_in_a_cached_sample_skips_its_steps(prepared, tmp_path):
     corrupt(bad)
     recipe = write_recipe(tmp_path / "r.toml", recipe_text(model, cache, tmp_path / "run", 8, checkpoint_every=1))
     proc = train_run(recipe)
+    assert "vidlora train: single process on cpu, mixed precision no" in proc.stdout.splitlines()[0]
     run = tmp_path / "run"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     skipped = [
@@ -74,12 +76,28 @@ def test_nan_in_a_cached_sample_skips_its_steps(prepared, tmp_path):
     def adapter(step):
         return read_adapter(run / f"checkpoints/step-{step:06d}/adapter.safetensors")[0]
 
+    for step in range(1, 9):  # checkpoint_every = 1, but never a state inside a non-finite streak
+        assert (run / f"checkpoints/step-{step:06d}").is_dir() == (step not in skipped), step
     for step in range(2, 9):
-        before, after = adapter(step - 1), adapter(step)
-        unchanged = all(torch.equal(before[k], after[k]) for k in before)
-        assert unchanged == (step in skipped), step  # skipped steps leave the LoRA as it was
+        if step not in skipped and step - 1 not in skipped:  # a finite step updates the LoRA
+            before, after = adapter(step - 1), adapter(step)
+            assert not all(torch.equal(before[k], after[k]) for k in before), step
+    # a skipped step leaves the LoRA as it was: the same run stopped right after it ends with the weights
+    # of the step before
+    step = next(s for s in skipped if s > 1 and s - 1 not in skipped)
+    short = tmp_path / "short"
+    train_run(recipe, "one", "--set", f"train.max_steps={step}", "--set", f"train.output_dir={short}")
+    final, before = read_adapter(short / "adapter.safetensors")[0], adapter(step - 1)
+    assert all(torch.equal(final[k], before[k]) for k in before)
     final = read_adapter(run / "adapter.safetensors")[0]
     assert all(torch.isfinite(v).all() for v in final.values())
+
+
+def error_line(stderr: str) -> str:
+    """The `vidlora: error:` line, which must start a line of its own (not follow the progress bar)."""
+    lines = [line for line in stderr.split("\n") if "vidlora: error:" in line]
+    assert len(lines) == 1 and lines[0].startswith("vidlora: error: "), lines
+    return lines[0]
 
 
 @pytest.mark.slow
@@ -96,10 +114,64 @@ def test_nonfinite_steps_in_a_row_abort_with_the_checkpoint_intact(prepared, tmp
         recipe, "one", "--resume", "--set", "train.max_steps=20", "--set", "train.max_nonfinite_in_row=3", check=False
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "vidlora: error: 3 steps in a row had a non-finite loss or gradient (last at step 7)" in proc.stderr
-    assert "step-000004 is intact" in proc.stderr and "Traceback" not in proc.stderr
+    line = error_line(proc.stderr)
+    assert line.startswith("vidlora: error: 3 steps in a row (5-7) had a non-finite loss or gradient")
+    assert f"no checkpoint is known good: {checkpoints / 'step-000004'}, the last one, went straight" in line
+    assert "Traceback" not in proc.stderr
     assert tree_hash(checkpoints) == before
     assert latest_checkpoint(checkpoints).name == "step-000004"
+
+
+@pytest.mark.slow
+def test_a_nonfinite_streak_names_a_good_checkpoint_that_resumes_cleanly(prepared, tmp_path):
+    """A learning rate that blows the LoRA up (|w| ~ 1e30 after one step, then inf): the following steps
+    are skipped, no checkpoint is written inside the streak, and the abort names the last checkpoint whose
+    weights still gave a finite step, not the one holding the blown-up weights. Resumed from it with the
+    recipe's learning rate, the run finishes cleanly."""
+    model, cache = prepared
+    recipe = write_recipe(tmp_path / "r.toml", recipe_text(model, cache, tmp_path / "run", 4, checkpoint_every=2))
+    train_run(recipe)
+    checkpoints = tmp_path / "run/checkpoints"
+    before = tree_hash(checkpoints)
+    blow_up = [
+        "--set",
+        "train.learning_rate=1e30",
+        "--set",
+        "train.max_nonfinite_in_row=3",
+        "--set",
+        "train.max_steps=20",
+    ]
+    proc = train_run(recipe, "one", "--resume", *blow_up, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "resuming with train.learning_rate 1e+30" in proc.stderr  # the recipe's rate wins over the saved one
+    named = checkpoints / "step-000004"  # its weights gave the finite step 5, whose update blew them up
+    line = error_line(proc.stderr)
+    assert line.startswith("vidlora: error: 3 steps in a row (6-8)") and f"last good checkpoint is {named} " in line
+    assert tree_hash(checkpoints) == before  # nothing written during the streak (step 6 and 8 were due)
+
+    train_run(recipe, "one", "--resume", str(named), "--set", "train.max_steps=8")
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert all(r["loss"] is not None and r["skipped_steps"] == 0 for r in rows)
+    final = read_adapter(tmp_path / "run/adapter.safetensors")[0]
+    assert max(v.abs().max().item() for v in final.values()) < 1.0
+
+
+@pytest.mark.slow
+def test_a_second_trainer_on_a_run_folder_in_use_stops(prepared, tmp_path):
+    """One trainer per run folder: a job submitted twice, or ranks of an earlier launch still running,
+    would interleave checkpoints and metrics. Here this test's process holds the folder."""
+    model, cache = prepared
+    recipe = write_recipe(tmp_path / "r.toml", recipe_text(model, cache, tmp_path / "run", 2))
+    lock = lock_run_folder(tmp_path / "run")
+    try:
+        proc = train_run(recipe, check=False)
+    finally:
+        lock.close()
+    assert proc.returncode == 2
+    line = error_line(proc.stderr)
+    assert f"{tmp_path / 'run'}: vidlora train (pid {os.getpid()} on " in line and "is training into" in line
+    assert not (tmp_path / "run/recipe.toml").exists()
 
 
 # --- memory modes -----------------------------------------------------------------------------------
@@ -177,15 +249,20 @@ def test_validation_videos_and_held_out_loss(validated_run, prepared, tmp_path):
     assert len(held) == 1 and not {e["source"] for e in dataset.entries} & held
     assert {e["source"] for e in dataset.heldout} == held
 
-    # fixed sigmas and noise: another run (other training seed) measures the same loss for the same weights
+    # fixed sigmas and noise: another run (other training seed) that starts from this run's final adapter
+    # measures the same loss for the same weights; its first lines say what it imported
     text = recipe.read_text().replace(str(run), str(tmp_path / "other")).replace("max_steps = 6", "max_steps = 1")
     text = text.replace('project = "vidlora-test"', "wandb = false")
     other = write_recipe(tmp_path / "other.toml", text)
-    train_run(other, "one", "--set", "train.seed=7", "--set", "validation.videos=false")
+    init = ["--set", f"lora.init_from={run / 'adapter.safetensors'}"]
+    proc = train_run(other, "one", "--set", "train.seed=7", "--set", "validation.videos=false", *init)
     first = json.loads((tmp_path / "other/metrics.jsonl").read_text().splitlines()[0])
-    assert first == rows[0] and first["step"] == 0 and first["val_loss"] == val[0]
+    assert first["step"] == 0 and first["val_loss"] == pytest.approx(val[6], rel=1e-6)
     sigmas = load_recipe(recipe).validation.loss_sigmas  # and per noise level, each measured at every sigma
     assert {f"val_loss_sigma_{s:g}" for s in sigmas} <= set(first)
+    assert f"  init      weights, rank, alpha and targets from lora.init_from {run / 'adapter.safetensors'}" in (
+        proc.stdout.splitlines()
+    )
 
 
 @pytest.mark.slow
@@ -209,6 +286,49 @@ def test_console_metrics_file_and_wandb_agree(validated_run):
     assert len(list(wandb_runs[0].rglob("media/videos/**/*.mp4"))) == 3
 
 
+@pytest.mark.slow
+def test_a_run_says_what_it_trains_each_checkpoint_and_where_everything_went(validated_run, prepared):
+    recipe, run, proc = validated_run
+    out = proc.stdout.splitlines()
+    assert "Setting accelerator to CPU" not in proc.stdout + proc.stderr  # DeepSpeed's noise is silenced
+    # before step 1: data, batch, LoRA, plan (the figures from the cache and the recipe)
+    dataset = CachedDataset(prepared[1], holdout_clips=1)
+    shapes = {dataset.shape_key(i) for i in range(len(dataset))}
+    assert len(shapes) == 1
+    w, h, f = shapes.pop()
+    data = next(x for x in out if x.startswith("  data "))
+    assert data == (
+        f"  data      {len(dataset)} samples in 1 bucket(s) ({w}x{h}x{f} frames: {len(dataset)}); "
+        f"1 clip(s) held out for val_loss ({len(dataset.heldout)} samples)"
+    )
+    assert "  batch     1 per process x 1 process(es) x 1 accumulation = 1 samples/step" in proc.stdout
+    lora = read_adapter(run / "adapter.safetensors")[0]
+    assert f"rank 4, alpha 4 on {len(lora) // 2} modules (default): {sum(v.numel() for v in lora.values()):,} " in (
+        proc.stdout
+    )
+    assert "  steps     1 to 6 (from scratch); checkpoint every 4, validation every 3" in out
+    assert [x for x in out if x.startswith("checkpoint: ")] == [
+        f"checkpoint: {run / 'checkpoints' / name}" for name in ("step-000004", "step-000006")
+    ]
+    # the closing summary: losses and every file
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    best = min(val, key=lambda r: r["val_loss"])
+    end = out[out.index(next(x for x in out if x.startswith("done: step 6 in "))) :]
+    wandb_run = next((run / "wandb").glob("offline-run-*"))
+    for line in (
+        f"  loss          {[r for r in rows if 'loss' in r][-1]['loss']:.5f} (last logged, step 6)",
+        f"  val_loss      best {best['val_loss']:.5f} (step {best['step']}), last {val[-1]['val_loss']:.5f} (step 6)",
+        f"  vidlora       {run / 'adapter.safetensors'}",
+        f"  diffusers     {run / 'pytorch_lora_weights.safetensors'}",
+        f"  checkpoints   {run / 'checkpoints'} (latest: step-000006)",
+        f"  metrics       {run / 'metrics.jsonl'} (`vidlora plot {run}` draws it)",
+        f"  validation    {run / 'validation'} (3 videos)",
+        f"  wandb         {wandb_run} (offline: `wandb sync {wandb_run}` uploads it)",
+    ):
+        assert line in end, (line, end)
+
+
 def test_plot_draws_the_loss_curve(validated_run, tmp_path):
     _, run, _ = validated_run
     proc = run_cli("plot", run, "--out", tmp_path / "loss.png")
@@ -227,6 +347,23 @@ def test_env_reports_versions_hardware_and_deepspeed_ops():
     assert info["deepspeed_ops"]["CPUAdamBuilder"] in ("compatible", "incompatible")
     text = run_cli("env").stdout
     assert "deepspeed" in text and "bf16" in text and "fp8 storage" in text
+    assert "Setting accelerator to CPU" not in text + run_cli("env").stderr  # DeepSpeed's import noise
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's bf16")
+def test_env_tells_whether_bf16_training_runs_on_this_cpu():
+    """The truth is what a bf16 autocast forward and backward of a LoRA-sized layer does here."""
+    layer = torch.nn.Linear(16, 16)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(torch.randn(4, 16))
+        out.float().pow(2).mean().backward()
+        runs = out.dtype == torch.bfloat16 and layer.weight.grad is not None
+    except RuntimeError:
+        runs = False
+    info = json.loads(run_cli("env", "--json").stdout)
+    assert info["bf16_supported"] == runs and info["bf16"].startswith("cpu")
+    assert f"  bf16          {'yes' if runs else 'no'} (cpu" in run_cli("env").stdout
 
 
 # --- units ------------------------------------------------------------------------------------------

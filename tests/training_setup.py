@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +13,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 from data import media, synth
 from tests.conftest import ROOT, cli_env, run_cli, write_recipe
@@ -151,17 +154,28 @@ def last_step(run: Path) -> int:
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    """Signal the launcher, its rank processes and their workers (SIGKILL to `accelerate launch` alone
-    leaves the ranks training)."""
+    """Signal the run's process group, as a terminal's Ctrl-C does: `vidlora train` and its DataLoader
+    workers (under `accelerate launch`, only the launcher: see job_processes)."""
     os.killpg(proc.pid, sig)
 
 
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
+def job_processes(proc: subprocess.Popen) -> list:
+    """The launcher and every process under it: what Slurm signals (the whole job step). torchrun starts
+    each rank in its own session, so the launcher's process group does not reach the ranks."""
+    root = psutil.Process(proc.pid)
+    return [root, *root.children(recursive=True)]
+
+
+def signal_job(processes: list, sig: int) -> None:
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(sig)
+
+
+def wait_job(processes: list, timeout: float = 300) -> None:
+    """Until every process of the job has exited (a rank still saving must not race the next launch)."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout)
+    assert not alive, f"still running after {timeout} s: {alive}"
 
 
 def losses(run: Path) -> dict[int, float]:

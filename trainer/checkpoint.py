@@ -2,6 +2,7 @@
 
     RUN/recipe.toml               the resolved recipe
     RUN/env.json                  `vidlora env --json` of the machine, written at every start
+    RUN/.lock                     held by the training process (one trainer per folder)
     RUN/metrics.jsonl             one line per logged step (cut back to the checkpoint step on resume)
     RUN/checkpoints/step-000250/  accelerate state: LoRA weights only, optimizer, RNG of every rank
                                   (under DeepSpeed: its own files, frozen base excluded)
@@ -23,18 +24,22 @@ with `weights_only=True` (DeepSpeed's own checkpoint files are read by DeepSpeed
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from peft.utils import get_peft_model_state_dict
+from tqdm.auto import tqdm
 
-from data.cache import atomic_write, write_json
+from data.cache import atomic_write, file_mode, write_json
 from trainer.config import Recipe, UserError
 from trainer.env import collect
 from trainer.formats import alphas_from_model, load_lora, save_lora
@@ -190,6 +195,7 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
         for stale in complete_checkpoints(folder)[:-keep]:
             shutil.rmtree(stale, ignore_errors=True)
+        tqdm.write(f"checkpoint: {final}")
     accelerator.wait_for_everyone()
     return final
 
@@ -215,7 +221,11 @@ def set_aside_newer(folder: Path, step: int) -> list[Path]:
 
 
 def _fsync_tree(root: Path) -> None:
+    """fsync every file and folder; files get the mode open() gives (accelerate's safetensors are 0600)."""
+    mode = file_mode()
     for path in [*root.rglob("*"), root]:
+        if path.is_file():
+            os.chmod(path, mode)
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -225,6 +235,20 @@ def _fsync_tree(root: Path) -> None:
 
 def load_trainer_state(checkpoint: Path) -> dict:
     return json.loads((checkpoint / STATE).read_text(encoding="utf-8"))
+
+
+def load_scheduler(scheduler: Any, state: dict, learning_rate: float) -> None:
+    """Restore the LR schedule's position. Its saved base learning rate would silently win over the
+    recipe's, so a lowered train.learning_rate (say after a non-finite streak) would do nothing: the
+    recipe's applies from the first resumed step."""
+    scheduler.load_state_dict(state)
+    if all(lr == learning_rate for lr in scheduler.base_lrs):
+        return
+    log.warning("resuming with train.learning_rate %g (the checkpoint had %g)", learning_rate, scheduler.base_lrs[0])
+    scheduler.base_lrs = [learning_rate] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = learning_rate, learning_rate * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
 def run_shape(recipe: Recipe, world: int, deepspeed: bool) -> dict[str, Any]:
@@ -252,7 +276,28 @@ def check_resumable(state: dict, recipe: Recipe, world: int, deepspeed: bool) ->
         log.warning("resuming with %s: the run continues, but not as the uninterrupted run would", ", ".join(changed))
 
 
-def find_resume_checkpoint(run: Path, resume: str | None) -> Path | None:
+def finished(run: Path, max_steps: int, main: bool) -> bool:
+    """Whether the run already trained `max_steps` steps and wrote its final adapters: then `--resume` has
+    nothing to do, and says so (`main`: the process that does)."""
+    adapters = sorted(run.glob("adapter*.safetensors"))  # one, or one per expert
+    if not adapters or not list(run.glob("pytorch_lora_weights*.safetensors")):
+        return False
+    steps = min(int(read_adapter(a)[1].get("steps") or 0) for a in adapters)
+    if steps < max_steps:
+        return False
+    if main:
+        print(
+            f"vidlora: {run} already finished at step {steps} (train.max_steps = {max_steps}): nothing to train; "
+            "raise train.max_steps (--set train.max_steps=N) to train further",
+            flush=True,
+        )
+    return True
+
+
+def find_resume_checkpoint(run: Path, resume: str | None, main: bool = True) -> Path | None:
+    """The checkpoint to resume from: `resume` is a folder or 'latest'. With 'latest' and no complete
+    checkpoint (a kill before or inside the first save), the run starts fresh: a requeued job that always
+    passes --resume must not fail forever. `main`: the process that says so."""
     checkpoints = run / "checkpoints"
     if not resume:
         done = complete_checkpoints(checkpoints)
@@ -261,31 +306,59 @@ def find_resume_checkpoint(run: Path, resume: str | None) -> Path | None:
                 f"{checkpoints} already holds {done[-1].name}: resume with --resume, or choose another train.output_dir"
             )
         return None
-    checkpoint = latest_checkpoint(checkpoints) if resume == "latest" else Path(resume)
-    if checkpoint is None:
-        raise FileNotFoundError(f"{checkpoints}: no complete checkpoint to resume from")
-    if not (checkpoint / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a complete vidlora checkpoint (no trainer_state.json)")
+    if resume != "latest":
+        if not (Path(resume) / STATE).is_file():
+            raise FileNotFoundError(f"{resume}: not a complete vidlora checkpoint (no {STATE})")
+        return Path(resume)
+    checkpoint = latest_checkpoint(checkpoints)
+    if checkpoint is None and main:
+        partial = " (a partial one from a killed save is removed)" if any(checkpoints.glob(".tmp-step-*")) else ""
+        log.warning("--resume: no complete checkpoint in %s%s: starting from step 0", checkpoints, partial)
     return checkpoint
+
+
+def lock_run_folder(run: Path) -> IO[str]:
+    """Hold RUN/.lock while training: a second trainer on the same folder (a job submitted twice, ranks of
+    an earlier launch still running) would interleave checkpoints and metrics. A POSIX lock: it goes with
+    the process (even on SIGKILL), forked DataLoader workers do not hold it, and it works over NFS.
+    Filesystems that cannot lock are not locked."""
+    run.mkdir(parents=True, exist_ok=True)
+    f = open(run / ".lock", "a+", encoding="utf-8")  # noqa: SIM115 (kept open: it holds the lock)
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            return f
+        f.seek(0)
+        owner = f.read().strip() or "another process"
+        f.close()
+        raise UserError(
+            f"{run}: {owner} is training into this folder; wait for it to end or choose another train.output_dir"
+        ) from None
+    f.truncate(0)
+    f.write(f"vidlora train (pid {os.getpid()} on {socket.gethostname()})")
+    f.flush()
+    return f
 
 
 def start_run_folder(run: Path, recipe: Recipe, checkpoint: Path | None, step: int) -> None:
     """Write the recipe and the environment (`vidlora env`, for `vidlora report`); on resume, drop what happened after
-    the checkpoint (metrics, newer checkpoints)."""
+    the checkpoint (metrics, newer checkpoints); on a fresh start, what an earlier attempt in this folder logged (its
+    metrics and wandb run)."""
     run.mkdir(parents=True, exist_ok=True)
     (run / "recipe.toml").write_text(recipe.to_toml(), encoding="utf-8")
     write_json(run / "env.json", collect(check_ops=False))
     remove_partial(run / "checkpoints")
+    metrics = run / "metrics.jsonl"
     if checkpoint is None:
+        metrics.unlink(missing_ok=True)
+        (run / "wandb_id").unlink(missing_ok=True)
         return
     for moved in set_aside_newer(run / "checkpoints", step):
         log.warning("resuming from step %d: newer checkpoint moved to %s", step, moved)
-    metrics = run / "metrics.jsonl"
     if metrics.is_file():
         kept = [line for line in metrics.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         text = "".join(line + "\n" for line in kept)
-        from data.cache import atomic_write
-
         atomic_write(metrics, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in (
-        "bitsandbytes",
+        "bitsandbytes",  # e.g. its CPU kernel line on import
         "DeepSpeed",
         "deepspeed",
         "httpx",
@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         "accelerate.accelerator",
     ):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # DeepSpeed resets its logger's level on import, then says it picked the CPU on every command that imports it
+    logging.getLogger("DeepSpeed").addFilter(lambda r: not r.getMessage().startswith("Setting accelerator to CPU"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from data.discover import DiscoveryError
     from trainer.config import UserError
@@ -280,8 +282,17 @@ def main(argv: list[str] | None = None) -> int:
 
         if not isinstance(e, Interrupted):
             raise
-        print(f"vidlora: interrupted: {e}; resume with `vidlora train RECIPE --resume`", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"vidlora: interrupted: {e}\nresume with: {resume_command(args)}", file=sys.stderr)
         return 130
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that continues an interrupted run: the same recipe and --set overrides, plus --resume."""
+    command = ["train", args.recipe, *[x for o in args.overrides for x in ("--set", o)], "--resume"]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"accelerate launch <the same options> -m trainer.cli {shlex.join(command)}"
+    return f"vidlora {shlex.join(command)}"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """`vidlora env`: what a bug report needs, in one paste: versions, GPUs and their memory, what the
-hardware supports (bf16, fp8), and whether DeepSpeed's ops can be built here."""
+hardware supports (bf16 on the GPU or the CPU, fp8), and whether DeepSpeed's ops can be built here."""
 
 from __future__ import annotations
 
@@ -56,6 +56,30 @@ def gpus() -> list[dict[str, Any]]:
     return out
 
 
+def bf16_support() -> tuple[bool, str]:
+    """Whether bf16 training runs here, and where: on the GPU if it has bf16, else on the CPU, which always
+    runs it (natively with AVX512-BF16 or AMX, otherwise emulated and slow)."""
+    import torch
+
+    if torch.cuda.is_available():
+        ok = torch.cuda.is_bf16_supported()
+        return ok, "cuda" if ok else "cuda: this GPU has no bf16"
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.functional.linear(torch.ones(2, 8), torch.ones(4, 8)).sum().item()
+    except RuntimeError as e:
+        return False, f"cpu: {str(e).splitlines()[0]}"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((set(line.split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return True, "cpu"
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    if native:
+        return True, f"cpu, native ({', '.join(native)})"
+    return True, "cpu, emulated and slow: no avx512_bf16 or amx_bf16"
+
+
 def deepspeed_ops(build: bool = False) -> dict[str, str]:
     """Per op: compatible / incompatible / built (when `build`): DeepSpeed JIT-compiles ops on first use."""
     try:
@@ -90,6 +114,7 @@ def collect(build_ops: bool = False, check_ops: bool = True) -> dict[str, Any]:
     """Everything `vidlora env` prints; `check_ops=False` skips DeepSpeed's op check (an import of ~1 s)."""
     import torch
 
+    bf16 = bf16_support()
     info: dict[str, Any] = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -101,7 +126,8 @@ def collect(build_ops: bool = False, check_ops: bool = True) -> dict[str, Any]:
         "nvcc": shutil.which("nvcc"),
         "ninja": shutil.which("ninja"),
         "gpus": gpus(),
-        "bf16_supported": torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        "bf16_supported": bf16[0],
+        "bf16": bf16[1],
         "fp8_storage": hasattr(torch, "float8_e4m3fn"),
         "deepspeed_ops": deepspeed_ops(build_ops) if check_ops and version("deepspeed") != "not installed" else {},
         "env": {
@@ -134,7 +160,7 @@ def format_report(info: dict[str, Any]) -> str:
             )
     else:
         lines.append("  gpus          none")
-    lines.append(f"  bf16          {'yes' if info['bf16_supported'] else 'no'}")
+    lines.append(f"  bf16          {'yes' if info['bf16_supported'] else 'no'} ({info['bf16']})")
     lines.append(f"  fp8 storage   {'yes' if info['fp8_storage'] else 'no'} (train.fp8_base)")
     lines.append(f"  nvcc / ninja  {info['nvcc'] or 'not found'} / {info['ninja'] or 'not found'}")
     if info["deepspeed_ops"]:

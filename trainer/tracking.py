@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 from trainer.config import Recipe
 
 if TYPE_CHECKING:
+    from data.dataset import BucketBatchSampler, CachedDataset
     from trainer.train import Position
 
 FORMATS = {
@@ -104,6 +106,84 @@ class Window:
         self.expert_loss = {}
         self.start, self.loss_sum, self.loss_n, self.samples, self.steps, self.flops = now, 0.0, 0.0, 0.0, 0.0, 0.0
         return logs
+
+
+def engine(accelerator: Accelerator) -> str:
+    """What really runs (launch flags and environment variables can silently change it)."""
+    n = accelerator.num_processes
+    plugin = accelerator.state.deepspeed_plugin
+    name = f"DeepSpeed ZeRO-{plugin.zero_stage}" if plugin else ("DDP" if n > 1 else "single process")
+    over = f" over {accelerator.state.backend}" if n > 1 and accelerator.state.backend else ""
+    procs = f", {n} processes" if n > 1 else ""
+    return f"{name}{over}{procs} on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}"
+
+
+def report_start(
+    accelerator: Accelerator,
+    recipe: Recipe,
+    dataset: CachedDataset,
+    sampler: BucketBatchSampler,
+    params: list[torch.Tensor],
+    checkpoint: Path | None,
+    step: int,
+) -> None:
+    """Before step 1: what trains on what, in which batches, and where it starts from."""
+    if not accelerator.is_main_process:
+        return
+    t, lora, v = recipe.train, recipe.lora, recipe.validation
+    shapes = Counter(dataset.shape_key(i) for i in range(len(dataset)))
+    buckets = ", ".join(f"{w}x{h}x{f} frames: {n}" for (w, h, f), n in sorted(shapes.items()))
+    held = len({s["source"] for s in dataset.heldout})
+    world, accum = accelerator.num_processes, t.gradient_accumulation
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 partitions: ds_numel is whole
+    lines = [
+        f"  data      {len(dataset)} samples in {len(shapes)} bucket(s) ({buckets})"
+        + (f"; {held} clip(s) held out for val_loss ({len(dataset.heldout)} samples)" if held else ""),
+        f"  batch     {t.batch_size} per process x {world} process(es) x {accum} accumulation = "
+        f"{t.batch_size * world * accum} samples/step; an epoch is {len(sampler)} batches",
+        f"  lora      rank {lora.rank}, alpha {lora.alpha or lora.rank:g} on {len(params) // 2} modules"
+        + (f" ({lora.targets})" if isinstance(lora.targets, str) and len(lora.targets) <= 40 else "")
+        + f": {trainable:,} trainable parameters (fp32)",
+    ]
+    if lora.init_from:
+        lines.append(f"  init      weights, rank, alpha and targets from lora.init_from {lora.init_from}")
+    where = f"resumed from {checkpoint}" if checkpoint else "from scratch"
+    plan = f"  steps     {step + 1} to {t.max_steps} ({where}); checkpoint every {t.checkpoint_every}"
+    lines.append(plan + (f", validation every {v.every}" if v.every else ""))
+    print("\n".join(lines), flush=True)
+
+
+def report_end(
+    accelerator: Accelerator, run: Path, pos: Position, started: float, written: list[tuple[str, Path]]
+) -> None:
+    """The closing summary: how far, how long, the losses, and where every file went."""
+    if not accelerator.is_main_process:
+        return
+    minutes, seconds = divmod(int(time.monotonic() - started), 60)
+    lines = [f"done: step {pos.step} in {minutes}m{seconds:02d}s, {pos.skipped} skipped"]
+    metrics = run / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
+    train = [r for r in rows if r.get("loss") is not None]
+    val = [r for r in rows if r.get("val_loss") is not None]
+    if train:
+        lines.append(f"  loss          {train[-1]['loss']:.5f} (last logged, step {train[-1]['step']})")
+    if val:
+        best = min(val, key=lambda r: r["val_loss"])
+        lines.append(
+            f"  val_loss      best {best['val_loss']:.5f} (step {best['step']}), "
+            f"last {val[-1]['val_loss']:.5f} (step {val[-1]['step']})"
+        )
+    lines += [f"  {fmt:13s} {path}" for fmt, path in written]
+    checkpoints = run / "checkpoints"
+    if (checkpoints / "latest").is_file():
+        lines.append(f"  checkpoints   {checkpoints} (latest: {(checkpoints / 'latest').read_text().strip()})")
+    lines.append(f"  metrics       {metrics} (`vidlora plot {run}` draws it)")
+    videos = sorted((run / "validation").rglob("*.mp4"))
+    if videos:
+        lines.append(f"  validation    {run / 'validation'} ({len(videos)} videos)")
+    for offline in sorted((run / "wandb").glob("offline-run-*")):
+        lines.append(f"  wandb         {offline} (offline: `wandb sync {offline}` uploads it)")
+    tqdm.write("\n".join(lines))
 
 
 def memory_gb() -> float:

@@ -36,9 +36,11 @@ from trainer.checkpoint import (
     check_resumable,
     denoiser_meta,
     find_resume_checkpoint,
+    finished,
     gather_lora,
-    latest_checkpoint,
+    load_scheduler,
     load_trainer_state,
+    lock_run_folder,
     register_lora_only_state,
     run_shape,
     save_adapter,
@@ -51,7 +53,7 @@ from trainer.memory import apply_memory_modes, make_optimizer, offload_base_weig
 from trainer.models import get_family
 from trainer.models.base import DTYPES, Denoiser, Denoisers, ModelFamily
 from trainer.perf import apply_speed_options, batch_step_flops, device_peak_flops
-from trainer.tracking import Window, init_tracking, log_metrics, log_validation
+from trainer.tracking import Window, engine, init_tracking, log_metrics, log_validation, report_end, report_start
 
 log = logging.getLogger("vidlora.train")
 
@@ -61,7 +63,11 @@ class TrainingAborted(UserError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C / SIGTERM: a checkpoint was saved and training stopped cleanly."""
+    """Ctrl-C / SIGTERM: a checkpoint was saved (unless inside a non-finite streak) and training stopped."""
+
+    def __init__(self, step: int, checkpoint: Path | None, in_streak: bool) -> None:
+        unsaved = " inside a non-finite streak, not saved" if in_streak else ""
+        super().__init__(f"stopped at step {step}{unsaved}; checkpoint: {checkpoint or 'none yet'}")
 
 
 @dataclass
@@ -85,8 +91,9 @@ class Position:
 class StopRequest:
     """Ctrl-C (SIGINT) or SIGTERM (Slurm, torchrun) asks the loop to stop after the current step and save.
 
-    A second signal within a second is ignored (`accelerate launch` forwards the terminal's Ctrl-C to ranks
-    that already got it); a later one aborts at once without saving.
+    A repeated SIGTERM is ignored (Slurm signals every process of the job, and the launcher forwards it to
+    the ranks again), as is a second Ctrl-C within a second (`accelerate launch` forwards the terminal's
+    Ctrl-C to ranks that already got it); a later Ctrl-C aborts at once without saving.
     """
 
     def __init__(self) -> None:
@@ -111,13 +118,16 @@ class StopRequest:
                 "(Ctrl-C again to abort without saving)",
                 flush=True,
             )
-        elif time.monotonic() - self.first > 1.0:
+        elif signum == signal.SIGINT and time.monotonic() - self.first > 1.0:
             raise KeyboardInterrupt
 
 
-def ignore_sigint(_worker_id: int) -> None:
-    """DataLoader workers share the terminal's process group: Ctrl-C must reach only the trainer."""
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers get the trainer's Ctrl-C (same process group) and SIGTERM (Slurm signals every
+    process; torchrun signals each rank's group), and a dead worker kills the loop before it can save:
+    only the trainer may act on them. The trainer stops its workers through their queues."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def lora_targets(family: ModelFamily, targets: str | list[str]) -> str | list[str]:
@@ -173,10 +183,12 @@ def flow_loss(
     recipe: Recipe,
     generators: list[torch.Generator],
     denoiser: Denoiser | None = None,
+    input_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """MSE between the denoiser's prediction and the flow-matching velocity target. Each sample draws its timestep
     (from the denoiser's range of noise levels) and noise from its own generator (one per slot of the global batch).
-    `model` is the run's Denoisers, or what wraps it (DDP, DeepSpeed)."""
+    `model` is the run's Denoisers, or what wraps it (DDP, DeepSpeed); `input_dtype`: the dtype the model takes its
+    inputs in, when it does not autocast (DeepSpeed)."""
     t = recipe.train
     family = unwrapped(model).family
     denoiser = denoiser or family.trained_denoisers()[0]
@@ -191,7 +203,8 @@ def flow_loss(
         sigmas.append(s)
         noisy.append(x)
         target.append(y)
-    pred = model(denoiser.component, torch.cat(noisy), torch.cat(sigmas).to(latents.device), batch)
+    noisy = torch.cat(noisy).to(input_dtype or latents.dtype)
+    pred = model(denoiser.component, noisy, torch.cat(sigmas).to(latents.device), batch)
     pred, target = family.loss_region(unwrapped(model).experts[denoiser.component], pred, torch.cat(target))
     return F.mse_loss(pred.float(), target.float())
 
@@ -230,6 +243,9 @@ def make_accelerator(recipe: Recipe, run: Path, mixed_precision: str, experts: i
         project_dir=str(run),
         kwargs_handlers=handlers,
     )
+    check_launch(accelerator)
+    if accelerator.is_main_process:
+        print(f"vidlora train: {engine(accelerator)}", flush=True)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         configure_deepspeed(plugin, recipe)
@@ -240,6 +256,22 @@ def make_accelerator(recipe: Recipe, run: Path, mixed_precision: str, experts: i
     if t.offload_inactive_expert and (accelerator.num_processes > 1 or plugin is not None):
         raise UserError("train.offload_inactive_expert is for one process without DeepSpeed; use DeepSpeed ZeRO-3")
     return accelerator
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Stop a launch that would not run what it asks for, before anything is loaded or written."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise UserError(
+            f"{launched} processes were launched but each one runs alone ({accelerator.num_processes} process): "
+            "they would race on one run folder. Without GPUs, launch DDP with `ACCELERATE_USE_CPU=true "
+            "accelerate launch --multi_gpu --num_processes N ...` (docs/training.md)"
+        )
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" and accelerator.state.deepspeed_plugin is None:
+        raise UserError(
+            "the accelerate config asks for DeepSpeed, but ACCELERATE_USE_CPU=true (or --cpu) turns it into plain "
+            "DDP: launch DeepSpeed configs without it, also on a CPU (docs/training.md)"
+        )
 
 
 def configure_deepspeed(plugin: Any, recipe: Recipe) -> None:
@@ -267,16 +299,20 @@ def configure_deepspeed(plugin: Any, recipe: Recipe) -> None:
 
 def train(recipe: Recipe, resume: str | None = None) -> Path:
     """Train and return the run folder; `resume` is a checkpoint folder or 'latest'."""
+    started = time.monotonic()
     t, v = recipe.train, recipe.validation
     run = Path(t.output_dir)
     mixed_precision, weight_dtype = resolve_device_precision(t.mixed_precision, recipe.model.dtype)
     family = get_family(recipe.model)
     accelerator = make_accelerator(recipe, run, mixed_precision, len(family.trained_denoisers()))
+    _lock = lock_run_folder(run) if accelerator.is_main_process else None  # held until train() returns
     deepspeed = accelerator.state.deepspeed_plugin is not None
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     set_seed(t.seed)
     checkpoints = run / "checkpoints"
-    checkpoint = find_resume_checkpoint(run, resume)
+    if resume == "latest" and finished(run, t.max_steps, accelerator.is_main_process):
+        return run
+    checkpoint = find_resume_checkpoint(run, resume, accelerator.is_main_process)
 
     dataset = CachedDataset(recipe.data.cache_dir, seed=t.seed, holdout_clips=v.holdout_clips)
     if dataset.family != family.name:
@@ -292,7 +328,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         collate_fn=partial(collate_batch, family),
         num_workers=workers,
         persistent_workers=workers > 0,
-        worker_init_fn=ignore_sigint if workers else None,
+        worker_init_fn=ignore_stop_signals if workers else None,
         pin_memory=device.type == "cuda",
     )
     model = build_model(recipe, family, DTYPES[weight_dtype], device if t.block_offload else None)
@@ -320,7 +356,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         else:
             accelerator.load_state(str(checkpoint))
         pos.load_state_dict(state["position"])
-        scheduler.load_state_dict(state["scheduler"])
+        load_scheduler(scheduler, state["scheduler"], t.learning_rate)
         log.info("resumed from %s at step %d", checkpoint, pos.step)
     if accelerator.is_main_process:
         start_run_folder(run, recipe, checkpoint, pos.step)
@@ -335,9 +371,12 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         validator = Validator(recipe, family, dataset, accelerator, run)
         if v.at_start and checkpoint is None:
             log_validation(accelerator, run, validator.run(model, 0), 0)
+    report_start(accelerator, recipe, dataset, sampler, params, checkpoint, pos.step)
     bar = tqdm(total=t.max_steps, initial=pos.step, desc="train", disable=not accelerator.is_main_process)
     window = Window(peak_flops(accelerator))
     bad_in_row = 0
+    saved = checkpoint  # the newest checkpoint; `good`: the newest whose weights then gave a finite step
+    good = None
 
     with StopRequest() as stop:
         while pos.step < t.max_steps:
@@ -370,13 +409,15 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                     bad_in_row += 1
                     warn_skipped(accelerator, window, pos, grad_norm, bad_in_row)
                 else:
-                    bad_in_row = 0
+                    bad_in_row, good = 0, saved  # skipped steps left the weights as `saved` holds them
                 if bad_in_row >= t.max_nonfinite_in_row:
-                    raise TrainingAborted(aborted_message(run, pos.step, bad_in_row))
+                    bar.close()
+                    raise TrainingAborted(aborted_message(pos.step, bad_in_row, good, saved))
                 if pos.step % t.log_every == 0 or pos.step == t.max_steps or stop_now:
                     log_metrics(accelerator, bar, run, pos, window.logs(scheduler, grad_norm, pos))
                 pause = time.perf_counter()
-                if pos.step % t.checkpoint_every == 0 or pos.step == t.max_steps or stop_now:
+                due = pos.step % t.checkpoint_every == 0 or pos.step == t.max_steps or stop_now
+                if due and not bad_in_row:  # never a state inside a non-finite streak
                     state = {
                         "position": pos.state_dict(),
                         "scheduler": scheduler.state_dict(),
@@ -389,14 +430,15 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                 if stop_now:
                     bar.close()
                     accelerator.end_training()
-                    raise Interrupted(f"stopped at step {pos.step}; checkpoint: {saved}")
+                    raise Interrupted(pos.step, saved, in_streak=bad_in_row > 0)
                 if pos.step >= t.max_steps:
                     break
             else:
                 pos.epoch += 1
                 pos.batch = 0
     bar.close()
-    finish(accelerator, model, family, recipe, run, meta, pos.step)
+    written = finish(accelerator, model, family, recipe, run, meta, pos.step)
+    report_end(accelerator, run, pos, started, written)
     return run
 
 
@@ -413,7 +455,8 @@ def forward_backward(
     micro-step, slot in the global batch), so resumes and different process counts draw exactly the same numbers."""
     seed = recipe.train.seed
     torch.manual_seed(step_seed(seed, micro, accelerator.process_index))  # LoRA dropout
-    loss = flow_loss(model, batch, recipe, [step_generator(seed, micro, s) for s in slots], denoiser)
+    generators = [step_generator(seed, micro, s) for s in slots]
+    loss = flow_loss(model, batch, recipe, generators, denoiser, deepspeed_input_dtype(accelerator))
     accelerator.backward(loss)  # under DeepSpeed this also steps (or skips a non-finite step)
     return loss
 
@@ -447,6 +490,13 @@ def activate(
     if offload:
         for component, expert in unwrapped(model).experts.items():
             expert.to(device if component == denoiser.component else "cpu")
+
+
+def deepspeed_input_dtype(accelerator: Accelerator) -> torch.dtype | None:
+    """DeepSpeed casts the whole model to bf16/fp16 and does not autocast: inputs must come in that dtype."""
+    if accelerator.state.deepspeed_plugin is None or accelerator.mixed_precision not in DTYPES:
+        return None
+    return DTYPES[accelerator.mixed_precision]
 
 
 def optimizer_step(
@@ -485,12 +535,19 @@ def warn_skipped(accelerator: Accelerator, window: Window, pos: Position, grad_n
         )
 
 
-def aborted_message(run: Path, step: int, in_row: int) -> str:
-    last = latest_checkpoint(run / "checkpoints")
-    where = f"the last checkpoint {last} is intact" if last else "no checkpoint was written yet"
+def aborted_message(step: int, in_row: int, good: Path | None, last: Path | None) -> str:
+    """Name a checkpoint worth resuming from: one whose weights went on to give a finite step (none is
+    written inside a streak, but the last one before it may hold the weights that blew up)."""
+    if good:
+        where = f"the last good checkpoint is {good} (resume with --resume {good})"
+    elif last:
+        where = f"no checkpoint is known good: {last}, the last one, went straight into the streak"
+    else:
+        where = "no checkpoint was written yet"
     return (
-        f"{in_row} steps in a row had a non-finite loss or gradient (last at step {step}): stopping; {where}. "
-        "Check the cache files named above, lower train.learning_rate, or raise train.max_nonfinite_in_row"
+        f"{in_row} steps in a row ({step - in_row + 1}-{step}) had a non-finite loss or gradient: stopping; "
+        f"{where}. Check the cache files named above, lower train.learning_rate, or raise "
+        "train.max_nonfinite_in_row"
     )
 
 
@@ -522,25 +579,26 @@ def finish(
     run: Path,
     meta: dict,
     steps: int,
-) -> None:
+) -> list[tuple[str, Path]]:
     """Write the final adapters (one per trained denoiser): canonical, diffusers (`pytorch_lora_weights.safetensors`,
     the name `load_lora_weights` looks for in a folder; `_high_noise` / `_low_noise` before the extension for
-    experts) and every other format of `export.formats`."""
+    experts) and every other format of `export.formats`. Returns (format, file) of each on the main process."""
     accelerator.wait_for_everyone()
     loras = gather_lora(accelerator, model)  # every rank: ZeRO-3 gathers
+    written: list[tuple[str, Path]] = []
     if accelerator.is_main_process:
         from trainer.export import export_adapter, export_files
 
-        experts = unwrapped(model).experts
-        written = []
+        experts, adapters = unwrapped(model).experts, []
         for denoiser in family.trained_denoisers():
             path = run / adapter_name(denoiser)
             expert_meta = {**meta, **denoiser_meta(denoiser), "steps": steps}
             save_adapter(path, experts[denoiser.component], expert_meta, loras[denoiser.component])
-            written.append(path)
+            adapters.append(path)
             out = run / "pytorch_lora_weights.safetensors"  # export adds the expert: ..._high_noise.safetensors
-            print(f"adapter: {export_adapter(path, out, 'diffusers', recipe.export.dtype)}")
+            written += [("vidlora", path), ("diffusers", export_adapter(path, out, "diffusers", recipe.export.dtype))]
         others = [f for f in recipe.export.formats if f != "diffusers"]
-        for w in export_files(written, others, out_dir=run, dtype=recipe.export.dtype) if others else []:
-            print(f"adapter ({w.fmt}): {w.path}")
+        for w in export_files(adapters, others, out_dir=run, dtype=recipe.export.dtype) if others else []:
+            written.append((w.fmt, w.path))
     accelerator.end_training()
+    return written
