@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, send_to_device, set_seed
 from diffusers.optimization import get_scheduler
@@ -46,7 +45,7 @@ from trainer.checkpoint import (
     start_run_folder,
 )
 from trainer.config import Recipe, UserError, resolve_device_precision
-from trainer.flow_matching import noisy_and_target, route, sample_sigmas, sigma_mass, step_generator
+from trainer.flow_matching import flow_mse, noisy_and_target, route, sample_sigmas, sigma_mass, step_generator
 from trainer.memory import apply_memory_modes, make_optimizer, offload_base_weights
 from trainer.models import get_family
 from trainer.models.base import DTYPES, Denoiser, Denoisers, ModelFamily
@@ -175,7 +174,8 @@ def flow_loss(
     denoiser: Denoiser | None = None,
 ) -> torch.Tensor:
     """MSE between the denoiser's prediction and the flow-matching velocity target. Each sample draws its timestep
-    (from the denoiser's range of noise levels) and noise from its own generator (one per slot of the global batch).
+    (from the denoiser's range of noise levels), noise and the family's own choices (e.g. a first frame given or not)
+    from its own generator (one per slot of the global batch); the family may leave parts out of the loss.
     `model` is the run's Denoisers, or what wraps it (DDP, DeepSpeed)."""
     t = recipe.train
     family = unwrapped(model).family
@@ -191,8 +191,9 @@ def flow_loss(
         sigmas.append(s)
         noisy.append(x)
         target.append(y)
+    batch = {**batch, **family.draw_conditions(t, generators)}
     pred = model(denoiser.component, torch.cat(noisy), torch.cat(sigmas).to(latents.device), batch)
-    return F.mse_loss(pred.float(), torch.cat(target).float())
+    return flow_mse(pred, torch.cat(target), family.loss_weight(batch))
 
 
 def unwrapped(model: torch.nn.Module) -> Denoisers:
@@ -270,6 +271,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     run = Path(t.output_dir)
     mixed_precision, weight_dtype = resolve_device_precision(t.mixed_precision, recipe.model.dtype)
     family = get_family(recipe.model)
+    family.check_train(t)
     accelerator = make_accelerator(recipe, run, mixed_precision, len(family.trained_denoisers()))
     deepspeed = accelerator.state.deepspeed_plugin is not None
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device

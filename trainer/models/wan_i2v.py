@@ -40,6 +40,23 @@ class VaePass(nn.Module):
         self.vae.enable_tiling()
 
 
+def first_frame_image(image: str | Path, height: int, width: int) -> Image.Image:
+    """A sample's first frame as the pipeline takes it: read as prepare reads stills (upright: EXIF orientation
+    applied), resized and centre-cropped to the video size as training frames are (so CLIP sees the same crop)."""
+    from data.buckets import resize_crop
+    from data.media import MediaError, probe, read_frames
+
+    path = Path(image)
+    try:
+        info = probe(path)
+        if info.kind != "image":
+            raise UserError(f"{path}: a {info.kind}, not an image (give its first frame as an image file)")
+        picture = read_frames(info, [0])
+    except MediaError as e:
+        raise UserError(f"{path}: not a readable image ({e.reason})") from None
+    return Image.fromarray(resize_crop(picture, (width, height))[0])
+
+
 class WanI2V(Wan):
     name = "wan_i2v"
     pipeline_class = WanImageToVideoPipeline
@@ -129,19 +146,7 @@ class WanI2V(Wan):
     def sample_kwargs(self, image, height, width):
         if image is None:
             raise UserError(f"{self.name} generates from a first frame: pass --image PATH")
-        from data.buckets import resize_crop
-        from data.media import MediaError, probe, read_frames
-
-        path = Path(image)
-        try:
-            info = probe(path)
-            if info.kind != "image":
-                raise UserError(f"{path}: a {info.kind}, not an image (give its first frame as an image file)")
-            picture = read_frames(info, [0])  # upright (EXIF orientation applied), as prepare reads stills
-        except MediaError as e:
-            raise UserError(f"{path}: not a readable image ({e.reason})") from None
-        # Resized and centre-cropped to the video size as training frames are, so CLIP sees the same crop.
-        return {**self.sample_defaults, "image": Image.fromarray(resize_crop(picture, (width, height))[0])}
+        return {**self.sample_defaults, "image": first_frame_image(image, height, width)}
 
     @classmethod
     def make_tiny(cls, out_dir: Path, seed: int = 0) -> Path:
