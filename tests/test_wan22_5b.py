@@ -21,10 +21,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from data import media, synth
-from data.buckets import resize_crop
+from data.buckets import bucket_sizes, resize_crop
 from data.cache import load_entry
 from data.dataset import CachedDataset
-from tests.conftest import assert_diffusers_reproduces, run_cli, train_capturing, write_recipe
+from tests.conftest import ROOT, assert_diffusers_reproduces, run_cli, train_capturing, write_recipe
 from tests.training_setup import recipe_text
 from trainer import perf
 from trainer.config import RecipeError, UserError, load_recipe
@@ -203,6 +203,24 @@ def test_modes_are_refused_where_they_mean_nothing(five_b):
     with pytest.raises(UserError, match="validation.images"):
         family.validation_videos(recipe_for(five_b, "i2v").train, None, 64, 64)
     assert [s for s, _ in family.validation_videos(recipe_for(five_b, "t2v").train, None, 64, 64)] == ["t2v"]
+
+
+@pytest.mark.parametrize("name", ["ti2v_5b_720p", "ti2v_5b_tiny"])
+def test_shipped_recipes_buckets_step_32_pixels_and_fit_the_transformer(five_b, name):
+    recipe = load_recipe(ROOT / "recipes/wan22" / f"{name}.toml", [f'model.path="{five_b[0]}"'])
+    family = get_family(recipe.model)
+    shapes = {
+        (w, h, f)
+        for ds in recipe.data.datasets
+        for r in ds.resolutions
+        for w, h in bucket_sizes(r, max_ratio=ds.max_aspect_ratio, step=family.bucket_step())
+        for f in ds.target_frames
+    }
+    assert all(w % 32 == 0 and h % 32 == 0 for w, h, _ in shapes)
+    family.check_shapes(shapes, "bucket")
+    if name == "ti2v_5b_720p":
+        assert (1280, 704, 81) in shapes and recipe.train.ti2v == "mixed"
+        assert recipe.train.fp8_base and recipe.train.gradient_checkpointing and recipe.data.vae_tiling
 
 
 def test_flops_formula_counts_the_per_token_time_embedding():
