@@ -194,6 +194,11 @@ def bare_forward(preset, transformer, noisy, timestep, batch: dict):
     """The transformer call of diffusers' own pipelines (Wan's, or HunyuanVideo's with its pooled text and mask)."""
     import torch
 
+    if preset.family_class.per_token_timesteps:  # as its pipeline feeds it: the sample's timestep on every token
+        from trainer.perf import grid_tokens
+
+        tokens = grid_tokens(preset.family_class.patch_of(preset.config), tuple(noisy.shape[1:]))
+        timestep = timestep[:, None].expand(-1, tokens)
     if "pooled_projections" not in batch:
         return transformer(
             hidden_states=noisy, timestep=timestep, encoder_hidden_states=batch["prompt_embeds"], return_dict=False

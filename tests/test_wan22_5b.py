@@ -11,6 +11,7 @@ latent channels and 16x spatial compression, a 48-channel transformer), one real
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -237,6 +238,23 @@ def test_flops_formula_counts_the_per_token_time_embedding():
         loss.backward()
     formula = perf.step_flops(preset, latent, batch_size=2, lora_rank=4, lora_targets=recipe.lora.targets)
     assert forward == formula.forward and counter.get_total_flops() - forward == formula.backward
+
+
+def test_the_benchmarks_bare_step_calls_the_transformer_as_the_pipeline_does():
+    """scripts/bench_train.py's diffusers-only step passes this model one timestep per token, like the family."""
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "scripts/bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    preset = perf.ModelPreset("wan22_5b", tiny_transformer_config(in_channels=48, out_channels=48), text_tokens=7)
+    family = perf.bench_family(preset, load_recipe(None).model)
+    transformer = family.load_transformer(torch.float32)
+    batch = perf.random_batch(preset, (48, 3, 8, 8), 2, preset.text_tokens)
+    noisy = torch.randn(2, 48, 3, 8, 8)
+    bare = transformer_inputs(
+        transformer, lambda: bench.bare_forward(preset, transformer, noisy, torch.tensor([500.0, 300.0]), batch)
+    )
+    ours = transformer_inputs(transformer, lambda: family.predict(transformer, noisy, torch.tensor([0.5, 0.3]), batch))
+    assert bare["timestep"].shape == (2, 3 * 4 * 4) and torch.equal(bare["timestep"], ours["timestep"])
 
 
 def eval_loss(family, transformer, batch, train) -> float:

@@ -114,6 +114,8 @@ class ModelFamily:
     variants: ClassVar[dict[int, str]] = {}
     # A family with several transformers: expert label (`Denoiser.label`) -> diffusers component it runs.
     expert_components: ClassVar[dict[str, str]] = {}
+    # The pipeline gives the transformer one timestep per token (Wan 2.2 TI2V-5B's `expand_timesteps`), not per sample.
+    per_token_timesteps: ClassVar[bool] = False
     # Benchmarks (scripts/bench_train.py): name -> (transformer config, text tokens, where it was published).
     bench_presets: ClassVar[dict[str, tuple[dict[str, Any], int, str]]] = {}
 

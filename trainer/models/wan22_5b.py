@@ -36,6 +36,7 @@ class Wan22TI2V(Wan):
     sample_defaults = {"guidance_scale": 5.0}
     vae_stride = (4, 16, 16)
     latent_channels = 48
+    per_token_timesteps = True
     variants = {3072: "Wan2.2-TI2V-5B"}
     bench_presets = {"wan22-ti2v-5b": (WAN_5B, 512, "Wan-AI/Wan2.2-TI2V-5B-Diffusers/transformer/config.json")}
 
