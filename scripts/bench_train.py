@@ -198,6 +198,11 @@ def bare_forward(preset, transformer, noisy, timestep, batch: dict):
     extra = transformer.config.in_channels - noisy.shape[1]
     if extra > 0:
         noisy = torch.cat([noisy, noisy.new_zeros(noisy.shape[0], extra, *noisy.shape[2:])], dim=1)
+    if preset.family_class.per_token_timesteps:  # as its pipeline feeds it: the sample's timestep on every token
+        from trainer.perf import grid_tokens
+
+        tokens = grid_tokens(preset.family_class.patch_of(preset.config), tuple(noisy.shape[1:]))
+        timestep = timestep[:, None].expand(-1, tokens)
     if "pooled_projections" not in batch:
         return transformer(
             hidden_states=noisy, timestep=timestep, encoder_hidden_states=batch["prompt_embeds"], return_dict=False

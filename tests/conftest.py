@@ -99,15 +99,15 @@ def fixed_eval_loss(family, transformer, latents, batch) -> float:
     """Flow-matching loss at fixed noise levels and fixed noise: comparable before and after training."""
     import torch
 
-    from trainer.flow_matching import noisy_and_target
+    from trainer.flow_matching import flow_mse, noisy_and_target
 
     losses = []
     with torch.no_grad():
         for i, s in enumerate([0.2, 0.4, 0.6, 0.8]):
             sigmas = torch.tensor([s])
             noisy, target = noisy_and_target(latents, sigmas, torch.Generator().manual_seed(100 + i))
-            pred, target = family.loss_region(transformer, family.predict(transformer, noisy, sigmas, batch), target)
-            losses.append(torch.nn.functional.mse_loss(pred, target).item())
+            pred = family.predict(transformer, noisy, sigmas, batch)
+            losses.append(flow_mse(pred, target, family.loss_weight({**batch, "latents": latents})).item())
     return sum(losses) / len(losses)
 
 

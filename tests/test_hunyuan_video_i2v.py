@@ -84,8 +84,10 @@ def test_condition_text_and_forward_equal_the_pipeline(tiny_hvi2v, tmp_path, con
         got = family.predict(pipe.transformer, noisy, step0["timestep"] / 1000, batch)
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     # The loss covers what the pipeline integrates: not the given frame of token replacement.
-    region, _ = family.loss_region(pipe.transformer, got, got)
-    assert region.shape[2] == (2 if condition == "token_replace" else 3)
+    weight = family.loss_weight({"latents": got})
+    assert (weight is None) == (condition == "latent_concat")
+    if weight is not None:
+        assert weight.flatten().tolist() == [0.0, 1.0, 1.0]
 
 
 def test_inputs_the_model_does_not_take_are_refused(tiny_hvi2v, tmp_path):

@@ -189,6 +189,7 @@ class Payload:
     [
         ("wan_i2v", wan_config(in_channels=36, image_dim=16, added_kv_proj_dim=24), "model.diffusion_model."),
         ("wan", wan_config(), "diffusion_model."),
+        ("wan22_5b", wan_config(in_channels=48, out_channels=48), "diffusion_model."),  # Wan2.2-TI2V-5B's names
     ],
 )
 def test_wan_original_safetensors_loads_equal(tmp_path, family, cfg, prefix):

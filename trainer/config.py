@@ -221,6 +221,16 @@ class TrainSection(Section):
         description="Two experts: learning-rate factor per expert, e.g. {high_noise = 1.0, low_noise = 0.5} "
         "(default 1 for each).",
     )
+    ti2v: Literal["t2v", "i2v", "mixed"] = Field(
+        "t2v",
+        description="For a model that generates from text and from a first frame (Wan 2.2 TI2V-5B): train "
+        "text-to-video (t2v), image-to-video (i2v: each sample's first latent frame is its clean latent, with "
+        "timestep 0, left out of the loss) or both (mixed: a share of the samples, `ti2v_i2v_share`, drawn per "
+        "sample from the seed). Other families take only 't2v'.",
+    )
+    ti2v_i2v_share: float = Field(
+        0.5, ge=0, le=1, description="With ti2v = 'mixed': the share of samples that are image-conditioned."
+    )
     max_nonfinite_in_row: int = Field(
         5, ge=1, description="Steps with a non-finite loss or gradient are skipped; this many in a row abort the run."
     )
@@ -287,8 +297,9 @@ class ValidationSection(Section):
     )
     images: list[str] = Field(
         default_factory=list,
-        description="First frames for image-to-video validation videos: one image for all validation prompts, "
-        "or one per prompt.",
+        description="First frames for image-to-video validation videos (image-to-video families; with Wan 2.2 "
+        "TI2V-5B, image-to-video videos next to the text-to-video ones): one image for all validation prompts, or "
+        "one per prompt.",
     )
     inference_steps: int = Field(20, ge=1, description="Denoising steps per validation video.")
     guidance_scale: float | None = Field(

@@ -12,6 +12,7 @@ an expert with that part's probability, so over a run every noise level is drawn
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def shift_sigmas(t: torch.Tensor, shift: float) -> torch.Tensor:
@@ -94,6 +95,17 @@ def step_generator(seed: int, micro_step: int, rank: int) -> torch.Generator:
     """A generator that depends only on (seed, micro-step, rank): noise and timesteps need no saved state,
     so a resumed run draws exactly what an uninterrupted one would."""
     return torch.Generator().manual_seed((seed * 1_000_003 + micro_step) * 4099 + rank)
+
+
+def flow_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The loss of a batch: the mean squared error, or with `weight` (broadcastable to the latents, 0 where the
+    output is not used) each sample's weighted mean, then their mean: a sample's loss does not depend on what else is
+    in its batch, so N processes with batch size B still train on what one process with N x B would."""
+    if weight is None:
+        return F.mse_loss(pred.float(), target.float())
+    err = (pred.float() - target.float()).square()
+    weight = weight.to(err).expand_as(err)
+    return ((err * weight).flatten(1).sum(1) / weight.flatten(1).sum(1)).mean()
 
 
 def noisy_and_target(

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, send_to_device, set_seed
 from diffusers.optimization import get_scheduler
@@ -48,7 +47,7 @@ from trainer.checkpoint import (
     start_run_folder,
 )
 from trainer.config import Recipe, UserError, resolve_device_precision
-from trainer.flow_matching import noisy_and_target, route, sample_sigmas, sigma_mass, step_generator
+from trainer.flow_matching import flow_mse, noisy_and_target, route, sample_sigmas, sigma_mass, step_generator
 from trainer.memory import apply_memory_modes, make_optimizer, offload_base_weights
 from trainer.models import get_family
 from trainer.models.base import DTYPES, Denoiser, Denoisers, ModelFamily
@@ -186,7 +185,8 @@ def flow_loss(
     input_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """MSE between the denoiser's prediction and the flow-matching velocity target. Each sample draws its timestep
-    (from the denoiser's range of noise levels) and noise from its own generator (one per slot of the global batch).
+    (from the denoiser's range of noise levels), noise and the family's own choices (e.g. a first frame given or not)
+    from its own generator (one per slot of the global batch); the family may leave parts out of the loss.
     `model` is the run's Denoisers, or what wraps it (DDP, DeepSpeed); `input_dtype`: the dtype the model takes its
     inputs in, when it does not autocast (DeepSpeed)."""
     t = recipe.train
@@ -203,10 +203,10 @@ def flow_loss(
         sigmas.append(s)
         noisy.append(x)
         target.append(y)
+    batch = {**batch, **family.draw_conditions(t, generators)}
     noisy = torch.cat(noisy).to(input_dtype or latents.dtype)
     pred = model(denoiser.component, noisy, torch.cat(sigmas).to(latents.device), batch)
-    pred, target = family.loss_region(unwrapped(model).experts[denoiser.component], pred, torch.cat(target))
-    return F.mse_loss(pred.float(), target.float())
+    return flow_mse(pred, torch.cat(target), family.loss_weight(batch))
 
 
 def unwrapped(model: torch.nn.Module) -> Denoisers:
@@ -304,6 +304,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     run = Path(t.output_dir)
     mixed_precision, weight_dtype = resolve_device_precision(t.mixed_precision, recipe.model.dtype)
     family = get_family(recipe.model)
+    family.check_train(t)
     accelerator = make_accelerator(recipe, run, mixed_precision, len(family.trained_denoisers()))
     _lock = lock_run_folder(run) if accelerator.is_main_process else None  # held until train() returns
     deepspeed = accelerator.state.deepspeed_plugin is not None

@@ -28,7 +28,7 @@ from data.dataset import CachedDataset, collate
 from data.media import write_video
 from data.prepare import Picture, load_index, validation_size
 from trainer.config import Recipe, UserError
-from trainer.flow_matching import noisy_and_target
+from trainer.flow_matching import flow_mse, noisy_and_target
 from trainer.models.base import Denoisers, ModelFamily
 
 log = logging.getLogger("vidlora.validation")
@@ -59,9 +59,13 @@ class Validator:
         if images and len(images) not in (1, len(self.prompts)):
             raise UserError(f"validation.images: give one image, or one per validation prompt ({len(self.prompts)})")
         # Checked now, not at the first validation: an I2V run without images fails before it trains.
-        self.sample_kwargs = [
-            family.sample_kwargs(images[i % len(images)] if images else None, self.height, self.width)
+        # (prompt index, file name suffix, sample_kwargs) of every video: one per prompt, or one per mode.
+        self.jobs = [
+            (i, suffix, kwargs)
             for i in range(len(self.prompts))
+            for suffix, kwargs in family.validation_videos(
+                recipe.train, images[i % len(images)] if images else None, self.height, self.width
+            )
         ]
         for i, text_id in enumerate(self.prompts):  # prompts encoded with their first frame: that frame, that size
             encoded = (read_meta(dataset.root / "text" / f"{text_id}.safetensors") or {}).get("image")
@@ -114,10 +118,10 @@ class Validator:
             for k, sigma, denoiser in sigmas:
                 g = torch.Generator().manual_seed((self.v.seed * 1_000_003 + (i or 0)) * 101 + k)
                 noisy, target = noisy_and_target(batch["latents"], torch.tensor([sigma]), g)
-                pred = model(denoiser.component, noisy, torch.tensor([sigma], device=device), batch)
-                pred, target = self.family.loss_region(model.experts[denoiser.component], pred, target)
+                drawn = {**batch, **self.family.draw_conditions(self.recipe.train, [g])}
+                pred = model(denoiser.component, noisy, torch.tensor([sigma], device=device), drawn)
                 if i is not None:
-                    loss = torch.nn.functional.mse_loss(pred.float(), target.float()).double()
+                    loss = flow_mse(pred, target, self.family.loss_weight(drawn)).double()
                     total[trained.index(denoiser)] += torch.stack([loss, torch.ones_like(loss)])
                     per_sigma[k] += torch.stack([loss, torch.ones_like(loss)])
         total, per_sigma = self.accelerator.reduce(torch.cat([total, per_sigma]), "sum").split(
@@ -165,23 +169,25 @@ class Validator:
             guidance = 1.0
         out_dir = self.run_dir / "validation" / f"step-{step:06d}"
         written = []
-        for i in self.shard(len(self.prompts)):
-            text_id = self.prompts[i if i is not None else 0]
+        for j in self.shard(len(self.jobs)):
+            i, suffix, extra = self.jobs[j if j is not None else 0]
+            text_id = self.prompts[i]
             kwargs = self.family.validation_kwargs(self.dataset.text(text_id), negative_text)
-            frames = pipe(
+            frames = self.family.run_pipeline(
+                pipe,
                 **kwargs,
-                **{**self.sample_kwargs[i or 0], "guidance_scale": guidance},
+                **{**extra, "guidance_scale": guidance},
                 height=self.height,
                 width=self.width,
                 num_frames=v.num_frames,
                 num_inference_steps=v.inference_steps,
-                generator=torch.Generator(acc.device).manual_seed(v.seed + (i or 0)),
+                generator=torch.Generator(acc.device).manual_seed(v.seed + i),
                 output_type="np",
             ).frames[0]
-            if i is None:
+            if j is None:
                 continue
             pixels = (np.clip(np.asarray(frames), 0, 1) * 255).round().astype(np.uint8)
-            name = f"{i:02d}-{slug(self.dataset.caption(text_id))}.mp4"
+            name = f"{i:02d}-{slug(self.dataset.caption(text_id))}{f'-{suffix}' if suffix else ''}.mp4"
             written.append(write_video(out_dir / name, pixels, fps=self.family.native_fps))
         self.vae.to("cpu")
         for other in self.others.values():

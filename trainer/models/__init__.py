@@ -16,6 +16,7 @@ FAMILIES: dict[str, str] = {
     "wan_i2v": "trainer.models.wan_i2v:WanI2V",
     "wan22": "trainer.models.wan22:Wan22",
     "wan22_i2v": "trainer.models.wan22_i2v:Wan22I2V",
+    "wan22_5b": "trainer.models.wan22_5b:Wan22TI2V",
     "hunyuan_video": "trainer.models.hunyuan_video:HunyuanVideo",
     "hunyuan_video_i2v": "trainer.models.hunyuan_video_i2v:HunyuanVideoI2V",
 }

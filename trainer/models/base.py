@@ -21,7 +21,7 @@ from diffusers import DiffusionPipeline
 from torch import nn
 
 from data.cache import DTYPES  # noqa: F401 - re-exported: the dtypes of model weights
-from trainer.config import ModelSection, RecipeError, UserError
+from trainer.config import ModelSection, RecipeError, TrainSection, UserError
 
 if TYPE_CHECKING:
     from trainer.formats import FamilyNames
@@ -118,6 +118,8 @@ class ModelFamily:
     variants: ClassVar[dict[int, str]] = {}
     # A family with several transformers: expert label (`Denoiser.label`) -> diffusers component it runs.
     expert_components: ClassVar[dict[str, str]] = {}
+    # The pipeline gives the transformer one timestep per token (Wan 2.2 TI2V-5B's `expand_timesteps`), not per sample.
+    per_token_timesteps: ClassVar[bool] = False
     # Benchmarks (scripts/bench_train.py): name -> (transformer config, text tokens, where it was published).
     bench_presets: ClassVar[dict[str, tuple[dict[str, Any], int, str]]] = {}
 
@@ -258,6 +260,18 @@ class ModelFamily:
             raise UserError(f"{self.name} generates from text only; --image is for image-to-video families")
         return dict(self.sample_defaults)
 
+    def validation_videos(
+        self, train: TrainSection, image: str | Path | None, height: int, width: int
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """The validation videos of one prompt: (file name suffix, `sample_kwargs`) each. One by default; a family
+        that generates from text and from a first frame makes one of each mode it trains."""
+        return [("", self.sample_kwargs(image, height, width))]
+
+    def run_pipeline(self, pipe: DiffusionPipeline, **kwargs: Any) -> Any:
+        """Call the pipeline of `load_pipeline` (or validation's) with `sample_kwargs` among `kwargs`. A family whose
+        pipeline class depends on the inputs (text only, or a first frame) runs the right one on the same components."""
+        return pipe(**kwargs)
+
     # --- caching -------------------------------------------------------------------------------------
     def encode_video(self, vae: nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
         """pixels [B,3,F,H,W] in [-1, 1] -> {"latents": normalised latents [B,C,f,h,w], ...conditions}."""
@@ -285,12 +299,25 @@ class ModelFamily:
         benchmarks; none by default."""
         return {}
 
-    def loss_region(
-        self, transformer: nn.Module, pred: torch.Tensor, target: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The parts of a prediction and its target the loss is taken over: all of them by default; a transformer
-        that is handed a clean first frame it never denoises (token replacement) leaves that frame out."""
-        return pred, target
+    def check_train(self, train: TrainSection) -> None:
+        """Refuse, when training starts, [train] settings this family cannot honour."""
+        if train.ti2v != "t2v":
+            raise RecipeError(
+                f"train.ti2v = {train.ti2v!r}: the {self.name} family does not choose between text- and "
+                "image-to-video (only a model that does both takes it)"
+            )
+
+    def draw_conditions(self, train: TrainSection, generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
+        """Per-sample choices of a training step besides noise level and noise (for a model that does text- and
+        image-to-video: whether a sample is conditioned on its first frame), each drawn from its sample's generator
+        after those, so they too depend on (seed, micro-step, slot) only. They join the batch that `predict` and
+        `loss_weight` get. None by default."""
+        return {}
+
+    def loss_weight(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Weights of the flow loss, broadcastable to the latents: 0 where the pipeline does not use the prediction
+        (a given first frame), so training ignores it there; None when every element counts."""
+        return None
 
     def predict(
         self, transformer: nn.Module, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, torch.Tensor]

@@ -184,10 +184,12 @@ class HunyuanVideoI2V(HunyuanVideo):
     def random_conditions(cls, config: dict, latents: torch.Tensor, g: torch.Generator) -> dict[str, torch.Tensor]:
         return {"image_latents": torch.randn(*latents.shape[:2], 1, *latents.shape[3:], generator=g)}
 
-    def loss_region(self, transformer, pred, target):
-        if transformer.config.image_condition_type == "token_replace":  # frame 0 is given, never denoised
-            return pred[:, :, 1:], target[:, :, 1:]
-        return pred, target
+    def loss_weight(self, batch):
+        if self.condition_type != "token_replace":
+            return None
+        weight = torch.ones(batch["latents"].shape[2], device=batch["latents"].device)
+        weight[0] = 0  # token replacement: frame 0 is given, never denoised
+        return weight[None, None, :, None, None]
 
     def predict(self, transformer, noisy, sigmas, batch):
         dtype = noisy.dtype
