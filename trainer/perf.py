@@ -128,6 +128,10 @@ def bench_family(preset: ModelPreset, cfg: ModelSection, device: str | torch.dev
     base = preset.family_class
 
     class RandomWeights(base):
+        def config(self, cls: Any, subfolder: str) -> dict[str, Any]:
+            """The preset is the transformer's config (no model folder to read it from)."""
+            return dict(preset.config)
+
         def load_transformer(self, dtype: torch.dtype, denoiser: Any = None) -> nn.Module:
             """Random weights the first time; later calls share them (a second model costs no weights)."""
             model = build_transformer(preset, dtype, device, tensors=getattr(self, "base_tensors", None))
