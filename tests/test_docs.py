@@ -165,6 +165,7 @@ class DocWorld:
         as the docs' runs/style."""
         from data.prepare import prepare
         from trainer.config import load_recipe
+        from trainer.models import get_family
         from trainer.train import train
 
         recipe_file = ROOT / "recipes" / "wan" / "t2v_1.3b_style.toml"
@@ -175,7 +176,7 @@ class DocWorld:
             f"train.output_dir={self.root / 'style'}",
         ]
         recipe = load_recipe(recipe_file, recipe_overrides(recipe_file) + where)
-        assert prepare(recipe) == 0
+        assert prepare(recipe, get_family(recipe.model)) == 0
         return train(recipe)
 
     @cached_property
