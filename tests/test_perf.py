@@ -87,6 +87,11 @@ def count_step(preset: perf.ModelPreset, model, recipe, batch_size: int = 2) -> 
         (TINY_WAN, ["lora.targets=attention"]),
         (TINY_WAN, ["train.gradient_checkpointing=true"]),
         (TINY_WAN, ["train.gradient_checkpointing=true", "train.gradient_checkpointing_ratio=0.5"]),
+        (TINY_WAN, ["train.token_routing=0.5", "train.token_routing_blocks=[1,2]"]),
+        (
+            TINY_WAN,
+            ["train.token_routing=0.3", "train.token_routing_blocks=[0,2]", "train.gradient_checkpointing=true"],
+        ),
         (TINY_HV, []),
         (TINY_HV, ["train.gradient_checkpointing=true", "train.gradient_checkpointing_ratio=0.5"]),
         (TINY_HV_I2V, ["train.gradient_checkpointing=true"]),
@@ -97,6 +102,8 @@ def count_step(preset: perf.ModelPreset, model, recipe, batch_size: int = 2) -> 
         "wan-attention-lora",
         "wan-checkpointing",
         "wan-half-checkpointed",
+        "wan-routing",
+        "wan-routing-all-blocks-ckpt",
         "hunyuan",
         "hunyuan-half-ckpt",
         "hunyuan-i2v-ckpt",
@@ -106,14 +113,19 @@ def count_step(preset: perf.ModelPreset, model, recipe, batch_size: int = 2) -> 
 def test_flops_formula_equals_pytorch_flop_counter(preset, overrides):
     recipe, _, model = tiny_model(preset, overrides)
     forward, backward = count_step(preset, model, recipe)
-    fractions = perf.checkpointed_fractions(model.experts["transformer"], recipe)
+    transformer = model.experts["transformer"]
+    fractions = perf.checkpointed_fractions(transformer, recipe)
+    routing = perf.token_routing(transformer, preset.family, recipe)
     formula = perf.step_flops(
-        preset, LATENT, batch_size=2, lora_rank=4, lora_targets=recipe.lora.targets, checkpointed=fractions
-    )
+        preset, LATENT, batch_size=2, lora_rank=4, lora_targets=recipe.lora.targets, checkpointed=fractions,
+        routing=routing,
+    )  # fmt: skip
     assert forward == formula.forward
     assert backward == formula.backward + formula.recompute  # the counter sees the recomputed forward too
     if recipe.train.gradient_checkpointing:
         assert formula.recompute > 0 and formula.hardware > formula.model
+    if routing:  # it counts less than the full model does
+        assert formula.model < perf.step_flops(preset, LATENT, batch_size=2, lora_rank=4).model
 
 
 def test_flops_of_a_training_batch_from_the_loaded_model():

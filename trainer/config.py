@@ -256,6 +256,19 @@ class TrainSection(Section):
         description="With gradient_checkpointing: the fraction of transformer blocks that recompute their "
         "activations (evenly spread); lower is faster and uses more memory.",
     )
+    token_routing: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Token routing (TREAD), training only: the share of each sample's video tokens that skip "
+        "the `token_routing_blocks` span (drawn per sample from the seed) and rejoin after it; 0 = off. "
+        "Families whose blocks take the video tokens in sequence (Wan).",
+    )
+    token_routing_blocks: tuple[int, int] = Field(
+        (2, -2),
+        description="The span token routing skips: blocks [start, stop) as a Python slice (negative counts from "
+        "the end); default: all but the first two and the last two.",
+    )
 
     @field_validator("attention_backend")
     @classmethod

@@ -9,7 +9,7 @@ documented (docs/performance.md) and checked against PyTorch's own FLOP counter 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -156,6 +156,7 @@ class Matmul:
     input_grad: bool = True  # backward needs d(loss)/d(input): the input depends on a trainable parameter
     lora: str | None = None  # "attn" or "ffn": LoRA presets that adapt this layer
     group: str | None = None  # the ModuleList of repeated blocks it lives in (what gradient checkpointing reruns)
+    blocks: tuple[int, int] | None = None  # the blocks of `group` it runs in [start, stop); None: all, evenly
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,55 @@ class Attention:
     count: int = 1
     group: str | None = None
     grad: bool = True  # Q, K, V depend on trainable parameters (false only in the frozen text refiner)
+    blocks: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class TokenRouting:
+    """Token routing as the FLOPs count sees it: `share` of the video tokens skip the `span` of the block list
+    `group` (of `blocks` blocks)."""
+
+    group: str
+    blocks: int
+    span: range
+    share: float
+
+
+def token_routing(transformer: nn.Module, family: str, recipe: Recipe) -> TokenRouting | None:
+    """The recipe's token routing on a loaded transformer; None when it is off."""
+    t = recipe.train
+    if not t.token_routing:
+        return None
+    from trainer.models import family_class
+    from trainer.routing import span_of
+
+    chain = family_class(family).routed_blocks(transformer)
+    name = next(n for n, c in transformer.named_children() if c is chain)
+    return TokenRouting(name, len(chain), span_of(len(chain), tuple(t.token_routing_blocks)), t.token_routing)
+
+
+def routed_ops(
+    preset: ModelPreset, latent: tuple[int, int, int, int], text_tokens: int, routing: TokenRouting, ops: list
+) -> list[Matmul | Attention]:
+    """`ops` with the routed span's share of each block op computed on the routed tokens only: the family's own ops
+    for a latent of exactly that many tokens stand in for the span's blocks."""
+    from trainer.routing import routed_count
+
+    k = routed_count(video_tokens(preset, latent), routing.share)
+    pt, ph, pw = preset.family_class.patch_of(preset.config)
+    short = step_ops(preset, (latent[0], pt, ph, pw * k), text_tokens)
+    out: list[Matmul | Attention] = []
+    for op, op_k in zip(ops, short, strict=True):
+        if op.group != routing.group:
+            out.append(op)
+            continue
+        lo, hi = op.blocks or (0, routing.blocks)
+        inside = len(range(max(lo, routing.span.start), min(hi, routing.span.stop)))
+        out += [
+            replace(op, count=op.count * (hi - lo - inside) // (hi - lo)),
+            replace(op_k, count=op.count * inside // (hi - lo)),
+        ]
+    return out
 
 
 def step_ops(preset: ModelPreset, latent: tuple[int, int, int, int], text_tokens: int) -> list[Matmul | Attention]:
@@ -205,6 +255,7 @@ def step_flops(
     lora_rank: int = 32,
     lora_targets: str | list[str] = "default",
     checkpointed: dict[str, float] | None = None,
+    routing: TokenRouting | None = None,
 ) -> StepFlops:
     """FLOPs of one LoRA training step (forward, backward, optimizer excluded) on `batch_size` samples.
 
@@ -215,9 +266,14 @@ def step_flops(
     - attention: Q K^T and P V forward; dQ, dK, dV and dP backward (twice the forward).
     - LoRA (rank r) on a layer: forward 2·r·(in+out) per token; backward dB, d(Ax), dA (+ dx when needed).
     - `checkpointed`: {block group: fraction of its blocks rerun}; their forward is done again in backward.
+    - `routing`: the routed span's blocks compute on the routed tokens only (what they really compute; with a
+      `checkpointed` fraction under 1 the recompute is counted as if spread evenly over the blocks).
     `lora_targets` other than a preset name is counted as the default preset (LoRA is ~1% of the total).
     """
-    ops = step_ops(preset, latent, preset.text_tokens if text_tokens is None else text_tokens)
+    text_tokens = preset.text_tokens if text_tokens is None else text_tokens
+    ops = step_ops(preset, latent, text_tokens)
+    if routing is not None:
+        ops = routed_ops(preset, latent, text_tokens, routing, ops)
     kinds = (
         LORA_KINDS.get(lora_targets, LORA_KINDS["default"]) if isinstance(lora_targets, str) else LORA_KINDS["default"]
     )
@@ -257,6 +313,7 @@ def batch_step_flops(transformer: nn.Module, family: str, batch: dict[str, torch
         lora_rank=recipe.lora.rank,
         lora_targets=recipe.lora.targets,
         checkpointed=checkpointed_fractions(model, recipe),
+        routing=token_routing(model, family, recipe),
     )
 
 

@@ -51,7 +51,8 @@ from trainer.flow_matching import flow_mse, noisy_and_target, route, sample_sigm
 from trainer.memory import apply_memory_modes, make_optimizer, offload_base_weights
 from trainer.models import get_family
 from trainer.models.base import DTYPES, Denoiser, Denoisers, ModelFamily
-from trainer.perf import apply_speed_options, batch_step_flops, device_peak_flops
+from trainer.perf import apply_speed_options, batch_step_flops, device_peak_flops, grid_tokens
+from trainer.routing import ROUTED, draw_routed
 from trainer.tracking import Window, engine, init_tracking, log_metrics, log_validation, report_end, report_start
 
 log = logging.getLogger("vidlora.train")
@@ -141,10 +142,9 @@ def build_model(
 ) -> Denoisers:
     """The denoisers the run trains (one, or two experts): each a frozen transformer with a trainable fp32 LoRA
     and the recipe's memory and speed modes."""
-    return Denoisers(
-        family,
-        {d.component: build_denoiser(recipe, family, d, weight_dtype, device) for d in family.trained_denoisers()},
-    )
+    models = {d.component: build_denoiser(recipe, family, d, weight_dtype, device) for d in family.trained_denoisers()}
+    routing = tuple(recipe.train.token_routing_blocks) if recipe.train.token_routing else None
+    return Denoisers(family, models, routing)  # refuses routing the family or its blocks cannot do, by name
 
 
 def build_denoiser(
@@ -204,6 +204,10 @@ def flow_loss(
         noisy.append(x)
         target.append(y)
     batch = {**batch, **family.draw_conditions(t, generators)}
+    if t.token_routing:  # drawn last, so with routing off every other draw is what it always was
+        config = unwrapped(model).experts[denoiser.component].config
+        tokens = grid_tokens(family.patch_of(dict(config)), tuple(latents.shape[1:]))
+        batch[ROUTED] = draw_routed(tokens, t.token_routing, generators).to(latents.device)
     noisy = torch.cat(noisy).to(input_dtype or latents.dtype)
     pred = model(denoiser.component, noisy, torch.cat(sigmas).to(latents.device), batch)
     return flow_mse(pred, torch.cat(target), family.loss_weight(batch))

@@ -325,6 +325,19 @@ class ModelFamily:
         """The transformer's flow prediction (noise - data) for noisy latents at `sigmas` in (0, 1)."""
         raise NotImplementedError
 
+    @classmethod
+    def routed_blocks(cls, transformer: nn.Module) -> nn.ModuleList:
+        """The blocks that take the video tokens in sequence (first argument [B, N, D]), of which token routing
+        (trainer/routing.py) lets a span skip some tokens. Refused by default: a family opts in with this and
+        `route_block_args`."""
+        raise RecipeError(f"train.token_routing: the {cls.name} family does not support token routing")
+
+    @classmethod
+    def route_block_args(cls, args: tuple, pick: Callable[[torch.Tensor], torch.Tensor]) -> tuple:
+        """A routed block's positional arguments after the token sequence, with every per-token one (RoPE, a
+        per-token timestep) cut to the routed tokens by `pick` (token dimension 1, batch dimension B or 1)."""
+        raise NotImplementedError
+
     def validation_kwargs(
         self, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None
     ) -> dict[str, Any]:
@@ -346,14 +359,24 @@ class Denoisers(nn.Module):
     """The transformers a run trains, as one module, so accelerate, DDP and DeepSpeed prepare, checkpoint and shard
     them together; each call runs one of them (by component name) through the family's transformer call."""
 
-    def __init__(self, family: ModelFamily, models: dict[str, nn.Module]):
+    def __init__(
+        self, family: ModelFamily, models: dict[str, nn.Module], routing_blocks: tuple[int, int] | None = None
+    ):
         super().__init__()
+        from trainer.routing import TokenRouter
+
         self.family = family
         self.experts = nn.ModuleDict(models)
+        # Token routing (`train.token_routing`): hooks on each expert's span of blocks `routing_blocks`.
+        self.routers = {c: TokenRouter(family, m, routing_blocks) for c, m in models.items()} if routing_blocks else {}
 
     def forward(
         self, component: str, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> torch.Tensor:
+        from trainer.routing import ROUTED
+
+        if component in self.routers:  # the tokens this forward routes (None: the full model)
+            self.routers[component].keep = batch.get(ROUTED)
         return self.family.predict(self.experts[component], noisy, sigmas, batch)
 
 

@@ -135,8 +135,8 @@ class Wan(ModelFamily):
             Matmul("text_embedder.linear_1", t, c["text_dim"], d, input_grad=False),
             Matmul("text_embedder.linear_2", t, d, d, input_grad=False),
             # block 0's self-attention input comes from the frozen patch embedding: no gradient needed for it
-            Matmul("blocks.0.attn1.to_q/k/v", n, d, d, 3, False, "attn", g),
-            Matmul("blocks.N.attn1.to_q/k/v", n, d, d, 3 * (layers - 1), True, "attn", g),
+            Matmul("blocks.0.attn1.to_q/k/v", n, d, d, 3, False, "attn", g, (0, 1)),
+            Matmul("blocks.N.attn1.to_q/k/v", n, d, d, 3 * (layers - 1), True, "attn", g, (1, layers)),
             Attention("attn1 (self)", n, n, d, layers, g),
             Matmul("attn1.to_out + attn2.to_q", n, d, d, 2 * layers, True, "attn", g),
             Matmul("attn2.to_k/v (text)", t, d, d, 2 * layers, False, "attn", g),
@@ -211,6 +211,17 @@ class Wan(ModelFamily):
             encoder_hidden_states=batch["prompt_embeds"].to(noisy.dtype),
             return_dict=False,
         )[0]
+
+    @classmethod
+    def routed_blocks(cls, transformer):
+        return transformer.blocks
+
+    @classmethod
+    def route_block_args(cls, args, pick):
+        text, temb, rope = args  # a block's (hidden_states, encoder_hidden_states, temb, rotary_emb)
+        if temb.ndim == 4:  # one timestep per token (TI2V-5B's expand_timesteps): [B, N, 6, D]
+            temb = pick(temb)
+        return text, temb, tuple(pick(r) for r in rope)  # RoPE cos, sin: [1, N, 1, head_dim]
 
     @classmethod
     def make_tiny(cls, out_dir: Path, seed: int = 0) -> Path:

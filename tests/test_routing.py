@@ -1,0 +1,143 @@
+"""Token routing (train.token_routing): the routed span is transparent when every token goes through it, routing 0 is
+the model as before, a LoRA trained with routing lowers the full model's loss, FLOPs count what it computes
+(tests/test_perf.py), and real runs resume exactly and match across 1 and 2 processes."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from tests.conftest import write_recipe
+from tests.test_perf import LATENT, TINY_WAN, default_losses, losses_after, tiny_model
+from tests.training_setup import kill_group, losses, recipe_text, start_run, train_run, wait_for_step
+from trainer import perf
+from trainer.checkpoint import read_adapter
+from trainer.config import RecipeError, UserError
+from trainer.flow_matching import step_generator
+from trainer.models.wan import tiny_transformer_config
+from trainer.routing import ROUTED, routed_count
+from trainer.train import flow_loss
+
+TINY_TI2V = perf.ModelPreset("wan22_5b", tiny_transformer_config(in_channels=48, out_channels=48), text_tokens=7)
+ROUTE = ["train.token_routing=0.5", "train.token_routing_blocks=[1,2]"]  # the tiny model has 2 blocks
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("preset", [TINY_WAN, TINY_TI2V], ids=["wan", "ti2v-5b-per-token-timesteps"])
+def test_routing_every_token_through_the_span_is_the_full_model(preset):
+    """The hooks cut and put back tokens, RoPE and per-token timesteps exactly: with every token routed through the
+    span (and gradient checkpointing, which reruns the span in backward) output and gradients are the plain model's."""
+    recipe, family, model = tiny_model(preset, [*ROUTE, "train.gradient_checkpointing=true"])
+    batch = perf.random_batch(preset, (family.latent_channels, *LATENT[1:]), 2, preset.text_tokens)
+    noisy, sigmas = torch.randn_like(batch["latents"]), torch.tensor([0.3, 0.8])
+    if family.per_token_timesteps:
+        batch["first_frame"] = torch.tensor([True, False])  # one sample with timestep 0 on its first frame's tokens
+    tokens = perf.grid_tokens((1, 2, 2), tuple(batch["latents"].shape[1:]))
+
+    def run(routed):
+        out = model("transformer", noisy, sigmas, {**batch, ROUTED: routed})
+        out.square().mean().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        model.zero_grad()
+        return out, grads
+
+    plain, plain_grads = run(None)
+    every, every_grads = run(torch.arange(tokens).expand(2, tokens))
+    assert torch.equal(every, plain) and all(torch.equal(a, b) for a, b in zip(every_grads, plain_grads))
+    half, _ = run(torch.arange(0, tokens, 2).expand(2, tokens // 2))
+    assert not torch.allclose(half, plain)  # routing changes what the span sees
+    with torch.no_grad():  # samples and validation videos (no autograd) always run the full model
+        assert torch.equal(model("transformer", noisy, sigmas, {**batch, ROUTED: None}), plain.detach())
+
+
+def test_routing_zero_trains_exactly_as_before_and_half_routes():
+    assert losses_after(["train.token_routing=0", "train.token_routing_blocks=[0,1]"]) == default_losses()
+    assert losses_after(ROUTE) != default_losses()
+    assert routed_count(32760, 0.5) == 16380 and routed_count(3, 0.9) == 1
+
+
+def full_model_loss_drop(overrides: list[str], steps: int = 30) -> float:
+    """Overfit one batch (the same noise every step) with these switches: the loss of the full model, as inference
+    runs it, after training over before."""
+    recipe, _, model = tiny_model(TINY_WAN, overrides)
+    plain = recipe.model_copy(update={"train": recipe.train.model_copy(update={"token_routing": 0.0})})
+    batch = perf.random_batch(TINY_WAN, LATENT, 2, TINY_WAN.text_tokens)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2)
+
+    def loss(r):
+        return flow_loss(model, batch, r, [step_generator(0, 0, j) for j in range(2)])
+
+    with torch.no_grad():
+        before = loss(plain).item()
+    for _ in range(steps):
+        loss(recipe).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        return loss(plain).item() / before
+
+
+def test_a_lora_trained_with_routing_lowers_the_full_models_loss_nearly_as_much():
+    routed, plain = full_model_loss_drop(ROUTE), full_model_loss_drop([])
+    assert routed < 0.9  # measured 0.80 (plain: 0.78)
+    assert 1 - routed > 0.7 * (1 - plain)
+
+
+def test_routing_is_refused_by_name_where_it_cannot_run():
+    with pytest.raises(UserError, match=r"train.token_routing_blocks = \[2, -2\]: no block of the transformer's 2"):
+        tiny_model(TINY_WAN, ["train.token_routing=0.5"])  # the default span of a 2-block model is empty
+    hv = perf.ModelPreset("hunyuan_video", {"num_layers": 1, "num_single_layers": 1}, 5)
+    with pytest.raises(RecipeError, match="train.token_routing: the hunyuan_video family does not support"):
+        hv.family_class.routed_blocks(torch.nn.Module())
+    with pytest.raises(RecipeError, match="train.token_routing"):
+        tiny_model(TINY_WAN, ["train.token_routing=1"])
+
+
+@pytest.mark.slow
+def test_routed_runs_resume_exactly_after_sigkill(prepared, tmp_path):
+    model, cache = prepared
+
+    def recipe(name):
+        text = recipe_text(model, cache, tmp_path / name, 8, token_routing=0.5, token_routing_blocks=[1, 2])
+        return write_recipe(tmp_path / f"{name}.toml", text)
+
+    train_run(recipe("ref"))
+    proc = start_run(recipe("run"))
+    wait_for_step(proc, tmp_path / "run", 5)
+    kill_group(proc)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    train_run(recipe("run"), "one", "--resume")
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+    a, b = (read_adapter(tmp_path / n / "adapter.safetensors")[0] for n in ("run", "ref"))
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_routed_runs_match_across_one_and_two_processes(prepared, tmp_path):
+    """Two DDP processes with batch 1 route each sample's tokens as one process with batch 2 does (the draws follow
+    the sample's slot in the global batch); tolerances as in tests/test_multiprocess.py."""
+    model, cache = prepared
+
+    def run(name, mode, batch_size):
+        text = recipe_text(
+            model, cache, tmp_path / name, 4, batch_size=batch_size, gradient_accumulation=2, token_routing=0.5,
+            token_routing_blocks=[1, 2],
+        )  # fmt: skip
+        train_run(write_recipe(tmp_path / f"{name}.toml", text), mode)
+        return losses(tmp_path / name), read_adapter(tmp_path / name / "adapter.safetensors")[0]
+
+    (one, one_lora), (two, two_lora) = run("one", "one", 2), run("ddp", "ddp", 1)
+    assert sorted(two) == [1, 2, 3, 4]
+    assert [two[s] for s in two] == pytest.approx([one[s] for s in two], rel=1e-5)
+    for k in one_lora:
+        assert torch.allclose(two_lora[k], one_lora[k], atol=1e-3 * one_lora[k].norm().item() + 1e-7)
