@@ -10,9 +10,10 @@ one after the other:
   bare            the same model, LoRA config, optimizer and batch in a plain PyTorch loop (no vidlora)
   checkpointing   vidlora with train.gradient_checkpointing flipped
   adamw8bit       vidlora with bitsandbytes' 8-bit AdamW
+  routing         vidlora with token routing (train.token_routing 0.5 unless the recipe sets a share; not by default)
 and the script prints s/step, tokens/s, peak memory, achieved FLOP/s and MFU (trainer/perf.py has the
 FLOPs formula and the device peaks; docs/performance.md explains both), then the ratios:
-vidlora / bare time (overhead, goal <= 1.05) and the time and memory of each memory mode.
+vidlora / bare time (overhead, goal <= 1.05) and the time and memory of each memory mode and of routing.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CASES = ("vidlora", "bare", "checkpointing", "adamw8bit")
+CASES = ("vidlora", "bare", "checkpointing", "adamw8bit", "routing")
+DEFAULT_CASES = CASES[:4]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile, allocator, caches)")
     p.add_argument("--recipe", help="a recipe TOML whose lora/train settings to use (default: the defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma list out of {', '.join(CASES)}")
+    p.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma list out of {', '.join(CASES)}")
     p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's own choice)")
     p.add_argument("--peak-tflops", type=float, help="the device's bf16 dense peak, if the table lacks it")
     p.add_argument("--json", help="also write all figures to this JSON file")
@@ -72,6 +74,8 @@ def case_overrides(args: argparse.Namespace, case: str) -> tuple[list[str], str]
     if case == "checkpointing":
         gc = load_recipe(args.recipe, overrides).train.gradient_checkpointing
         overrides.append(f"train.gradient_checkpointing={'false' if gc else 'true'}")
+    if case == "routing" and not load_recipe(args.recipe, overrides).train.token_routing:
+        overrides.append("train.token_routing=0.5")
     return overrides, "adamw8bit" if case == "adamw8bit" else "adamw"
 
 
@@ -236,7 +240,15 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
 
     import trainer.train  # noqa: F401
     from trainer.config import load_recipe
-    from trainer.perf import checkpointed_fractions, latent_shape, presets, random_batch, step_flops, video_tokens
+    from trainer.perf import (
+        checkpointed_fractions,
+        latent_shape,
+        presets,
+        random_batch,
+        step_flops,
+        token_routing,
+        video_tokens,
+    )
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -277,8 +289,10 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
             recipe,
             optimizer_kind,
         )
-    if case != "vidlora":  # vidlora without the memory mode, for the mode's time ratio
+    if case != "vidlora":  # vidlora without the memory mode (or routing), for the mode's time ratio
         reference = load_recipe(args.recipe, args.set)
+        if case == "routing":
+            reference = reference.model_copy(update={"train": reference.train.model_copy(update={"token_routing": 0})})
         entries[f"{case}-reference"] = (vidlora_step(reference, preset, "adamw", batch, family)[0], reference, "adamw")
     for name in list(entries)[1:]:
         for _ in range(args.warmup):
@@ -299,14 +313,16 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
         _, r, optimizer = entries[name]
         per_step = r.train.batch_size * r.train.gradient_accumulation
         flops = step_flops(
-            preset, latent, text_tokens, per_step, r.lora.rank, r.lora.targets, checkpointed_fractions(transformer, r)
-        )
+            preset, latent, text_tokens, per_step, r.lora.rank, r.lora.targets, checkpointed_fractions(transformer, r),
+            token_routing(transformer, preset.family, r),
+        )  # fmt: skip
         s = statistics.median(wall for wall, _ in ts)
         results.append(
             {
                 "case": name,
                 "optimizer": optimizer,
                 "gradient_checkpointing": r.train.gradient_checkpointing,
+                "token_routing": r.train.token_routing,
                 "s_per_step": s,
                 "s_per_step_all": [wall for wall, _ in ts],
                 "cpu_s_per_step": statistics.median(cpu for _, cpu in ts),
@@ -379,13 +395,16 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
         if "CPU" in device:  # other processes inflate wall time; the CPU time each step used they do not
             cpu = base["cpu_s_per_step"] / by_case["bare"]["cpu_s_per_step"]
             print(f"overhead ratio by CPU time (vidlora / bare): {cpu:.3f}")
-    for case in ("checkpointing", "adamw8bit"):
+    for case in ("checkpointing", "adamw8bit", "routing"):
         r, ref = by_case.get(case), by_case.get(f"{case}-reference")
         if base and r and ref:
-            gc = f"gradient_checkpointing={str(r['gradient_checkpointing']).lower()}"
+            name = {
+                "checkpointing": f"gradient_checkpointing={str(r['gradient_checkpointing']).lower()}",
+                "routing": f"token_routing={r['token_routing']:g}",
+            }.get(case, case)
             cpu = f" (by CPU time {r['cpu_s_per_step'] / ref['cpu_s_per_step']:.3f})" if "CPU" in device else ""
             print(
-                f"{gc if case == 'checkpointing' else case} vs vidlora: time ratio "
+                f"{name} vs vidlora: time ratio "
                 f"{r['s_per_step'] / ref['s_per_step']:.3f}{cpu}, peak memory ratio "
                 f"{r['peak_memory_bytes'] / max(1, base['peak_memory_bytes']):.3f}"
             )

@@ -103,41 +103,35 @@ def test_routing_is_refused_by_name_where_it_cannot_run():
 
 
 @pytest.mark.slow
-def test_routed_runs_resume_exactly_after_sigkill(prepared, tmp_path):
+@pytest.mark.multiprocess
+def test_routed_runs_resume_exactly_and_match_across_one_and_two_processes(prepared, tmp_path):
+    """One process with batch 2: killed (SIGKILL) and resumed, it repeats the uninterrupted run bit for bit. Two DDP
+    processes with batch 1 route each sample's tokens as one process does (the draws follow the sample's slot in the
+    global batch); tolerances as in tests/test_multiprocess.py."""
     model, cache = prepared
 
-    def recipe(name):
-        text = recipe_text(model, cache, tmp_path / name, 8, token_routing=0.5, token_routing_blocks=[1, 2])
+    def recipe(name, batch_size=2):
+        text = recipe_text(
+            model, cache, tmp_path / name, 6, batch_size=batch_size, gradient_accumulation=2, checkpoint_every=2,
+            token_routing=0.5, token_routing_blocks=[1, 2],
+        )  # fmt: skip
         return write_recipe(tmp_path / f"{name}.toml", text)
+
+    def result(name):
+        return losses(tmp_path / name), read_adapter(tmp_path / name / "adapter.safetensors")[0]
 
     train_run(recipe("ref"))
     proc = start_run(recipe("run"))
-    wait_for_step(proc, tmp_path / "run", 5)
+    wait_for_step(proc, tmp_path / "run", 3)
     kill_group(proc)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     train_run(recipe("run"), "one", "--resume")
-    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
-    a, b = (read_adapter(tmp_path / n / "adapter.safetensors")[0] for n in ("run", "ref"))
-    assert all(torch.equal(a[k], b[k]) for k in b)
+    (ref, ref_lora), (run, run_lora) = result("ref"), result("run")
+    assert run == ref and all(torch.equal(run_lora[k], ref_lora[k]) for k in ref_lora)
 
-
-@pytest.mark.slow
-@pytest.mark.multiprocess
-def test_routed_runs_match_across_one_and_two_processes(prepared, tmp_path):
-    """Two DDP processes with batch 1 route each sample's tokens as one process with batch 2 does (the draws follow
-    the sample's slot in the global batch); tolerances as in tests/test_multiprocess.py."""
-    model, cache = prepared
-
-    def run(name, mode, batch_size):
-        text = recipe_text(
-            model, cache, tmp_path / name, 4, batch_size=batch_size, gradient_accumulation=2, token_routing=0.5,
-            token_routing_blocks=[1, 2],
-        )  # fmt: skip
-        train_run(write_recipe(tmp_path / f"{name}.toml", text), mode)
-        return losses(tmp_path / name), read_adapter(tmp_path / name / "adapter.safetensors")[0]
-
-    (one, one_lora), (two, two_lora) = run("one", "one", 2), run("ddp", "ddp", 1)
-    assert sorted(two) == [1, 2, 3, 4]
-    assert [two[s] for s in two] == pytest.approx([one[s] for s in two], rel=1e-5)
-    for k in one_lora:
-        assert torch.allclose(two_lora[k], one_lora[k], atol=1e-3 * one_lora[k].norm().item() + 1e-7)
+    train_run(recipe("ddp", batch_size=1), "ddp")
+    ddp, ddp_lora = result("ddp")
+    assert sorted(ddp) == list(range(1, 7))
+    assert [ddp[s] for s in ddp] == pytest.approx([ref[s] for s in ddp], rel=1e-5)
+    for k in ref_lora:
+        assert torch.allclose(ddp_lora[k], ref_lora[k], atol=1e-3 * ref_lora[k].norm().item() + 1e-7)
