@@ -205,6 +205,12 @@ class TrainSection(Section):
         description="Store the frozen base weights in float8 (e4m3) and compute in the weight dtype: about half "
         "the weight memory of bf16. The LoRA stays fp32. Not with DeepSpeed.",
     )
+    fp8_compute: Literal[False, "tensor", "row"] = Field(
+        False,
+        description="GPU with fp8 tensor cores (compute capability 8.9+): the frozen base's Linear layers in the "
+        "transformer blocks multiply in float8 (e4m3) through torch._scaled_mm, with one scale per tensor "
+        "('tensor') or per row ('row'); their input gradient and the LoRA stay in bf16/fp32. Refused elsewhere.",
+    )
     block_offload: bool = Field(
         False,
         description="Keep the frozen base weights in CPU memory and move each layer to the GPU only while it "

@@ -48,7 +48,7 @@ from trainer.checkpoint import (
 )
 from trainer.config import Recipe, UserError, resolve_device_precision
 from trainer.flow_matching import flow_mse, noisy_and_target, route, sample_sigmas, sigma_mass, step_generator
-from trainer.memory import apply_memory_modes, make_optimizer, offload_base_weights
+from trainer.memory import apply_memory_modes, fp8_compute_problem, make_optimizer, offload_base_weights
 from trainer.models import get_family
 from trainer.models.base import DTYPES, Denoiser, Denoisers, ModelFamily
 from trainer.perf import apply_speed_options, batch_step_flops, device_peak_flops, grid_tokens
@@ -257,6 +257,8 @@ def make_accelerator(recipe: Recipe, run: Path, mixed_precision: str, experts: i
             raise UserError("train.fp8_base and train.block_offload do not work under DeepSpeed (it owns the weights)")
     if t.block_offload and accelerator.num_processes > 1:
         raise UserError("train.block_offload is for one process (a model bigger than one GPU); use DeepSpeed ZeRO-3")
+    if t.fp8_compute and (problem := fp8_compute_problem(accelerator.device)):
+        raise UserError(f"train.fp8_compute = {t.fp8_compute!r}: {problem}")
     if t.offload_inactive_expert and (accelerator.num_processes > 1 or plugin is not None):
         raise UserError("train.offload_inactive_expert is for one process without DeepSpeed; use DeepSpeed ZeRO-3")
     return accelerator
