@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's own choice)")
     p.add_argument("--peak-tflops", type=float, help="the device's bf16 dense peak, if the table lacks it")
     p.add_argument("--json", help="also write all figures to this JSON file")
+    p.add_argument(
+        "--in-process", action="store_true", help="run the cases in this process: quicker, but peak memory is shared"
+    )
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     p.add_argument("--with-bare", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -436,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results = []
     for case in [c for c in cases if c != "bare"]:
-        results += spawn_case(argv, case, with_bare=case == "vidlora" and "bare" in cases)
+        with_bare = case == "vidlora" and "bare" in cases
+        results += run_case(args, case, with_bare) if args.in_process else spawn_case(argv, case, with_bare)
     report(args, results)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

@@ -26,7 +26,7 @@ PY="${PYTHON:-python}"
 if [ "$DRY" = 1 ]; then
     OUT="${OUT:-gpu_check_dry}"
     WAN=small; WAN_BIG=small; HV=hunyuan-small
-    SIZE=(--frames 9 --height 64 --width 64 --steps 1 --warmup 0 --threads 1)
+    SIZE=(--frames 9 --height 64 --width 64 --steps 1 --warmup 0 --threads 1 --in-process)
     SPAN=(--set "train.token_routing_blocks=[1,3]")  # the small preset has 4 blocks (the default span is empty)
     LIMIT=300
 else

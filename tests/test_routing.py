@@ -86,6 +86,13 @@ def full_model_loss_drop(overrides: list[str], steps: int = 30) -> float:
         return loss(plain).item() / before
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["blocks", "full"])
+def test_routing_trains_alike_compiled(mode):
+    """torch.compile (aot_eager, as tests/test_perf.py) traces the span's hooks: the same losses as eager routing."""
+    assert losses_after([*ROUTE, f"train.compile={mode}"], compile_backend="aot_eager") == losses_after(ROUTE)
+
+
 def test_a_lora_trained_with_routing_lowers_the_full_models_loss_nearly_as_much():
     routed, plain = full_model_loss_drop(ROUTE), full_model_loss_drop([])
     assert routed < 0.9  # measured 0.80 (plain: 0.78)
