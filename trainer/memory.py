@@ -101,7 +101,7 @@ def fp8_linear_forward(layer: nn.Linear, rowwise: bool, x: torch.Tensor) -> torc
         w = layer.weight.detach().float()
         amax = w.abs().amax(dim=1, keepdim=True) if rowwise else w.abs().amax()
         scale = (amax / FP8_MAX).clamp(min=1e-12)
-        layer._fp8 = ((w / scale).to(FP8), scale.t() if rowwise else scale)
+        layer._fp8 = ((w / scale).to(FP8), scale.t().contiguous() if rowwise else scale)
     w8, w_scale = layer._fp8
     bias = None if layer.bias is None else layer.bias.to(dtype)
     return FP8Matmul.apply(x, layer.weight, w8, w_scale, bias, rowwise)
