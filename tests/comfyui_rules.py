@@ -227,3 +227,81 @@ def comfyui_patches(
                 loaded.update((up_key, down_key))
                 break
     return patches, sorted(k for k in sd if k not in loaded)
+
+
+def _lora_update(sd: Mapping[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, set[str]] | None:
+    """(up @ down, keys used) of a LoRA pair under ``prefix``, as ComfyUI's LoRA adapter finds it."""
+    for up_suffix, down_suffix in _PAIRS:
+        up_key, down_key = prefix + up_suffix, prefix + down_suffix
+        if up_key in sd:
+            return sd[up_key].float().flatten(1) @ sd[down_key].float().flatten(1), {up_key, down_key}
+    return None
+
+
+def _lycoris_update(sd: Mapping[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, int | None, set[str]] | None:
+    """(update without alpha, the rank alpha divides by or None for 1, keys used) of a LoHa (``hada_*``: the Hadamard
+    product of two low-rank pairs) or LoKr (``lokr_*``: the Kronecker product of two factors, each whole or a
+    low-rank pair) under ``prefix``: ComfyUI's weight_adapter/loha.py and lokr.py for linear layers."""
+    get = {k.removeprefix(prefix + "."): v.float() for k, v in sd.items() if k.startswith(prefix + ".")}
+    if "hada_w1_a" in get:
+        w1 = get["hada_w1_a"] @ get["hada_w1_b"]
+        w2 = get["hada_w2_a"] @ get["hada_w2_b"]
+        used = {f"{prefix}.hada_{k}" for k in ("w1_a", "w1_b", "w2_a", "w2_b")}
+        return w1 * w2, get["hada_w1_b"].shape[0], used
+    if not any(k.startswith("lokr_") for k in get):
+        return None
+    dim, factors, used = None, [], set()
+    for w in ("w1", "w2"):
+        if f"lokr_{w}" in get:
+            factors.append(get[f"lokr_{w}"])
+            used.add(f"{prefix}.lokr_{w}")
+        else:  # a low-rank pair: its rank is what alpha divides by (w2's when both are pairs)
+            factors.append(get[f"lokr_{w}_a"] @ get[f"lokr_{w}_b"])
+            dim = get[f"lokr_{w}_b"].shape[0]
+            used |= {f"{prefix}.lokr_{w}_a", f"{prefix}.lokr_{w}_b"}
+    return torch.kron(*factors), dim, used
+
+
+def comfyui_patched_weights(
+    sd: Mapping[str, torch.Tensor], key_map: Mapping[str, str], weights: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """(internal weight -> its value after ComfyUI applies the file at strength 1, keys it would not load), for LoRA
+    pairs, LoHa and LoKr modules, each with an optional DoRA ``dora_scale``; ``weights``: the base weights by
+    ComfyUI's internal names.
+
+    ComfyUI's calculate_weight adds ``alpha * update`` (alpha = .alpha / rank, or 1 without .alpha; for LoKr with two
+    whole factors always 1). With a ``dora_scale`` of one value per output row it instead sets the weight to
+    ``(W + alpha * update) * dora_scale / (|W| + eps)``, |W| the row norm of the *base* weight (weight_decompose).
+    """
+    loaded: set[str] = set()
+    out: dict[str, torch.Tensor] = {}
+    for prefix, weight in key_map.items():
+        alpha_key, dora_key = f"{prefix}.alpha", f"{prefix}.dora_scale"
+        alpha = float(sd[alpha_key].item()) if alpha_key in sd else None
+        found = _lora_update(sd, prefix)
+        if found is not None:
+            update, used = found
+            scale = alpha / used_rank(sd, used) if alpha is not None else 1.0
+        else:
+            lycoris = _lycoris_update(sd, prefix)
+            if lycoris is None:
+                continue
+            update, dim, used = lycoris
+            scale = alpha / dim if alpha is not None and dim else 1.0
+        loaded |= used | ({alpha_key} & set(sd))
+        W = weights[weight].float()
+        patched = W + scale * update.reshape(W.shape)
+        if dora_key in sd:
+            loaded.add(dora_key)
+            d = sd[dora_key].float()
+            assert d.shape[0] == W.shape[0], "only the output-axis DoRA scale is modelled here"
+            norm = W.reshape(W.shape[0], -1).norm(dim=1, keepdim=True) + torch.finfo(W.dtype).eps
+            patched = patched * (d / norm)
+        out[weight] = patched
+    return out, sorted(k for k in sd if k not in loaded)
+
+
+def used_rank(sd: Mapping[str, torch.Tensor], used: set[str]) -> int:
+    """The rank of a LoRA pair: rows of its down (A) matrix."""
+    down = next(k for k in used if "down" in k or "lora_A" in k)
+    return sd[down].shape[0]

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from data.cache import atomic_write, file_mode, write_json
 from trainer.config import Recipe, UserError
 from trainer.env import collect
-from trainer.formats import alphas_from_model, load_lora, save_lora
+from trainer.formats import alphas_from_model, comfyui_dora_scales, load_lora, save_lora
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -59,8 +59,10 @@ KILL_IN_CHECKPOINT = "VIDLORA_TEST_KILL_IN_CHECKPOINT"
 
 
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Canonical peft keys (`blocks.0.attn1.to_q.lora_A.weight`), cloned to fp32 on the CPU."""
-    return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    """Canonical peft keys (`blocks.0.attn1.to_q.lora_A.weight`), cloned to fp32 on the CPU; DoRA modules also get
+    ComfyUI's `dora_scale`, which depends on the base weights (trainer/formats.py: comfyui_dora_scales)."""
+    state = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {**state, **comfyui_dora_scales(model)}
 
 
 def is_zero3(accelerator: Any) -> bool:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -152,6 +152,12 @@ class DataSection(Section):
 
 
 class LoraSection(Section):
+    kind: Literal["lora", "lokr", "loha", "dora"] = Field(
+        "lora",
+        description="Adapter kind, each peft's own: lora; dora (LoRA plus a learned magnitude per output row); lokr "
+        "(Kronecker product) and loha (Hadamard product of two low-rank pairs), which diffusers cannot load: they "
+        "export in the comfyui and kohya layouts only (see docs/export.md).",
+    )
     rank: int = Field(32, ge=1, description="LoRA rank r.")
     alpha: float | None = Field(
         None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank. Default: rank."
@@ -357,6 +363,18 @@ class Recipe(Section):
     validation: ValidationSection = Field(default_factory=ValidationSection)
     export: ExportSection = Field(default_factory=ExportSection)
 
+    @model_validator(mode="after")
+    def _kind_fits(self) -> Recipe:
+        kind = self.lora.kind
+        if kind in ("lokr", "loha"):
+            if self.lora.dropout:
+                raise ValueError(f"lora.dropout: {kind} has no input dropout (set it to 0)")
+            if "diffusers" in self.export.formats:
+                if "formats" in self.export.model_fields_set:
+                    raise ValueError(f"export.formats: diffusers cannot load {kind} adapters; use comfyui or kohya")
+                self.export.formats = ["comfyui"]
+        return self
+
     def to_toml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 
@@ -437,6 +455,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
 def _describe(err: dict) -> str:
     """One readable phrase per pydantic error: the dotted key, what is wrong, what is allowed."""
     key = ".".join(str(p) for p in err["loc"])
+    if not key and err["type"] == "value_error":  # a check across sections names its keys itself
+        return str(err["ctx"]["error"])
     if err["type"] == "extra_forbidden":
         *parent, name = [str(p) for p in err["loc"]]
         known = _known_keys(parent)

@@ -25,7 +25,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, send_to_device, set_seed
 from diffusers.optimization import get_scheduler
-from peft import LoraConfig
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -159,15 +158,11 @@ def build_denoiser(
 
         add_initial_adapter(transformer, recipe.lora, family, denoiser)
     else:
-        transformer.add_adapter(
-            LoraConfig(
-                r=recipe.lora.rank,
-                lora_alpha=recipe.lora.alpha or recipe.lora.rank,
-                lora_dropout=recipe.lora.dropout,
-                target_modules=lora_targets(family, recipe.lora.targets),
-                init_lora_weights=True,
-            )
-        )
+        from trainer.export import adapter_config
+
+        lora = recipe.lora
+        targets = lora_targets(family, lora.targets)
+        transformer.add_adapter(adapter_config(lora.kind, lora.rank, lora.alpha or lora.rank, lora.dropout, targets))
     for p in transformer.parameters():
         if p.requires_grad:
             p.data = p.data.to(device or p.device, torch.float32)  # LoRA trains in fp32 whatever the base dtype
@@ -564,6 +559,7 @@ def adapter_meta(recipe: Recipe, family: ModelFamily) -> dict[str, Any]:
         "format": "vidlora",
         "family": family.name,
         "base_model": recipe.model.path,
+        "kind": recipe.lora.kind,
         "rank": recipe.lora.rank,
         "alpha": recipe.lora.alpha or recipe.lora.rank,
         "target_modules": lora_targets(family, recipe.lora.targets),
@@ -597,7 +593,9 @@ def finish(
             save_adapter(path, experts[denoiser.component], expert_meta, loras[denoiser.component])
             adapters.append(path)
             out = run / "pytorch_lora_weights.safetensors"  # export adds the expert: ..._high_noise.safetensors
-            written += [("vidlora", path), ("diffusers", export_adapter(path, out, "diffusers", recipe.export.dtype))]
+            written.append(("vidlora", path))
+            if "diffusers" in recipe.export.formats or recipe.lora.kind in ("lora", "dora"):
+                written.append(("diffusers", export_adapter(path, out, "diffusers", recipe.export.dtype)))
         others = [f for f in recipe.export.formats if f != "diffusers"]
         for w in export_files(adapters, others, out_dir=run, dtype=recipe.export.dtype) if others else []:
             written.append((w.fmt, w.path))
