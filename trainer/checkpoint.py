@@ -165,8 +165,9 @@ def save_checkpoint(
     meta: dict,
     keep: int,
     state: dict,
+    ema: Any = None,
 ) -> Path:
-    """Save accelerate (or DeepSpeed) state + adapter + `state` (JSON) as `folder/step-N`, atomically.
+    """Save accelerate (or DeepSpeed) state + adapter + `state` (JSON) + the EMA (if any) as `folder/step-N`, atomically.
     Every rank must call this (each writes its own RNG state or optimizer shard)."""
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}"
@@ -185,6 +186,10 @@ def save_checkpoint(
         for denoiser in denoisers.family.trained_denoisers():
             expert, lora = denoisers.experts[denoiser.component], loras[denoiser.component]
             save_adapter(tmp / adapter_name(denoiser), expert, {**meta, **denoiser_meta(denoiser), "steps": step}, lora)
+        if ema is not None:  # trainer/ema.py: the EMA of the LoRA weights
+            from trainer.ema import EMA_FILE
+
+            ema.save(tmp / EMA_FILE)
         (tmp / STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
         _fsync_tree(tmp)
         if os.environ.get(KILL_IN_CHECKPOINT) == str(step):

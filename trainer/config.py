@@ -244,6 +244,15 @@ class TrainSection(Section):
     checkpoints_keep: int = Field(3, ge=1, description="How many recent checkpoints to keep.")
     log_every: int = Field(10, ge=1, description="Log metrics (console, metrics.jsonl, wandb) every N optimizer steps.")
     dataloader_workers: int = Field(2, ge=0, description="DataLoader worker processes reading the cache.")
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Keep an exponential moving average of the LoRA weights with this decay (e.g. 0.999), updated "
+        "after every optimizer step, saved in checkpoints and validated next to the raw weights (ema_val_loss, "
+        "validation/ema/); `export.use_ema` makes it the run's adapter. Off by default.",
+    )
+    ema_on_cpu: bool = Field(False, description="Keep the EMA in CPU memory (saves GPU memory, costs a copy per step).")
     # speed switches, applied by trainer/perf.py (see docs/performance.md)
     compile: Literal[False, "blocks", "full"] = Field(
         False,
@@ -347,6 +356,11 @@ class ValidationSection(Section):
 
 class ExportSection(Section):
     dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of exported adapter tensors.")
+    use_ema: bool = Field(
+        False,
+        description="The run's final adapter (and every file exported from it) holds the EMA of the weights "
+        "(needs train.ema_decay); the raw weights stay in the last checkpoint.",
+    )
     formats: list[Literal["diffusers", "comfyui", "kohya"]] = Field(
         ["diffusers"],
         min_length=1,
@@ -365,6 +379,8 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _kind_fits(self) -> Recipe:
+        if self.export.use_ema and self.train.ema_decay is None:
+            raise ValueError("export.use_ema needs train.ema_decay (there is no EMA to export)")
         kind = self.lora.kind
         if kind in ("lokr", "loha"):
             if self.lora.dropout:

@@ -53,6 +53,7 @@ DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 CARRIED = (
     "base_model",
     "kind",
+    "ema_decay",
     "rank",
     "alpha",
     "target_modules",

@@ -46,6 +46,7 @@ from trainer.checkpoint import (
     start_run_folder,
 )
 from trainer.config import Recipe, UserError, resolve_device_precision
+from trainer.ema import LoraEMA
 from trainer.flow_matching import flow_mse, noisy_and_target, route, sample_sigmas, sigma_mass, step_generator
 from trainer.memory import apply_memory_modes, make_optimizer, offload_base_weights
 from trainer.models import get_family
@@ -342,6 +343,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         model, optimizer = accelerator.prepare(model, optimizer)
     if not deepspeed:
         register_lora_only_state(accelerator)
+    ema = LoraEMA(unwrapped(model), t.ema_decay, t.ema_on_cpu) if t.ema_decay else None
 
     pos = Position()
     if checkpoint is not None:
@@ -353,6 +355,8 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
             accelerator.load_state(str(checkpoint))
         pos.load_state_dict(state["position"])
         load_scheduler(scheduler, state["scheduler"], t.learning_rate)
+        if ema:
+            ema.load(checkpoint)
         log.info("resumed from %s at step %d", checkpoint, pos.step)
     if accelerator.is_main_process:
         start_run_folder(run, recipe, checkpoint, pos.step)
@@ -366,7 +370,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
 
         validator = Validator(recipe, family, dataset, accelerator, run)
         if v.at_start and checkpoint is None:
-            log_validation(accelerator, run, validator.run(model, 0), 0)
+            log_validation(accelerator, run, validate(validator, model, ema, 0), 0)
     report_start(accelerator, recipe, dataset, sampler, params, checkpoint, pos.step)
     bar = tqdm(total=t.max_steps, initial=pos.step, desc="train", disable=not accelerator.is_main_process)
     window = Window(peak_flops(accelerator))
@@ -396,6 +400,8 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                 # ---- one optimizer step: all ranks agree on skipping and stopping with one reduce ----
                 bad, stop_now = window.end_step(accelerator, stop.requested)
                 grad_norm, skipped = optimizer_step(accelerator, params, optimizer, scheduler, t.max_grad_norm, bad)
+                if ema and not skipped:
+                    ema.update()
                 pos.step += 1
                 if denoiser.label:
                     pos.experts[denoiser.label] = pos.experts.get(denoiser.label, 0) + 1
@@ -419,9 +425,11 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                         "scheduler": scheduler.state_dict(),
                         **run_shape(recipe, world, deepspeed),
                     }
-                    saved = save_checkpoint(accelerator, checkpoints, pos.step, model, meta, t.checkpoints_keep, state)
+                    saved = save_checkpoint(
+                        accelerator, checkpoints, pos.step, model, meta, t.checkpoints_keep, state, ema
+                    )
                 if validator and (pos.step % v.every == 0 or pos.step == t.max_steps) and not stop_now:
-                    log_validation(accelerator, run, validator.run(model, pos.step), pos.step)
+                    log_validation(accelerator, run, validate(validator, model, ema, pos.step), pos.step)
                 window.pause(time.perf_counter() - pause)
                 if stop_now:
                     bar.close()
@@ -433,9 +441,18 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                 pos.epoch += 1
                 pos.batch = 0
     bar.close()
-    written = finish(accelerator, model, family, recipe, run, meta, pos.step)
+    written = finish(accelerator, model, family, recipe, run, meta, pos.step, ema)
     report_end(accelerator, run, pos, started, written)
     return run
+
+
+def validate(validator: Any, model: torch.nn.Module, ema: LoraEMA | None, step: int) -> dict[str, float]:
+    """Validation logs of the raw weights, and of the EMA (`ema_` keys, videos in validation/ema/) if there is one."""
+    logs = validator.run(model, step)
+    if ema is not None:
+        with ema.applied():
+            logs |= {f"ema_{k}": v for k, v in validator.run(model, step, "ema").items()}
+    return logs
 
 
 def forward_backward(
@@ -576,12 +593,18 @@ def finish(
     run: Path,
     meta: dict,
     steps: int,
+    ema: LoraEMA | None = None,
 ) -> list[tuple[str, Path]]:
     """Write the final adapters (one per trained denoiser): canonical, diffusers (`pytorch_lora_weights.safetensors`,
     the name `load_lora_weights` looks for in a folder; `_high_noise` / `_low_noise` before the extension for
     experts) and every other format of `export.formats`. Returns (format, file) of each on the main process."""
     accelerator.wait_for_everyone()
-    loras = gather_lora(accelerator, model)  # every rank: ZeRO-3 gathers
+    if ema is not None and recipe.export.use_ema:  # the EMA is the adapter; the raw weights are in the checkpoint
+        meta = {**meta, "ema_decay": ema.decay}
+        with ema.applied():
+            loras = gather_lora(accelerator, model)
+    else:
+        loras = gather_lora(accelerator, model)  # every rank: ZeRO-3 gathers
     written: list[tuple[str, Path]] = []
     if accelerator.is_main_process:
         from trainer.export import export_adapter, export_files

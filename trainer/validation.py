@@ -86,7 +86,8 @@ class Validator:
         return [i if i < n else None for i in range(rank, math.ceil(n / world) * world, world)]
 
     @torch.no_grad()
-    def run(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+    def run(self, model: torch.nn.Module, step: int, subfolder: str = "") -> dict[str, float]:
+        """Validation logs; videos go to validation/[subfolder/]step-N."""
         model = self.accelerator.unwrap_model(model)
         was_training = model.training
         model.eval()
@@ -95,7 +96,7 @@ class Validator:
             if self.loss_items:
                 logs.update(self.loss(model))
             if self.prompts:
-                self.videos(model, step)
+                self.videos(model, step, subfolder)
         finally:
             model.train(was_training)
         return logs
@@ -158,7 +159,7 @@ class Validator:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def videos(self, model: torch.nn.Module, step: int) -> list[Path]:
+    def videos(self, model: torch.nn.Module, step: int, subfolder: str = "") -> list[Path]:
         acc, v = self.accelerator, self.v
         pipe = self.pipeline(model)
         negative = self.dataset.validation_negative_id
@@ -167,7 +168,7 @@ class Validator:
         if negative_text is None and guidance > 1.0 and self.family.guidance_is_cfg:
             log.warning("validation: the cache has no negative prompt (re-run prepare); sampling without guidance")
             guidance = 1.0
-        out_dir = self.run_dir / "validation" / f"step-{step:06d}"
+        out_dir = self.run_dir / "validation" / subfolder / f"step-{step:06d}"
         written = []
         for j in self.shard(len(self.jobs)):
             i, suffix, extra = self.jobs[j if j is not None else 0]
