@@ -114,13 +114,18 @@ def save_adapter(
 def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(canonical LoRA, metadata with JSON values decoded) of an adapter file."""
     sd, raw = load_lora(path)
+    return sd, decode_meta(raw)
+
+
+def decode_meta(raw: dict[str, str]) -> dict[str, Any]:
+    """A safetensors header with its JSON values decoded (other strings kept)."""
     meta: dict[str, Any] = {}
     for k, v in raw.items():
         try:
             meta[k] = json.loads(v)
         except json.JSONDecodeError:
             meta[k] = v
-    return sd, meta
+    return meta
 
 
 def find_adapters(src: str | Path) -> list[Path]:

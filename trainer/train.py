@@ -622,5 +622,8 @@ def finish(
         others = [f for f in recipe.export.formats if f != "diffusers"]
         for w in export_files(adapters, others, out_dir=run, dtype=recipe.export.dtype) if others else []:
             written.append((w.fmt, w.path))
+        from trainer.card import write_card
+
+        written.append(("card", write_card(run)))
     accelerator.end_training()
     return written
