@@ -150,7 +150,9 @@ def _stills(validation: Path, out: Path) -> list[Path]:
     for video in videos:
         info = probe(video)
         frame = read_frames(info, [info.num_frames // 2])[0]
-        written.append(write_image(out / f"{video.stem}.png", frame))
+        still = out / f"{video.stem}.png"
+        atomic_write(still, lambda tmp, f=frame: write_image(tmp, f, format="PNG"))
+        written.append(still)
     return written
 
 
