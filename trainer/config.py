@@ -238,6 +238,20 @@ class TrainSection(Section):
     checkpoints_keep: int = Field(3, ge=1, description="How many recent checkpoints to keep.")
     log_every: int = Field(10, ge=1, description="Log metrics (console, metrics.jsonl, wandb) every N optimizer steps.")
     dataloader_workers: int = Field(2, ge=0, description="DataLoader worker processes reading the cache.")
+    context_parallel: int = Field(
+        1,
+        ge=1,
+        description="Processes that share each sample, its token sequence split between them (context "
+        "parallelism, for a sample whose activations do not fit one GPU); 1 = off. Divides the processes "
+        "launched; the rest is data parallel. Needs a family with a context-parallel plan (Wan). See "
+        "docs/training.md.",
+    )
+    context_parallel_kind: Literal["ulysses", "ring"] = Field(
+        "ulysses",
+        description="How attention is split: 'ulysses' (all-to-all over the heads; the degree divides the "
+        "attention heads) or 'ring' (key/value blocks passed around; needs a GPU attention backend that returns "
+        "the log-sum-exp: train.attention_backend = '_native_cudnn', 'flash', ...).",
+    )
     # speed switches, applied by trainer/perf.py (see docs/performance.md)
     compile: Literal[False, "blocks", "full"] = Field(
         False,

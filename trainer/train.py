@@ -51,6 +51,7 @@ from trainer.flow_matching import flow_mse, noisy_and_target, route, sample_sigm
 from trainer.memory import apply_memory_modes, make_optimizer, offload_base_weights
 from trainer.models import get_family
 from trainer.models.base import DTYPES, Denoiser, Denoisers, ModelFamily
+from trainer.parallel import check_context_parallel, device_mesh, enable_context_parallel, layout
 from trainer.perf import apply_speed_options, batch_step_flops, device_peak_flops
 from trainer.tracking import Window, engine, init_tracking, log_metrics, log_validation, report_end, report_start
 
@@ -320,8 +321,11 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         raise UserError(
             f"{recipe.data.cache_dir}: cache was prepared for {dataset.family!r}, recipe is {family.name!r}"
         )
-    family.check_shapes((dataset.shape_key(i) for i in range(len(dataset))), f"{recipe.data.cache_dir}: sample size")
-    sampler = BucketBatchSampler(dataset, t.batch_size, seed=t.seed, num_replicas=world, rank=rank)
+    shapes = [dataset.shape_key(i) for i in range(len(dataset))]
+    family.check_shapes(shapes, f"{recipe.data.cache_dir}: sample size")
+    check_context_parallel(t, family, world, device, deepspeed, shapes)
+    cp = layout(t.context_parallel, rank, world)  # a context-parallel group shares one sample stream
+    sampler = BucketBatchSampler(dataset, t.batch_size, seed=t.seed, num_replicas=cp.dp, rank=cp.dp_rank)
     workers = t.dataloader_workers
     loader = DataLoader(
         dataset,
@@ -333,6 +337,16 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         pin_memory=device.type == "cuda",
     )
     model = build_model(recipe, family, DTYPES[weight_dtype], device if t.block_offload else None)
+    if cp.degree > 1:
+        mesh = device_mesh(cp.degree, t.context_parallel_kind, world, device)
+        for expert in model.experts.values():
+            enable_context_parallel(expert, family.context_parallel_plan(), t.context_parallel_kind, mesh, device)
+        if accelerator.is_main_process:
+            print(
+                f"vidlora train: context parallel ({t.context_parallel_kind}): {cp.dp} group(s) of {cp.degree} "
+                "processes, each sample's sequence split across its group",
+                flush=True,
+            )
     groups = expert_param_groups(model, t)
     params = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(groups, t)
@@ -385,16 +399,16 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
             for batch in loader:
                 batch = send_to_device(batch, device, non_blocking=True)
                 n = len(batch["files"])
-                slots = [rank * n + j for j in range(n)]  # this rank's places in the global batch
+                slots = [cp.dp_rank * n + j for j in range(n)]  # this group's places in the global batch
                 denoiser = step_denoiser(recipe, family, pos.step)  # the same for every micro-batch of a step
                 activate(model, optimizer, scheduler, denoiser, t.offload_inactive_expert, device)
                 with accelerator.accumulate(model):
-                    loss = forward_backward(accelerator, model, batch, recipe, pos.micro, slots, denoiser)
+                    loss = forward_backward(accelerator, model, batch, recipe, pos.micro, slots, denoiser, cp.degree)
                 pos.batch += 1
                 pos.micro += 1
                 expert = unwrapped(model).experts[denoiser.component]
-                flops = batch_step_flops(expert, family.name, batch, recipe).model
-                window.add(loss.item(), n, batch["files"], flops, denoiser.label)
+                flops = batch_step_flops(expert, family.name, batch, recipe).model if cp.lead else 0.0
+                window.add(loss.item(), n if cp.lead else 0, batch["files"], flops, denoiser.label)
                 if not accelerator.sync_gradients:
                     continue
 
@@ -451,14 +465,16 @@ def forward_backward(
     micro: int,
     slots: list[int],
     denoiser: Denoiser | None = None,
+    context_parallel: int = 1,
 ) -> torch.Tensor:
     """One micro-batch through one denoiser: loss and backward. Dropout, noise and timesteps are seeded from (seed,
-    micro-step, slot in the global batch), so resumes and different process counts draw exactly the same numbers."""
+    micro-step, slot in the global batch), so resumes and different process counts draw exactly the same numbers.
+    Under context parallelism the backward loss is scaled by the degree (trainer/parallel.py says why)."""
     seed = recipe.train.seed
     torch.manual_seed(step_seed(seed, micro, accelerator.process_index))  # LoRA dropout
     generators = [step_generator(seed, micro, s) for s in slots]
     loss = flow_loss(model, batch, recipe, generators, denoiser, deepspeed_input_dtype(accelerator))
-    accelerator.backward(loss)  # under DeepSpeed this also steps (or skips a non-finite step)
+    accelerator.backward(loss * context_parallel)  # under DeepSpeed this also steps (or skips a non-finite step)
     return loss
 
 

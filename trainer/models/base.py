@@ -307,6 +307,12 @@ class ModelFamily:
                 "image-to-video (only a model that does both takes it)"
             )
 
+    @classmethod
+    def context_parallel_plan(cls) -> dict[str, Any] | None:
+        """How diffusers splits the transformer's sequence across processes and gathers it back
+        (train.context_parallel; a diffusers `_cp_plan`); None: the family cannot train context-parallel."""
+        return None
+
     def draw_conditions(self, train: TrainSection, generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
         """Per-sample choices of a training step besides noise level and noise (for a model that does text- and
         image-to-video: whether a sample is conditioned on its first frame), each drawn from its sample's generator
