@@ -24,14 +24,14 @@ from trainer.checkpoint import read_adapter
 from trainer.config import TrainSection, UserError
 from trainer.parallel import check_context_parallel, layout
 
-STEPS = 6
+STEPS = 4
 
 
 def cp_recipe(tmp, prepared, name, **train):
-    """6 steps of 2 micro-batches of 1 sample; validation (loss and one video) every 3 steps."""
+    """4 steps of 2 micro-batches of 1 sample; validation (loss and one video) every 2 steps."""
     model, cache = prepared
-    text = recipe_text(model, cache, tmp / name, STEPS, checkpoint_every=3, gradient_accumulation=2, **train)
-    text += f'[validation]\nevery = 3\ninference_steps = 2\nnum_frames = 5\nloss_cache_dir = "{cache}"\n'
+    text = recipe_text(model, cache, tmp / name, STEPS, checkpoint_every=2, gradient_accumulation=2, **train)
+    text += f'[validation]\nevery = 2\ninference_steps = 2\nnum_frames = 5\nloss_cache_dir = "{cache}"\n'
     return write_recipe(tmp / f"{name}.toml", text)
 
 
@@ -59,10 +59,10 @@ def test_ulysses_two_processes_train_what_one_process_trains(runs):
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
     val = {r["step"]: r["val_loss"] for r in rows(one) if "val_loss" in r}
-    assert sorted(val) == [3, 6]
+    assert sorted(val) == [2, 4]
     for step, value in ((r["step"], r["val_loss"]) for r in rows(cp) if "val_loss" in r):
         assert value == pytest.approx(val[step], rel=1e-5)
-    for step in (3, 6):
+    for step in (2, 4):
         assert len(list((cp / f"validation/step-{step:06d}").glob("*.mp4"))) == 1
     final = read_adapter(cp / "adapter.safetensors")[0]
     assert any(v.abs().sum() > 0 for k, v in final.items() if "lora_B" in k)  # it trained
@@ -74,8 +74,8 @@ def test_ulysses_two_processes_train_what_one_process_trains(runs):
 def test_resume_under_context_parallelism_is_exact(runs):
     _, cp, recipe = runs
     first, adapter = losses(cp), read_adapter(cp / "adapter.safetensors")[0]
-    train_run(recipe, "ddp", "--resume", str(cp / "checkpoints/step-000003"))
-    assert losses(cp) == first  # steps 4-6 trained again by the same two processes: identical
+    train_run(recipe, "ddp", "--resume", str(cp / "checkpoints/step-000002"))
+    assert losses(cp) == first  # steps 3-4 trained again by the same two processes: identical
     again = read_adapter(cp / "adapter.safetensors")[0]
     assert all(torch.equal(again[k], adapter[k]) for k in adapter)
 
@@ -120,3 +120,25 @@ def test_layout_groups_neighbouring_ranks():
         (1, 1, False),
     ]
     assert layout(1, 3, 4) == layout(1, 3, 4) and layout(1, 3, 4).dp == 4
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_data_parallel_groups_of_two_train_what_two_ddp_processes_train(prepared, tmp_path):
+    """4 processes as 2 DP x 2 CP, one sample per group and micro-step, against one process with two samples per
+    micro-step: what 2 DDP processes train (tests/test_multiprocess.py). Validation off: training alone."""
+    model, cache = prepared
+
+    def recipe(name, **train):
+        text = recipe_text(model, cache, tmp_path / name, 2, gradient_accumulation=2, **train)
+        return write_recipe(tmp_path / f"{name}.toml", text)
+
+    train_run(recipe("one", batch_size=2))
+    proc = train_run(recipe("dpcp", context_parallel=2), "ddp", processes=4)
+    assert "context parallel (ulysses): 2 group(s) of 2 processes" in proc.stdout
+    want, got = losses(tmp_path / "one"), losses(tmp_path / "dpcp")
+    assert sorted(got) == [1, 2]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    a, b = (read_adapter(tmp_path / name / "adapter.safetensors")[0] for name in ("dpcp", "one"))
+    assert_lora_close(a, b)
