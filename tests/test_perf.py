@@ -252,22 +252,24 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_bench_small_prints_overhead_and_memory_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    proc = run_bench("--model", "small", "--json", str(out))
+    proc = run_bench("--model", "small", "--json", str(out), "--context-parallel", "2")
     assert re.search(r"overhead ratio \(vidlora / bare s/step\): \d+\.\d{3}", proc.stdout)
     assert re.search(r"overhead ratio by CPU time \(vidlora / bare\): \d+\.\d{3}", proc.stdout)
     assert re.search(
         r"gradient_checkpointing=true vs vidlora: time ratio \d+\.\d+.*, peak memory ratio \d+\.\d+", proc.stdout
     )
     assert re.search(r"adamw8bit vs vidlora: time ratio \d+\.\d+.*, peak memory ratio \d+\.\d+", proc.stdout)
+    # 2 processes (torchrun, gloo) sharing the sample: the largest rank's peak against one process's
+    assert re.search(r"context parallel 2 vs vidlora: time ratio \d+\.\d+, per-rank peak memory ratio", proc.stdout)
     results = {r["case"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(results) == {"vidlora", "bare", "checkpointing", "adamw8bit"} | {
+    assert set(results) == {"vidlora", "bare", "checkpointing", "adamw8bit", "context-parallel"} | {
         "checkpointing-reference",
         "adamw8bit-reference",
     }
     assert not results["checkpointing-reference"]["gradient_checkpointing"]
     assert results["adamw8bit-reference"]["optimizer"] == "adamw"
     assert results["checkpointing"]["gradient_checkpointing"] and results["adamw8bit"]["optimizer"] == "adamw8bit"
-    for case in ("vidlora", "checkpointing", "adamw8bit"):
+    for case in ("vidlora", "checkpointing", "adamw8bit", "context-parallel"):
         assert results[case]["peak_memory_bytes"] > 0
     flops = perf.step_flops(perf.presets()["small"], perf.latent_shape(perf.presets()["small"], 9, 128, 128))
     assert results["vidlora"]["model_flops"] == flops.model
@@ -288,3 +290,11 @@ def test_bench_rejects_bad_arguments():
         text=True,
     )
     assert proc.returncode == 2 and "--frames 8: must be 4k+1" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_train.py", "--model", "hunyuan-small", "--context-parallel", "2"],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "has no context-parallel plan" in proc.stderr
