@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 
 from data.cache import load_entry, read_meta
 from data.prepare import load_index
+from trainer.config import UserError
 
 
 def holdout_sources(samples: list[dict[str, Any]], n: int) -> set[str]:
@@ -33,11 +34,12 @@ def holdout_sources(samples: list[dict[str, Any]], n: int) -> set[str]:
 class CachedDataset(Dataset):
     """One item per (sample, repeat); each item is the sample's tensors plus one of its captions' tensors.
 
-    Items are addressed as (index, epoch): the caption drawn for a multi-caption sample depends on both.
+    Items are addressed as (index, epoch): the caption drawn for a multi-caption sample depends on both, and so
+    does whether the item trains on the empty prompt instead (`caption_dropout`, its share of the items).
     `holdout_clips` moves every sample of that many source clips to `heldout` (for the validation loss).
     """
 
-    def __init__(self, cache_dir: str | Path, seed: int = 0, holdout_clips: int = 0):
+    def __init__(self, cache_dir: str | Path, seed: int = 0, holdout_clips: int = 0, caption_dropout: float = 0.0):
         self.root = Path(cache_dir)
         index = load_index(self.root)
         self.family = index["family"]
@@ -50,7 +52,12 @@ class CachedDataset(Dataset):
             raise ValueError(f"{self.root / 'index.json'}: the cache holds no training samples{why}")
         self.validation_text_ids: list[str] = index.get("validation", [])
         self.validation_negative_id: str | None = index.get("validation_negative")
-        self.seed = seed
+        self.seed, self.caption_dropout = seed, caption_dropout
+        if caption_dropout and any("empty_text_id" not in e for e in self.entries):
+            raise UserError(
+                f"{self.root}: train.caption_dropout needs the empty prompt's embedding, which this cache lacks: "
+                "run `vidlora prepare` with the recipe (it encodes only that)"
+            )
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -64,6 +71,8 @@ class CachedDataset(Dataset):
         i, epoch = key if isinstance(key, tuple) else (key, 0)
         e = self.entries[i]
         caption = random.Random(f"{self.seed}/{epoch}/{i}").choice(e["text_ids"])
+        if self.caption_dropout and random.Random(f"{self.seed}/{epoch}/{i}/drop").random() < self.caption_dropout:
+            caption = e["empty_text_id"]  # drawn from (seed, epoch, item) only: same on resume and any rank
         return self.load(e, caption)
 
     def load(self, entry: dict[str, Any], text_id: str) -> dict[str, Any]:

@@ -42,6 +42,7 @@ class Sample:
     repeats: int
     fingerprint: str
     text_ids: list[str] = field(default_factory=list)
+    empty_text_id: str | None = None  # the empty prompt's entry (for train.caption_dropout)
 
     @property
     def shape(self) -> tuple[int, int, int]:

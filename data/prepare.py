@@ -373,6 +373,9 @@ def prepare(recipe: Recipe, family: Encoders, strict: bool = False, dry_run: boo
         picture = Picture(s.source, s.frames[0], s.bucket) if family.text_needs_image else None
         s.text_ids = [text_id(c, te_ident, dtype, picture) for c in s.captions]
         jobs.update((t, (c, picture)) for t, c in zip(s.text_ids, s.captions))
+        if recipe.train.caption_dropout:  # one entry, or one per first frame when the text encoder reads it
+            s.empty_text_id = text_id("", te_ident, dtype, picture)
+            jobs[s.empty_text_id] = ("", picture)
     prompts = recipe.data.validation_prompts if good or not family.text_needs_image else []
     pictures, negative_picture = ([None] * len(prompts), None)
     if family.text_needs_image and prompts:
@@ -438,6 +441,7 @@ def _index_entry(s: Sample) -> dict[str, Any]:
         "repeats": s.repeats,
         "fingerprint": s.fingerprint,
         "text_ids": s.text_ids,
+        **({"empty_text_id": s.empty_text_id} if s.empty_text_id else {}),
     }
 
 

@@ -231,6 +231,13 @@ class TrainSection(Section):
     ti2v_i2v_share: float = Field(
         0.5, ge=0, le=1, description="With ti2v = 'mixed': the share of samples that are image-conditioned."
     )
+    caption_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of samples trained on the empty prompt instead of their caption (drawn per sample and "
+        "epoch from the seed); `vidlora prepare` embeds the empty prompt when this is above 0.",
+    )
     max_nonfinite_in_row: int = Field(
         5, ge=1, description="Steps with a non-finite loss or gradient are skipped; this many in a row abort the run."
     )

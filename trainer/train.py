@@ -315,7 +315,9 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         return run
     checkpoint = find_resume_checkpoint(run, resume, accelerator.is_main_process)
 
-    dataset = CachedDataset(recipe.data.cache_dir, seed=t.seed, holdout_clips=v.holdout_clips)
+    dataset = CachedDataset(
+        recipe.data.cache_dir, seed=t.seed, holdout_clips=v.holdout_clips, caption_dropout=t.caption_dropout
+    )
     if dataset.family != family.name:
         raise UserError(
             f"{recipe.data.cache_dir}: cache was prepared for {dataset.family!r}, recipe is {family.name!r}"
