@@ -39,7 +39,14 @@ class CachedDataset(Dataset):
     `holdout_clips` moves every sample of that many source clips to `heldout` (for the validation loss).
     """
 
-    def __init__(self, cache_dir: str | Path, seed: int = 0, holdout_clips: int = 0, caption_dropout: float = 0.0):
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        seed: int = 0,
+        holdout_clips: int = 0,
+        caption_dropout: float = 0.0,
+        mask_weights: dict[str, float] | None = None,
+    ):
         self.root = Path(cache_dir)
         index = load_index(self.root)
         self.family = index["family"]
@@ -53,6 +60,7 @@ class CachedDataset(Dataset):
         self.validation_text_ids: list[str] = index.get("validation", [])
         self.validation_negative_id: str | None = index.get("validation_negative")
         self.seed, self.caption_dropout = seed, caption_dropout
+        self.mask_weights = mask_weights or {}  # dataset name -> loss weight outside its masks (default 0)
         if caption_dropout and any("empty_text_id" not in e for e in self.entries):
             raise UserError(
                 f"{self.root}: train.caption_dropout needs the empty prompt's embedding, which this cache lacks: "
@@ -78,6 +86,9 @@ class CachedDataset(Dataset):
     def load(self, entry: dict[str, Any], text_id: str) -> dict[str, Any]:
         """A sample's tensors (fp32) with one caption's tensors under "text" and its cache file under "file"."""
         item: dict[str, Any] = {k: v.float() for k, v in load_entry(self.root / entry["file"]).items()}
+        if "mask" in item:  # the loss weight: 1 inside the mask, the dataset's mask_weight outside
+            outside = self.mask_weights.get(entry["dataset"], 0.0)
+            item["mask"] = outside + (1 - outside) * item["mask"]
         item["text"] = self.text(text_id)
         item["file"] = entry["file"]
         return item
@@ -146,7 +157,10 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack sample tensors; cached text tensors and file names stay lists."""
+    """Stack sample tensors; cached text tensors and file names stay lists. A sample without a loss mask in a batch
+    with masked ones counts everywhere (weight 1)."""
+    if any("mask" in it for it in items):
+        items = [it if "mask" in it else {**it, "mask": torch.ones_like(it["latents"][:1])} for it in items]
     batch: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in items[0] if k not in ("text", "file")}
     batch["text"] = [it["text"] for it in items]
     batch["files"] = [it["file"] for it in items]

@@ -5,14 +5,23 @@ tests/test_resume.py and tests/test_multiprocess.py, which train with it on."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from data.cache import read_meta
+from data import media, synth
+from data.cache import load_entry, read_meta
 from data.dataset import CachedDataset
-from trainer.config import UserError
+from tests.conftest import run_cli, train_capturing, write_recipe
+from tests.training_setup import CAPTIONS, losses, recipe_text
+from trainer.config import UserError, load_recipe
+from trainer.flow_matching import step_generator
+from trainer.models import get_family
+from trainer.train import build_model, collate_batch, flow_loss
 
 
 def test_caption_dropout_draws_a_seeded_share_of_empty_prompts(prepared, tmp_path):
@@ -47,3 +56,81 @@ def test_caption_dropout_draws_a_seeded_share_of_empty_prompts(prepared, tmp_pat
     with pytest.raises(UserError, match=r"bare: train.caption_dropout needs the empty prompt's embedding.*prepare"):
         CachedDataset(bare, caption_dropout=0.1)
     assert len(CachedDataset(bare)) == 4
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory, tiny_wan):
+    """(recipe, cache) of five 9-frame clips: clip0 with a still mask (left half white), clip4 with a video mask (its
+    first 5 frames white, then black), clip3 with none, clip1/clip2 with masks of the wrong size / length."""
+    root = tmp_path_factory.mktemp("masked")
+    clips = root / "clips"
+    for i in range(5):
+        media.write_video(clips / f"clip{i}.mp4", synth.pattern_frames(9, 64, 64, seed=i))
+        (clips / f"clip{i}.txt").write_text(CAPTIONS[i % 4] + "\n", encoding="utf-8")
+    left = np.zeros((64, 64, 3), np.uint8)
+    left[:, :32] = 255
+    media.write_image(clips / "clip0.mask.png", left)
+    media.write_video(clips / "clip1.mask.mp4", np.full((9, 32, 32, 3), 255, np.uint8))
+    media.write_video(clips / "clip2.mask.mp4", np.full((5, 64, 64, 3), 255, np.uint8))
+    early = np.zeros((9, 64, 64, 3), np.uint8)
+    early[:5] = 255
+    media.write_video(clips / "clip4.mask.mp4", early)
+    text = recipe_text(tiny_wan, root / "cache", root / "run", 2, batch_size=3)
+    recipe = write_recipe(root / "r.toml", text)
+    run_cli("prepare", recipe)
+    return recipe, root / "cache"
+
+
+def test_masks_are_windowed_cached_on_the_latent_grid_and_mismatches_reported(masked):
+    recipe, cache = masked
+    rows = {Path(r["path"]).name: r for r in json.loads((cache / "report.json").read_text())["inputs"]}
+    assert rows["clip1.mp4"]["status"] == rows["clip2.mp4"]["status"] == "failed"
+    assert rows["clip1.mp4"]["reason"] == f"mask {cache.parent / 'clips/clip1.mask.mp4'} is 32x32, the clip 64x64"
+    assert rows["clip2.mp4"]["reason"] == f"mask {cache.parent / 'clips/clip2.mask.mp4'} has 5 frames, the clip 9"
+    assert rows["clip3.mp4"]["status"] == "ok" and rows["clip3.mp4"]["mask_missing"]
+    assert rows["clip0.mp4"]["mask"].endswith("clip0.mask.png") and "clip0.mask.png" not in rows  # not a clip
+    samples = {Path(s["source"]).name: s for s in json.loads((cache / "index.json").read_text())["samples"]}
+    assert sorted(samples) == ["clip0.mp4", "clip3.mp4", "clip4.mp4"]
+    assert "mask" not in load_entry(cache / samples["clip3.mp4"]["file"])
+    still = load_entry(cache / samples["clip0.mp4"]["file"])["mask"]
+    assert still.shape == (1, 3, 8, 8)  # the latents' grid: 9 frames -> 3, 64 px -> 8
+    assert torch.equal(still[..., :4], torch.ones(1, 3, 8, 4)) and torch.equal(still[..., 4:], torch.zeros(1, 3, 8, 4))
+    video = load_entry(cache / samples["clip4.mp4"]["file"])["mask"][0].mean((1, 2))
+    assert video.tolist() == pytest.approx([1, 1, 0], abs=0.02)  # frame 0 | frames 1-4 | frames 5-8
+
+
+def test_a_zero_mask_gives_zero_gradient_from_its_region(masked):
+    """The real loss of the loop on the tiny Wan with a LoRA: the gradient reaching the prediction is exactly zero
+    where the mask is zero (mask_weight 0) and not elsewhere; with mask_weight 0.5 the region counts again."""
+    recipe, cache = masked
+    recipe = load_recipe(recipe)
+    family = get_family(recipe.model)
+    model = build_model(recipe, family, torch.float32)
+    grads = []
+
+    def keep_pred_grad(module, args, pred):
+        pred.register_hook(grads.append)  # d loss / d prediction
+
+    model.register_forward_hook(keep_pred_grad)
+    names = {Path(e["source"]).name: i for i, e in enumerate(CachedDataset(cache).entries)}
+
+    def grad(clip, outside=0.0):
+        data = CachedDataset(cache, mask_weights={"clips": outside})
+        batch = collate_batch(family, [data[names[clip]]])
+        model.zero_grad()
+        flow_loss(model, batch, recipe, [step_generator(0, 0, 0)]).backward()
+        return grads.pop()[0].abs()
+
+    g = grad("clip0.mp4")
+    assert torch.all(g[..., 4:] == 0) and torch.all(g[..., :4].flatten(1).amax(1) > 0)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert torch.all(grad("clip0.mp4", outside=0.5)[..., 4:].flatten(1).amax(1) > 0)
+    g = grad("clip4.mp4")
+    assert torch.all(g[:, 2] < 1e-3 * g[:, :2].max()) and g[:, :2].amax() > 0  # the black frames: next to nothing
+    assert torch.all(grad("clip3.mp4").flatten(1).amax(1) > 0)  # no mask: everything counts
+
+
+def test_a_batch_of_masked_and_unmasked_samples_trains(masked):
+    recipe, _ = masked
+    run, _ = train_capturing(recipe)  # batch size 3: clip3 (no mask) shares its batch with masked clips
+    assert all(math.isfinite(v) for v in losses(run).values()) and len(losses(run)) == 2

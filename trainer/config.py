@@ -118,6 +118,13 @@ class DatasetSection(Section):
         None, gt=0, description="Resample clips to this frame rate; default: the family's native rate."
     )
     keep_source_fps: bool = Field(False, description="Keep every source frame (no resampling at all).")
+    mask_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Loss weight outside the loss masks (NAME.mask.png|mp4 next to a clip, or a `mask` metadata "
+        "column: white counts, black gets this weight; see docs/data.md).",
+    )
 
     @field_validator("target_frames")
     @classmethod

@@ -105,7 +105,8 @@ def flow_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | No
         return F.mse_loss(pred.float(), target.float())
     err = (pred.float() - target.float()).square()
     weight = weight.to(err).expand_as(err)
-    return ((err * weight).flatten(1).sum(1) / weight.flatten(1).sum(1)).mean()
+    total = weight.flatten(1).sum(1).clamp_min(torch.finfo(err.dtype).tiny)  # an all-zero mask: that sample adds 0
+    return ((err * weight).flatten(1).sum(1) / total).mean()
 
 
 def noisy_and_target(

@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data.dataset import BucketBatchSampler, CachedDataset, collate
+from data.plan import dataset_names
 from trainer.checkpoint import (
     adapter_name,
     check_resumable,
@@ -206,7 +207,13 @@ def flow_loss(
     batch = {**batch, **family.draw_conditions(t, generators)}
     noisy = torch.cat(noisy).to(input_dtype or latents.dtype)
     pred = model(denoiser.component, noisy, torch.cat(sigmas).to(latents.device), batch)
-    return flow_mse(pred, torch.cat(target), family.loss_weight(batch))
+    return flow_mse(pred, torch.cat(target), loss_weight(family.loss_weight(batch), batch.get("mask")))
+
+
+def loss_weight(*weights: torch.Tensor | None) -> torch.Tensor | None:
+    """The product of the family's weight and the samples' loss masks (each broadcastable to the latents)."""
+    given = [w for w in weights if w is not None]
+    return math.prod(given[1:], start=given[0]) if given else None
 
 
 def unwrapped(model: torch.nn.Module) -> Denoisers:
@@ -315,8 +322,13 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         return run
     checkpoint = find_resume_checkpoint(run, resume, accelerator.is_main_process)
 
+    names = dict(zip(dataset_names(recipe.data.datasets), recipe.data.datasets))
     dataset = CachedDataset(
-        recipe.data.cache_dir, seed=t.seed, holdout_clips=v.holdout_clips, caption_dropout=t.caption_dropout
+        recipe.data.cache_dir,
+        seed=t.seed,
+        holdout_clips=v.holdout_clips,
+        caption_dropout=t.caption_dropout,
+        mask_weights={name: d.mask_weight for name, d in names.items()},
     )
     if dataset.family != family.name:
         raise UserError(

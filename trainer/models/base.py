@@ -281,6 +281,14 @@ class ModelFamily:
         """The inverse of `encode_video`: cached latents [B,C,f,h,w] -> pixels [B,3,F,H,W] in [-1, 1]."""
         raise NotImplementedError
 
+    def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A pixel loss mask [F, H, W] in [0, 1] on the latent grid [1, f, h, w]: each latent's mean over the pixels it
+        encodes. The VAEs are causal in time: the first frame has a latent of its own, then each `vae_stride[0]`."""
+        st, sh, sw = self.vae_stride
+        rest = mask[1:].reshape(-1, st, *mask.shape[1:]).mean(1)
+        frames = torch.cat([mask[:1], rest])
+        return torch.nn.functional.avg_pool2d(frames[:, None], (sh, sw))[:, 0][None]
+
     def encode_prompts(
         self, text_pipe: DiffusionPipeline, prompts: list[str], images: list[np.ndarray] | None = None
     ) -> list[dict[str, torch.Tensor]]:
