@@ -10,6 +10,7 @@ same global batches as one process with batch size N x B.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections import defaultdict
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ class CachedDataset(Dataset):
         holdout_clips: int = 0,
         caption_dropout: float = 0.0,
         mask_weights: dict[str, float] | None = None,
+        regularisation: dict[str, float] | None = None,
     ):
         self.root = Path(cache_dir)
         index = load_index(self.root)
@@ -61,6 +63,9 @@ class CachedDataset(Dataset):
         self.validation_negative_id: str | None = index.get("validation_negative")
         self.seed, self.caption_dropout = seed, caption_dropout
         self.mask_weights = mask_weights or {}  # dataset name -> loss weight outside its masks (default 0)
+        self.regularisation = regularisation or {}  # regularisation dataset name -> its share of each batch
+        if self.regularisation and all(e["dataset"] in self.regularisation for e in self.entries):
+            raise UserError(f"{self.root}: the cache holds no training samples besides the regularisation datasets")
         if caption_dropout and any("empty_text_id" not in e for e in self.entries):
             raise UserError(
                 f"{self.root}: train.caption_dropout needs the empty prompt's embedding, which this cache lacks: "
@@ -89,6 +94,8 @@ class CachedDataset(Dataset):
         if "mask" in item:  # the loss weight: 1 inside the mask, the dataset's mask_weight outside
             outside = self.mask_weights.get(entry["dataset"], 0.0)
             item["mask"] = outside + (1 - outside) * item["mask"]
+        if self.regularisation:  # for loss_reg in the metrics
+            item["regularisation"] = torch.tensor(entry["dataset"] in self.regularisation)
         item["text"] = self.text(text_id)
         item["file"] = entry["file"]
         return item
@@ -108,6 +115,11 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
     smaller, with several it is topped up from the start of its (shuffled) bucket to a multiple of the
     process count so every rank gets the same number of samples (as torch's DistributedSampler pads).
     Yields [(index, epoch), ...] so workers need no epoch state.
+
+    Regularisation datasets (`dataset.regularisation`: name -> share) are not part of the epoch: they fill their
+    share of the slots of each global batch (over consecutive batches of a bucket when a batch is smaller than one
+    over the share), drawn with replacement from their samples of the batch's shape, so every training sample is
+    still seen once per epoch and an epoch has more batches.
     """
 
     def __init__(
@@ -122,8 +134,20 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.num_replicas, self.rank = num_replicas, rank
         self.groups: dict[tuple, list[int]] = defaultdict(list)
+        shares = getattr(dataset, "regularisation", {})
+        self.share = sum(shares.values())
+        self.regular: dict[tuple, list[tuple[int, float]]] = defaultdict(list)  # shape -> (index, draw weight)
         for i in range(len(dataset)):
-            self.groups[dataset.shape_key(i)].append(i)
+            name = dataset.entries[i]["dataset"] if shares else None
+            if name in shares:
+                self.regular[dataset.shape_key(i)].append((i, shares[name]))
+            else:
+                self.groups[dataset.shape_key(i)].append(i)
+        for pool in self.regular.values():  # each dataset weighs its share, whatever its size
+            counts = defaultdict(int)
+            for i, _ in pool:
+                counts[dataset.entries[i]["dataset"]] += 1
+            pool[:] = [(i, w / counts[dataset.entries[i]["dataset"]]) for i, w in pool]
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -138,6 +162,9 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
             idx = list(self.groups[key])
             if self.shuffle:
                 rng.shuffle(idx)
+            if self.regular.get(key):
+                out += self._mixed_batches(idx, self.regular[key], random.Random(f"{self.seed}/{self.epoch}/reg/{key}"))
+                continue
             for start in range(0, len(idx), size):
                 batch = idx[start : start + size]
                 short = -len(batch) % world
@@ -146,12 +173,29 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
             rng.shuffle(out)
         return out
 
+    def _mixed_batches(self, idx: list[int], pool: list[tuple[int, float]], rng: random.Random) -> list[list[int]]:
+        """One bucket's global batches with regularisation samples in `floor((b+1) s G) - floor(b s G)` slots of
+        batch b (share s, global batch G): exactly the share over the bucket, as evenly as the batch size allows."""
+        size, out, taken = self.batch_size * self.num_replicas, [], 0
+        indices, weights = [i for i, _ in pool], [w for _, w in pool]
+        while taken < len(idx):
+            b = len(out)
+            k = math.floor((b + 1) * self.share * size) - math.floor(b * self.share * size)
+            batch = idx[taken : taken + size - k]
+            taken += len(batch)
+            batch += rng.choices(indices, weights, k=k)
+            batch += [idx[j % len(idx)] for j in range(-len(batch) % self.num_replicas)]
+            out.append(batch)
+        return out
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for batch in self.global_batches()[self.skip :]:
             per_rank = len(batch) // self.num_replicas
             yield [(i, self.epoch) for i in batch[self.rank * per_rank : (self.rank + 1) * per_rank]]
 
     def __len__(self) -> int:
+        if self.regular:
+            return len(self.global_batches()) - self.skip
         size = self.batch_size * self.num_replicas
         return sum(-(-len(g) // size) for g in self.groups.values()) - self.skip
 

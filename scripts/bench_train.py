@@ -109,7 +109,7 @@ def vidlora_step(recipe, preset, optimizer_kind: str, batch: dict, family=None):
         nonlocal micro
         for _ in range(t.gradient_accumulation):
             with accelerator.accumulate(model):
-                loss = forward_backward(accelerator, model, batch, recipe, micro, slots)
+                loss, _ = forward_backward(accelerator, model, batch, recipe, micro, slots)
             micro += 1
         optimizer_step(accelerator, params, optimizer, scheduler, t.max_grad_norm, bad=False)
         return loss.item()

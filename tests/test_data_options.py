@@ -15,9 +15,9 @@ import torch
 
 from data import media, synth
 from data.cache import load_entry, read_meta
-from data.dataset import CachedDataset
+from data.dataset import BucketBatchSampler, CachedDataset
 from tests.conftest import run_cli, train_capturing, write_recipe
-from tests.training_setup import CAPTIONS, losses, recipe_text
+from tests.training_setup import CAPTIONS, recipe_text
 from trainer.config import UserError, load_recipe
 from trainer.flow_matching import step_generator
 from trainer.models import get_family
@@ -61,7 +61,8 @@ def test_caption_dropout_draws_a_seeded_share_of_empty_prompts(prepared, tmp_pat
 @pytest.fixture(scope="module")
 def masked(tmp_path_factory, tiny_wan):
     """(recipe, cache) of five 9-frame clips: clip0 with a still mask (left half white), clip4 with a video mask (its
-    first 5 frames white, then black), clip3 with none, clip1/clip2 with masks of the wrong size / length."""
+    first 5 frames white, then black), clip3 with none, clip1/clip2 with masks of the wrong size / length; and a
+    regularisation dataset of two clips with half of each batch (batch size 3)."""
     root = tmp_path_factory.mktemp("masked")
     clips = root / "clips"
     for i in range(5):
@@ -75,7 +76,12 @@ def masked(tmp_path_factory, tiny_wan):
     early = np.zeros((9, 64, 64, 3), np.uint8)
     early[:5] = 255
     media.write_video(clips / "clip4.mask.mp4", early)
+    for i in range(2):
+        media.write_video(root / f"reg/reg{i}.mp4", synth.pattern_frames(9, 64, 64, seed=10 + i))
+        (root / f"reg/reg{i}.txt").write_text("a ball\n", encoding="utf-8")
     text = recipe_text(tiny_wan, root / "cache", root / "run", 2, batch_size=3)
+    regular = f'[[data.datasets]]\npath = "{root / "reg"}"\nresolutions = [64]\ntarget_frames = [9]\n'
+    text = text.replace("[lora]", regular + 'role = "regularisation"\nshare = 0.5\n[lora]')
     recipe = write_recipe(root / "r.toml", text)
     run_cli("prepare", recipe)
     return recipe, root / "cache"
@@ -89,7 +95,8 @@ def test_masks_are_windowed_cached_on_the_latent_grid_and_mismatches_reported(ma
     assert rows["clip2.mp4"]["reason"] == f"mask {cache.parent / 'clips/clip2.mask.mp4'} has 5 frames, the clip 9"
     assert rows["clip3.mp4"]["status"] == "ok" and rows["clip3.mp4"]["mask_missing"]
     assert rows["clip0.mp4"]["mask"].endswith("clip0.mask.png") and "clip0.mask.png" not in rows  # not a clip
-    samples = {Path(s["source"]).name: s for s in json.loads((cache / "index.json").read_text())["samples"]}
+    index = json.loads((cache / "index.json").read_text())["samples"]
+    samples = {Path(s["source"]).name: s for s in index if s["dataset"] == "clips"}
     assert sorted(samples) == ["clip0.mp4", "clip3.mp4", "clip4.mp4"]
     assert "mask" not in load_entry(cache / samples["clip3.mp4"]["file"])
     still = load_entry(cache / samples["clip0.mp4"]["file"])["mask"]
@@ -130,7 +137,53 @@ def test_a_zero_mask_gives_zero_gradient_from_its_region(masked):
     assert torch.all(grad("clip3.mp4").flatten(1).amax(1) > 0)  # no mask: everything counts
 
 
-def test_a_batch_of_masked_and_unmasked_samples_trains(masked):
-    recipe, _ = masked
-    run, _ = train_capturing(recipe)  # batch size 3: clip3 (no mask) shares its batch with masked clips
-    assert all(math.isfinite(v) for v in losses(run).values()) and len(losses(run)) == 2
+def test_masked_unmasked_and_regularisation_samples_train_together(masked):
+    """Batch size 3 with half of each batch regularisation: batch 0 has 2 training samples and 1 regularisation
+    sample, batch 1 the last training sample and 2 regularisation ones; clip3 (no mask) trains with masked clips."""
+    recipe, cache = masked
+    data = CachedDataset(cache, regularisation={"reg": 0.5})
+    sampler = BucketBatchSampler(data, 3, seed=42)
+    batches = [[data.entries[i]["dataset"] for i in b] for b in sampler.global_batches()]
+    assert sorted(map(sorted, batches)) == [["clips", "clips", "reg"], ["clips", "reg", "reg"]]
+    run, _ = train_capturing(recipe)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["loss_reg"]) for r in rows)
+
+
+class Shapes:
+    """A dataset of only what the sampler reads: shapes and which dataset each sample is from."""
+
+    def __init__(self, datasets, regularisation):
+        self.entries = [{"dataset": d, "shape": s} for d, s in datasets]
+        self.regularisation = regularisation
+
+    def __len__(self):
+        return len(self.entries)
+
+    def shape_key(self, i):
+        return self.entries[i]["shape"]
+
+
+def test_regularisation_fills_its_share_of_every_batch_on_any_number_of_processes():
+    a, b = (64, 64, 9), (32, 64, 9)
+    data = Shapes([("train", a)] * 10 + [("train", b)] * 3 + [("reg", a)] * 4 + [("people", a)] * 2, {})
+    data.regularisation = {"reg": 0.25, "people": 0.25}
+    one = BucketBatchSampler(data, 4, seed=1)
+    ranks = [BucketBatchSampler(data, 2, seed=1, num_replicas=2, rank=r) for r in range(2)]
+    for epoch in range(3):
+        for s in (one, *ranks):
+            s.set_epoch(epoch)
+        batches = one.global_batches()
+        trained = [i for batch in batches for i in batch if data.entries[i]["dataset"] == "train"]
+        assert sorted(trained) == list(range(13))  # every training sample once per epoch
+        for batch in batches:
+            kinds = [data.entries[i]["dataset"] for i in batch]
+            assert len({data.shape_key(i) for i in batch}) == 1
+            if data.shape_key(batch[0]) == a and len(batch) == 4:
+                assert kinds.count("train") == 2  # half of the batch: the two shares together
+            if data.shape_key(batch[0]) == b:
+                assert kinds == ["train"] * len(batch)  # no regularisation sample of that shape
+        # N processes with batch size B see what one process with N x B sees (short tails are padded for 2 ranks)
+        for x, y, batch in zip(*[list(r) for r in ranks], batches):
+            assert [i for i, _ in x + y] == batch or len(batch) < 4
+    assert len(one) == len(one.global_batches())

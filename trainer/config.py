@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -118,6 +118,14 @@ class DatasetSection(Section):
         None, gt=0, description="Resample clips to this frame rate; default: the family's native rate."
     )
     keep_source_fps: bool = Field(False, description="Keep every source frame (no resampling at all).")
+    role: Literal["train", "regularisation"] = Field(
+        "train",
+        description="'regularisation': a prior-preservation dataset (e.g. what the base model makes of the class "
+        "prompt): not part of the epoch; it fills `share` of each batch, and its loss is logged as loss_reg.",
+    )
+    share: float = Field(
+        0.25, gt=0, lt=1, description="With role = 'regularisation': its share of the samples of each batch."
+    )
     mask_weight: float = Field(
         0.0,
         ge=0,
@@ -156,6 +164,17 @@ class DataSection(Section):
     validation_prompts: list[str] = Field(
         default_factory=list, description="Prompts embedded at prepare time for validation samples."
     )
+
+    @model_validator(mode="after")
+    def _regularisation_shares(self) -> DataSection:
+        regular = [d for d in self.datasets if d.role == "regularisation"]
+        if regular and len(regular) == len(self.datasets):
+            raise ValueError("every dataset has role = 'regularisation': at least one must be 'train'")
+        if sum(d.share for d in regular) >= 1:
+            raise ValueError(
+                f"the regularisation datasets' shares add up to {sum(d.share for d in regular):g}; keep it under 1"
+            )
+        return self
 
 
 class LoraSection(Section):
