@@ -16,6 +16,7 @@ import torch
 from data import media, synth
 from data.cache import load_entry, read_meta
 from data.dataset import BucketBatchSampler, CachedDataset
+from data.discover import discover
 from tests.conftest import run_cli, train_capturing, write_recipe
 from tests.training_setup import CAPTIONS, recipe_text
 from trainer.config import UserError, load_recipe
@@ -187,3 +188,24 @@ def test_regularisation_fills_its_share_of_every_batch_on_any_number_of_processe
         for x, y, batch in zip(*[list(r) for r in ranks], batches):
             assert [i for i, _ in x + y] == batch or len(batch) < 4
     assert len(one) == len(one.global_batches())
+
+
+def test_masks_are_found_next_to_clips_or_in_a_metadata_column_and_are_not_clips(tmp_path):
+    frames = synth.pattern_frames(5, 32, 32)
+    white = np.full((32, 32, 3), 255, np.uint8)
+    for name in ("a", "b", "c"):
+        media.write_video(tmp_path / f"{name}.mp4", frames)
+        (tmp_path / f"{name}.txt").write_text(f"clip {name}\n", encoding="utf-8")
+    media.write_image(tmp_path / "a.mask.png", white)
+    media.write_image(tmp_path / "a.mask.jpg", white)  # a second mask for a: reported, not used
+    media.write_image(tmp_path / "ghost.mask.png", white)  # no clip named ghost
+    media.write_image(tmp_path / "masks/for_b.png", white)
+    (tmp_path / "list.jsonl").write_text(json.dumps({"path": "b.mp4", "caption": "b", "mask": "masks/for_b.png"}))
+    found = discover(tmp_path)
+    items = {Path(i.path).name: i for i in found.items}
+    assert sorted(items) == ["a.mp4", "b.mp4", "c.mp4"]  # no mask is a clip (and none needs a caption)
+    assert Path(items["a.mp4"].mask).name == "a.mask.jpg" and items["c.mp4"].mask is None
+    assert items["b.mp4"].mask == str(tmp_path / "masks/for_b.png") and items["b.mp4"].extra == {}
+    skipped = {Path(s.path).name: s.reason for s in found.skipped}
+    assert skipped["ghost.mask.png"] == "mask file, but no media file named ghost.* is used"
+    assert skipped["a.mask.png"].startswith("another mask for a.*")
