@@ -138,7 +138,7 @@ def test_a_zero_mask_gives_zero_gradient_from_its_region(masked):
     assert torch.all(grad("clip3.mp4").flatten(1).amax(1) > 0)  # no mask: everything counts
 
 
-def test_masked_unmasked_and_regularisation_samples_train_together(masked):
+def test_masked_unmasked_and_regularisation_samples_train_together(masked, capsys):
     """Batch size 3 with half of each batch regularisation: batch 0 has 2 training samples and 1 regularisation
     sample, batch 1 the last training sample and 2 regularisation ones; clip3 (no mask) trains with masked clips."""
     recipe, cache = masked
@@ -147,6 +147,7 @@ def test_masked_unmasked_and_regularisation_samples_train_together(masked):
     batches = [[data.entries[i]["dataset"] for i in b] for b in sampler.global_batches()]
     assert sorted(map(sorted, batches)) == [["clips", "clips", "reg"], ["clips", "reg", "reg"]]
     run, _ = train_capturing(recipe)
+    assert "  reg       reg: 2 samples, 0.5 of each batch; logged as loss_reg" in capsys.readouterr().out
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) and math.isfinite(r["loss_reg"]) for r in rows)
 

@@ -164,6 +164,13 @@ def report_start(
         + (f" ({lora.targets})" if isinstance(lora.targets, str) and len(lora.targets) <= 40 else "")
         + f": {trainable:,} trainable parameters (fp32)",
     ]
+    if dataset.regularisation:
+        regular = Counter(e["dataset"] for e in dataset.entries if e["dataset"] in dataset.regularisation)
+        shares = ", ".join(
+            f"{name}: {regular[name]} samples, {share:g} of each batch"
+            for name, share in sorted(dataset.regularisation.items())
+        )
+        lines.append(f"  reg       {shares}; logged as loss_reg")
     if lora.init_from:
         lines.append(f"  init      weights, rank, alpha and targets from lora.init_from {lora.init_from}")
     where = f"resumed from {checkpoint}" if checkpoint else "from scratch"
