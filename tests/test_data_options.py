@@ -25,6 +25,7 @@ from trainer.models import get_family
 from trainer.train import build_model, collate_batch, flow_loss
 
 
+@pytest.mark.slow
 def test_caption_dropout_draws_a_seeded_share_of_empty_prompts(prepared, tmp_path):
     _, cache = prepared
     items = [(i, epoch) for epoch in range(40) for i in range(4)]
@@ -88,6 +89,7 @@ def masked(tmp_path_factory, tiny_wan):
     return recipe, root / "cache"
 
 
+@pytest.mark.slow
 def test_masks_are_windowed_cached_on_the_latent_grid_and_mismatches_reported(masked):
     recipe, cache = masked
     rows = {Path(r["path"]).name: r for r in json.loads((cache / "report.json").read_text())["inputs"]}
@@ -107,6 +109,7 @@ def test_masks_are_windowed_cached_on_the_latent_grid_and_mismatches_reported(ma
     assert video.tolist() == pytest.approx([1, 1, 0], abs=0.02)  # frame 0 | frames 1-4 | frames 5-8
 
 
+@pytest.mark.slow
 def test_a_zero_mask_gives_zero_gradient_from_its_region(masked):
     """The real loss of the loop on the tiny Wan with a LoRA: the gradient reaching the prediction is exactly zero
     where the mask is zero (mask_weight 0) and not elsewhere; with mask_weight 0.5 the region counts again."""
@@ -138,6 +141,7 @@ def test_a_zero_mask_gives_zero_gradient_from_its_region(masked):
     assert torch.all(grad("clip3.mp4").flatten(1).amax(1) > 0)  # no mask: everything counts
 
 
+@pytest.mark.slow
 def test_masked_unmasked_and_regularisation_samples_train_together(masked, capsys):
     """Batch size 3 with half of each batch regularisation: batch 0 has 2 training samples and 1 regularisation
     sample, batch 1 the last training sample and 2 regularisation ones; clip3 (no mask) trains with masked clips."""
