@@ -61,7 +61,8 @@ def sample(
         family.load_adapters(pipe, pipeline_adapters(family, lora))
     pipe.to(device)
     pipe.set_progress_bar_config(desc="sample")
-    video = pipe(
+    video = family.generate(
+        pipe,
         prompt=prompt,
         num_frames=frames,
         height=height,

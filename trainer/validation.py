@@ -148,7 +148,8 @@ class Validator:
         for i in self.shard(len(self.prompts)):
             text_id = self.prompts[i if i is not None else 0]
             kwargs = self.family.validation_kwargs(self.dataset.text(text_id), negative_text)
-            frames = pipe(
+            frames = self.family.generate(
+                pipe,
                 **kwargs,
                 **{**self.sample_kwargs[i or 0], "guidance_scale": guidance},
                 height=self.height,

@@ -17,6 +17,7 @@ FAMILIES: dict[str, str] = {
     "wan22": "trainer.models.wan22:Wan22",
     "wan22_i2v": "trainer.models.wan22_i2v:Wan22I2V",
     "hunyuan_video": "trainer.models.hunyuan_video:HunyuanVideo",
+    "hunyuan_video15": "trainer.models.hunyuan_video15:HunyuanVideo15",
 }
 DEFAULT_FAMILY = "wan"  # a recipe without model.family
 # Families from outside this folder (plugins, tests): VIDLORA_FAMILIES="name=package.module:Class,...".

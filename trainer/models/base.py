@@ -135,7 +135,8 @@ class ModelFamily:
     @classmethod
     def claims_lora(cls, modules: set[str]) -> bool:
         """Whether a LoRA file with these (diffusers) modules is this family's rather than that of the first family
-        registered with the same name tables (e.g. image cross-attention makes a Wan LoRA an I2V one)."""
+        registered with the same name tables (e.g. image cross-attention makes a Wan LoRA an I2V one), or than that of
+        another family whose own tables explain the file's names as well (HunyuanVideo 1.5 and 13B share names)."""
         return False
 
     @classmethod
@@ -197,8 +198,21 @@ class ModelFamily:
         file = getattr(self.cfg, denoiser.file_key, None)
         if file:
             config = self.config(self.transformer_class, denoiser.component)
-            return load_single_file(self.transformer_class, file, config, self.cfg.path, dtype)
+            return load_single_file(
+                self.transformer_class, file, config, self.cfg.path, dtype, self.convert_single_file
+            )
         return self._from_pretrained(self.transformer_class, denoiser.component, dtype)
+
+    @classmethod
+    def convert_single_file(cls, sd: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """An original checkpoint's tensors renamed to the diffusers transformer's: diffusers' own single-file
+        converter for the transformer class (a family whose class diffusers cannot load from one file brings its own)."""
+        from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+        if cls.transformer_class.__name__ not in SINGLE_FILE_LOADABLE_CLASSES:
+            raise ValueError(f"diffusers has no single-file loader for {cls.transformer_class.__name__}")
+        convert = SINGLE_FILE_LOADABLE_CLASSES[cls.transformer_class.__name__]["checkpoint_mapping_fn"]
+        return convert(checkpoint=sd, config=config)
 
     def load_vae(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """What the VAE pass of `prepare` needs: the VAE, plus any encoder the family's conditions need from
@@ -247,6 +261,12 @@ class ModelFamily:
                 f"{what} {width}x{height}, {frames} frames: the transformer of {self.cfg.path} cannot take it: "
                 f"{problem}{more}"
             )
+
+    def generate(self, pipe: DiffusionPipeline, **kwargs: Any) -> Any:
+        """Run the pipeline with vidlora's arguments (prompt or cached embeddings, height, width, num_frames,
+        num_inference_steps, guidance_scale, generator, output_type and `sample_kwargs`): `pipe(**kwargs)`. A family
+        whose pipeline takes some of them another way (HunyuanVideo 1.5 keeps guidance in a guider) adapts them."""
+        return pipe(**kwargs)
 
     def sample_kwargs(self, image: str | Path | None, height: int, width: int) -> dict[str, Any]:
         """Pipeline arguments a sample needs besides prompt, size, frames, steps and generator."""
@@ -308,6 +328,25 @@ class Denoisers(nn.Module):
         self, component: str, noisy: torch.Tensor, sigmas: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         return self.family.predict(self.experts[component], noisy, sigmas, batch)
+
+
+def first_frame(image: str | Path, width: int, height: int) -> Any:
+    """An image-to-video input image as training sees its first frames: upright (a phone photo's EXIF orientation
+    applied, as prepare reads stills), resized and centre-cropped to the video size (a PIL image)."""
+    from PIL import Image
+
+    from data.buckets import resize_crop
+    from data.media import MediaError, probe, read_frames
+
+    path = Path(image)
+    try:
+        info = probe(path)
+        if info.kind != "image":
+            raise UserError(f"{path}: a {info.kind}, not an image (give its first frame as an image file)")
+        picture = read_frames(info, [0])
+    except MediaError as e:
+        raise UserError(f"{path}: not a readable image ({e.reason})") from None
+    return Image.fromarray(resize_crop(picture, (width, height))[0])
 
 
 def pad_stack(tensors: list[torch.Tensor], length: int | None = None) -> torch.Tensor:
@@ -410,22 +449,28 @@ def dequantise(sd: dict[str, torch.Tensor], file: str | Path, dtype: torch.dtype
     return sd
 
 
-def load_single_file(cls: Any, file: str | Path, config: dict, path: str, dtype: torch.dtype) -> nn.Module:
-    """An original-layout checkpoint converted by diffusers' own single-file converter for `cls`, with the transformer
-    `config` of the model at `path` (no model-type guessing). diffusers' `from_single_file` fails on a missing or
-    misnamed key with an opaque meta-tensor error, so the keys are converted and checked here and a mismatch names
-    the keys; the checked weights then go straight into the model."""
+def load_single_file(
+    cls: Any,
+    file: str | Path,
+    config: dict,
+    path: str,
+    dtype: torch.dtype,
+    convert: Callable[[dict[str, torch.Tensor], dict[str, Any]], dict[str, torch.Tensor]],
+) -> nn.Module:
+    """An original-layout checkpoint converted by `convert` (the family's `convert_single_file`: diffusers' own
+    single-file converter for `cls` unless the family brings one), with the transformer `config` of the model at
+    `path` (no model-type guessing). diffusers' `from_single_file` fails on a missing or misnamed key with an opaque
+    meta-tensor error, so the keys are converted and checked here and a mismatch names the keys; the checked weights
+    then go straight into the model."""
     from accelerate import init_empty_weights
-    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
     with init_empty_weights():
         model = cls.from_config(config)
     expected = model.state_dict()
     sd = dequantise(read_checkpoint(file), file, dtype)
     if set(sd) != set(expected):
-        convert = SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]["checkpoint_mapping_fn"]
         try:
-            sd = convert(checkpoint=sd, config=config)
+            sd = convert(sd, config)
         except Exception as e:  # noqa: BLE001 - diffusers' converters fail with bare KeyError/RuntimeError
             raise UserError(
                 f"{file}: cannot convert to a {cls.__name__} ({type(e).__name__}: {str(e)[:200]})"

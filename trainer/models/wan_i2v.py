@@ -17,6 +17,7 @@ from PIL import Image
 from torch import nn
 
 from trainer.config import UserError
+from trainer.models.base import first_frame
 from trainer.models.wan import WAN_ATTENTION, WAN_FFN, Wan, tiny_components, wan_reader_notes
 
 WAN_IMAGE_KV = r".*blocks\.\d+\.attn2\.(add_k_proj|add_v_proj)"  # cross-attention keys/values of the image tokens
@@ -129,19 +130,8 @@ class WanI2V(Wan):
     def sample_kwargs(self, image, height, width):
         if image is None:
             raise UserError(f"{self.name} generates from a first frame: pass --image PATH")
-        from data.buckets import resize_crop
-        from data.media import MediaError, probe, read_frames
-
-        path = Path(image)
-        try:
-            info = probe(path)
-            if info.kind != "image":
-                raise UserError(f"{path}: a {info.kind}, not an image (give its first frame as an image file)")
-            picture = read_frames(info, [0])  # upright (EXIF orientation applied), as prepare reads stills
-        except MediaError as e:
-            raise UserError(f"{path}: not a readable image ({e.reason})") from None
         # Resized and centre-cropped to the video size as training frames are, so CLIP sees the same crop.
-        return {**self.sample_defaults, "image": Image.fromarray(resize_crop(picture, (width, height))[0])}
+        return {**self.sample_defaults, "image": first_frame(image, width, height)}
 
     @classmethod
     def make_tiny(cls, out_dir: Path, seed: int = 0) -> Path:
