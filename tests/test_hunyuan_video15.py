@@ -1,5 +1,6 @@
-"""HunyuanVideo 1.5 on the seam: the cached text (Qwen2.5-VL + byT5) and the training forward reproduce what
-HunyuanVideo15Pipeline feeds its transformer; make-tiny -> prepare -> train (with validation videos) -> export, and
+"""HunyuanVideo 1.5 on the seam: the cached text (Qwen2.5-VL + byT5), the cached first-frame condition (SigLIP tokens,
+image latent) and the training forward reproduce what HunyuanVideo15Pipeline / ...ImageToVideoPipeline feed their
+transformer; make-tiny -> prepare -> train (with validation videos) -> export, and
 every exported file loads with diffusers' own `transformer.load_lora_adapter` and gives the trained transformer's
 outputs; the original checkpoint layouts (Tencent's, ComfyUI's) load equal to the diffusers folder."""
 
@@ -9,9 +10,10 @@ import json
 
 import pytest
 import torch
-from diffusers import HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel
+from diffusers import HunyuanVideo15ImageToVideoPipeline, HunyuanVideo15Pipeline, HunyuanVideo15Transformer3DModel
 from safetensors.torch import save_file
 
+from data import media, synth
 from data.cache import load_entry
 from data.media import probe
 from tests import comfyui_rules as comfy
@@ -22,6 +24,7 @@ from trainer.config import ModelSection, load_recipe
 from trainer.formats import convert, load_lora, save_lora
 from trainer.models import get_family
 from trainer.models.hunyuan_video15 import HunyuanVideo15, tiny_transformer_config
+from trainer.models.hunyuan_video15_i2v import HunyuanVideo15I2V
 from trainer.sample import sample
 
 PROMPTS = ["a cat walks on the grass", 'a red car drives through a city street at night with a sign "open"']
@@ -191,3 +194,69 @@ def test_prepare_train_export_round_trip_and_sample(tmp_path, tiny_t2v):
     video = sample(recipe, "a dog runs", tmp_path / "sample.mp4", lora=run, frames=5, height=32, width=48, steps=2)
     info = probe(video)
     assert (info.width, info.height, info.num_frames) == (48, 32, 5) and round(info.fps) == 24
+
+
+# --- image-to-video --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_i2v(tmp_path_factory):
+    return HunyuanVideo15I2V.make_tiny(tmp_path_factory.mktemp("models") / "hunyuan_video15_i2v")
+
+
+def test_i2v_condition_and_forward_equal_the_pipeline(tiny_i2v, tmp_path):
+    """The condition prepare caches from a window's first frame (SigLIP tokens, the image's latent) and the training
+    forward equal what HunyuanVideo15ImageToVideoPipeline feeds its transformer for that frame as the input image."""
+    family = get_family(ModelSection(family="hunyuan_video15_i2v", path=str(tiny_i2v)))
+    frames = synth.pattern_frames(9, 64, 64, seed=3)  # uint8 [F, H, W, 3], as prepare decodes a window
+    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        cached = family.encode_video(family.load_vae().eval(), pixels)
+    assert cached["condition_latents"].shape == (1, 4, 1, 4, 4) and cached["image_embeds"].shape == (1, 16, 12)
+    text = family.encode_prompts(family.load_text_pipeline(), [PROMPTS[1], ""])
+
+    image = media.write_image(tmp_path / "first.png", frames[0])
+    call = family.sample_kwargs(image, 64, 64)  # how `vidlora sample --image` and validation read the image
+    pipe = HunyuanVideo15ImageToVideoPipeline.from_pretrained(tiny_i2v)
+    cond, uncond = transformer_calls(family, pipe, prompt=PROMPTS[1], height=64, width=64, num_frames=9, **call)
+    assert cond["hidden_states"].shape == (1, 9, 3, 4, 4)  # [noisy 4 | condition 4 | mask 1]: the tiny 64x64 bucket
+    conditions = {k: cached[k] for k in ("condition_latents", "image_embeds")}
+    assert_predicts(family, pipe.transformer, cond, {**family.collate_text(text[:1]), **conditions}, 4)
+    assert_predicts(family, pipe.transformer, uncond, {**family.collate_text(text[1:]), **conditions}, 4)
+
+
+@pytest.mark.slow
+def test_i2v_prepare_train_validate_and_load_in_diffusers(tmp_path, tiny_i2v):
+    model, cache = prepare_cache(tmp_path, tiny_i2v, family="hunyuan_video15_i2v")
+    entry = load_entry(next((cache / "samples").rglob("*.safetensors")))
+    assert set(entry) == {"latents", "condition_latents", "image_embeds"}
+    image = media.write_image(tmp_path / "first.png", synth.pattern_frames(1, 64, 64, seed=7)[0])
+    text = recipe_text(model, cache, tmp_path / "run", steps=30, family="hunyuan_video15_i2v", learning_rate=5e-3)
+    text += f'[validation]\nevery = 30\nnum_frames = 5\ninference_steps = 2\nimages = ["{image}"]\n'
+    recipe = load_recipe(write_recipe(tmp_path / "train.toml", text))
+    run, trained = train_capturing(recipe)
+    trained.eval()
+    videos = list((run / "validation" / "step-000030").glob("*.mp4"))
+    assert len(videos) == 1 and probe(videos[0]).num_frames == 5
+
+    family = get_family(recipe.model)
+    first = json.loads((cache / "index.json").read_text())["samples"][0]
+    item = {k: v[None] for k, v in load_entry(cache / first["file"]).items()}
+    batch = {**family.collate_text([load_entry(cache / "text" / f"{first['text_ids'][0]}.safetensors")]), **item}
+    before = fixed_eval_loss(family, family.load_transformer(torch.float32), item["latents"], batch)
+    after = fixed_eval_loss(family, trained, item["latents"], batch)
+    assert after < 0.75 * before, (before, after)
+
+    # The run's diffusers file through the transformer's own loader gives the trained outputs.
+    pipe = HunyuanVideo15ImageToVideoPipeline.from_pretrained(tiny_i2v)
+    pipe.transformer.load_lora_adapter(str(run / "pytorch_lora_weights.safetensors"), prefix="transformer")
+    noisy = torch.randn(item["latents"].shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = family.predict(trained, noisy, torch.tensor([0.5]), batch)
+        got = family.predict(pipe.transformer, noisy, torch.tensor([0.5]), batch)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (got - expected).abs().max()
+
+    # A sample from an image: the pipeline picks its own size (the image's bucket at the model's target_size).
+    video = sample(recipe, "a dog runs", tmp_path / "sample.mp4", lora=run, frames=5, steps=2, image=image)
+    info = probe(video)
+    assert (info.width, info.height, info.num_frames) == (64, 64, 5)

@@ -18,6 +18,7 @@ FAMILIES: dict[str, str] = {
     "wan22_i2v": "trainer.models.wan22_i2v:Wan22I2V",
     "hunyuan_video": "trainer.models.hunyuan_video:HunyuanVideo",
     "hunyuan_video15": "trainer.models.hunyuan_video15:HunyuanVideo15",
+    "hunyuan_video15_i2v": "trainer.models.hunyuan_video15_i2v:HunyuanVideo15I2V",
 }
 DEFAULT_FAMILY = "wan"  # a recipe without model.family
 # Families from outside this folder (plugins, tests): VIDLORA_FAMILIES="name=package.module:Class,...".

@@ -145,6 +145,7 @@ class HunyuanVideo15(ModelFamily):
     # and the official trainer's LoRA train it.
     lora_presets = {"default": f"({HV15_ATTENTION}|{HV15_MLP})", "attention": HV15_ATTENTION}
     text_keys = ("prompt_embeds", "prompt_embeds_2")
+    image_tokens = 0  # context tokens from the input image (I2V: SigLIP's 729), for the FLOPs count
     text_components = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
     sample_defaults = {"guidance_scale": 6.0}  # the non-distilled models' guider (distilled ones: 1.0)
     vae_stride = (4, 16, 16)
@@ -186,12 +187,14 @@ class HunyuanVideo15(ModelFamily):
     @classmethod
     def step_ops(cls, config: dict, latent: tuple[int, int, int, int], t: int) -> list[Matmul | Attention]:
         """Every matrix product of one forward pass for one sample (trainer/perf.py counts them); `t` is the Qwen
-        tokens. byT5 tokens (only for quoted text) and I2V's 729 image tokens are not counted (~1.5% at 480p)."""
+        tokens. The byT5 stream is counted at its length without quoted text (one masked token)."""
         c = config
         d = c["num_attention_heads"] * c["attention_head_dim"]
         m = int(d * c["mlp_ratio"])
         dt, refiners, layers = c["text_embed_dim"], c["num_refiner_layers"], c["num_layers"]
         n, p = grid_tokens(cls.patch_of(c), latent), math.prod(cls.patch_of(c))
+        glyph, image = 1, cls.image_tokens
+        ctx = t + glyph + image  # the context stream of the double blocks: Qwen, byT5 and image tokens
         frozen = {"input_grad": False}
         ops: list[Matmul | Attention] = [
             Matmul("x_embedder (conv)", n, c["in_channels"] * p, d, **frozen),
@@ -204,19 +207,29 @@ class HunyuanVideo15(ModelFamily):
             Attention("refiner attn", t, t, d, refiners, grad=False),
             Matmul("refiner ff", t, d, 2 * 4 * d, refiners, **frozen),  # d->4d and 4d->d, mlp ratio 4
             Matmul("refiner norm_out", 1, d, 2 * d, refiners, **frozen),
+            # byT5 projection (2048 wide whatever the model's width) and the image projection
+            Matmul("context_embedder_2.linear_1/2", glyph, c["text_embed_2_dim"] + 2048, 2048, **frozen),
+            Matmul("context_embedder_2.linear_3", glyph, 2048, d, **frozen),
+            Matmul("image_embedder", image, c["image_embed_dim"], c["image_embed_dim"] + d, **frozen),
         ]
         g = "transformer_blocks"
-        for stream, tokens in (("", n), ("context ", t)):
+        for stream, tokens in (("", n), ("context ", ctx)):
+            live = layers - 1 if stream else layers  # no single-stream blocks follow: see below
             ops += [
                 Matmul(f"block.0 {stream}q/k/v", tokens, d, d, 3, False, "attn", g),
                 Matmul(f"block.N {stream}q/k/v", tokens, d, d, 3 * (layers - 1), True, "attn", g),
-                Matmul(f"block {stream}attn out", tokens, d, d, layers, True, "attn", g),
-                Matmul(f"block {stream}ff", tokens, d, m, layers, True, "ffn", g),
-                Matmul(f"block {stream}ff.net.2", tokens, m, d, layers, True, "ffn", g),
                 Matmul(f"block {stream}norm1 modulation", 1, d, 6 * d, layers, False, None, g),
+                Matmul(f"block {stream}attn out", tokens, d, d, live, True, "attn", g),
+                Matmul(f"block {stream}ff", tokens, d, m, live, True, "ffn", g),
+                Matmul(f"block {stream}ff.net.2", tokens, m, d, live, True, "ffn", g),
             ]
+        ops += [  # the last block's context stream after attention is computed, but no gradient reaches it
+            Matmul("last block context attn out", ctx, d, d, 1, True, "attn", g, backward=False),
+            Matmul("last block context ff", ctx, d, m, 1, True, "ffn", g, backward=False),
+            Matmul("last block context ff.net.2", ctx, m, d, 1, True, "ffn", g, backward=False),
+        ]
         ops += [
-            Attention("joint attn", n + t, n + t, d, layers, g),
+            Attention("joint attn", n + ctx, n + ctx, d, layers, g),
             Matmul("norm_out modulation", 1, d, 2 * d, **frozen),
             Matmul("proj_out", n, d, c["out_channels"] * p),
         ]
