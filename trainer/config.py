@@ -287,7 +287,7 @@ class ValidationSection(Section):
     )
     images: list[str] = Field(
         default_factory=list,
-        description="First frames for image-to-video validation videos (wan_i2v): one image for all "
+        description="First frames for image-to-video validation videos (I2V families): one image for all "
         "validation prompts, or one per prompt.",
     )
     inference_steps: int = Field(20, ge=1, description="Denoising steps per validation video.")

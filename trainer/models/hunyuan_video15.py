@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -103,8 +104,9 @@ _OTHER_WEIGHTS = {
     "cond_type_embedding": "cond_type_embed",
     "final_layer.adaLN_modulation.1": "norm_out.linear",  # shift, scale -> scale, shift
 }
+_OTHER_PATTERNS = [(re.compile(re.escape(o).replace(r"\{i\}", r"(\d+)")), d) for o, d in _OTHER_WEIGHTS.items()]
 
-# The published 8.3B transformer (hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v/transformer/config.json; the 720p
+# The published 8.3B transformer (hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v/transformer/config.json; the 720p
 # and I2V models differ only in target_size and task_type).
 HUNYUAN15_8B = {
     "in_channels": 65,
@@ -160,7 +162,7 @@ class HunyuanVideo15(ModelFamily):
             256,
             "",
         ),
-        "hunyuan15-8.3b": (HUNYUAN15_8B, 256, "hunyuanvideo-community/HunyuanVideo-1.5-480p_t2v/transformer/config.json"),
+        "hunyuan15-8.3b": (HUNYUAN15_8B, 256, "hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v/transformer/config.json"),
     }  # fmt: skip
 
     @classmethod
@@ -182,7 +184,7 @@ class HunyuanVideo15(ModelFamily):
                 "HunyuanVideo 1.5 pipelines have no load_lora_weights: load it with "
                 "pipe.transformer.load_lora_adapter(FILE, prefix='transformer')"
             ]
-        return ["for ComfyUI (and musubi-tuner); diffusers reads only the diffusers format of HunyuanVideo 1.5"]
+        return ["for ComfyUI: diffusers reads only the diffusers format of HunyuanVideo 1.5"]
 
     @classmethod
     def step_ops(cls, config: dict, latent: tuple[int, int, int, int], t: int) -> list[Matmul | Attention]:
@@ -258,26 +260,24 @@ class HunyuanVideo15(ModelFamily):
         """Tencent's checkpoint (or ComfyUI's repackaged one, q/k/v fused) -> diffusers names, by the LoRA name table
         for the layers it maps and `_OTHER_WEIGHTS` for the rest; keys it does not know are kept for the caller's
         check to name."""
-        from trainer.formats import _fill, _pattern, to_diffusers_names
+        from trainer.formats import to_diffusers_names
 
-        others = [(_pattern(o), d) for o, d in _OTHER_WEIGHTS.items()]
         out: dict[str, torch.Tensor] = {}
         for key, value in sd.items():
             module, _, param = key.rpartition(".")
-            match = next(((m, d) for pattern, d in others if (m := pattern.fullmatch(module))), None)
-            if match:
-                m, target = match
+            other = next((t for p, t in _OTHER_PATTERNS if (m := p.fullmatch(module))), None)
+            if other is not None:
                 if module == "final_layer.adaLN_modulation.1":
                     shift, scale = value.chunk(2, dim=0)
                     value = torch.cat([scale, shift], dim=0)
-                out[f"{_fill(target, m.group(1) if m.groups() else None)}.{param}"] = value
+                out[f"{other.replace('{i}', m.group(1)) if m.groups() else other}.{param}"] = value
                 continue
             try:
                 names = to_diffusers_names(cls.name, module)
             except ValueError:
                 out[key] = value
                 continue
-            for name, part in zip(names, value.chunk(len(names), dim=0)):
+            for name, part in zip(names, value.chunk(len(names), dim=0)):  # a fused layer's rows, part by part
                 out[f"{name}.{param}"] = part
         return out
 
