@@ -128,7 +128,7 @@ def vidlora_step(recipe, preset, optimizer_kind: str, batch: dict, family=None):
         nonlocal micro
         for _ in range(t.gradient_accumulation):
             with accelerator.accumulate(model):
-                loss = forward_backward(accelerator, model, batch, recipe, micro, slots, None, t.context_parallel)
+                loss, _ = forward_backward(accelerator, model, batch, recipe, micro, slots, None, t.context_parallel)
             micro += 1
         optimizer_step(accelerator, params, optimizer, scheduler, t.max_grad_norm, bad=False)
         return loss.item()
@@ -210,10 +210,23 @@ def bare_step(recipe, preset, optimizer_kind: str, batch: dict, tensors: dict):
 
 
 def bare_forward(preset, transformer, noisy, timestep, batch: dict):
-    """The transformer call of diffusers' own pipelines (Wan's, or HunyuanVideo's with its pooled text and mask). An
-    image-to-video transformer's condition channels are zeros here: their values do not change the cost."""
+    """The transformer call of diffusers' own pipelines (Wan's, HunyuanVideo's with its pooled text and mask, or
+    HunyuanVideo 1.5's with two masked text streams, zero condition channels and no image tokens). An image-to-video
+    transformer's condition channels are zeros here: their values do not change the cost."""
     import torch
 
+    if "prompt_embeds_2" in batch:
+        b, _, f, h, w = noisy.shape
+        return transformer(
+            hidden_states=torch.cat([noisy, torch.zeros_like(noisy), noisy.new_zeros(b, 1, f, h, w)], dim=1),
+            timestep=timestep,
+            encoder_hidden_states=batch["prompt_embeds"],
+            encoder_attention_mask=batch["prompt_embeds_mask"],
+            encoder_hidden_states_2=batch["prompt_embeds_2"],
+            encoder_attention_mask_2=batch["prompt_embeds_mask_2"],
+            image_embeds=noisy.new_zeros(b, 0, transformer.config.image_embed_dim),
+            return_dict=False,
+        )[0]
     extra = transformer.config.in_channels - noisy.shape[1]
     if extra > 0:
         noisy = torch.cat([noisy, noisy.new_zeros(noisy.shape[0], extra, *noisy.shape[2:])], dim=1)

@@ -18,6 +18,7 @@ from tests.conftest import ROOT, cli_env
 from trainer import perf
 from trainer.config import RecipeError, UserError, load_recipe
 from trainer.flow_matching import step_generator
+from trainer.models.hunyuan_video15 import tiny_transformer_config as hv15_tiny_config
 from trainer.models.wan import tiny_transformer_config
 from trainer.train import build_model, flow_loss
 
@@ -49,6 +50,9 @@ TINY_HV_I2V_33 = perf.ModelPreset(
     "hunyuan_video_i2v",
     {**TINY_HV.config, "in_channels": 33, "guidance_embeds": False, "image_condition_type": "latent_concat"},
     5,
+)
+TINY_HV15 = perf.ModelPreset(  # the tiny HunyuanVideo 1.5 with 16 latent channels and 2 double blocks
+    "hunyuan_video15", hv15_tiny_config(in_channels=33, out_channels=16, num_layers=2), text_tokens=5
 )
 LATENT = (16, 3, 8, 8)
 
@@ -91,6 +95,8 @@ def count_step(preset: perf.ModelPreset, model, recipe, batch_size: int = 2) -> 
         (TINY_HV, ["train.gradient_checkpointing=true", "train.gradient_checkpointing_ratio=0.5"]),
         (TINY_HV_I2V, ["train.gradient_checkpointing=true"]),
         (TINY_HV_I2V_33, []),
+        (TINY_HV15, []),
+        (TINY_HV15, ["train.gradient_checkpointing=true", "train.gradient_checkpointing_ratio=0.5"]),
     ],
     ids=[
         "wan",
@@ -101,6 +107,8 @@ def count_step(preset: perf.ModelPreset, model, recipe, batch_size: int = 2) -> 
         "hunyuan-half-ckpt",
         "hunyuan-i2v-ckpt",
         "hunyuan-i2v-33ch",
+        "hunyuan15",
+        "hunyuan15-half-ckpt",
     ],  # fmt: skip
 )
 def test_flops_formula_equals_pytorch_flop_counter(preset, overrides):

@@ -72,7 +72,9 @@ def prepare_cache(root: Path, tiny_wan: Path, family: str = "wan") -> tuple[Path
     for i, caption in enumerate(CAPTIONS):
         media.write_video(clips / f"clip{i}.mp4", synth.pattern_frames(9, 64, 64, seed=i))
         (clips / f"clip{i}.txt").write_text(caption + "\n", encoding="utf-8")
-    recipe = write_recipe(root / "prepare.toml", recipe_text(tiny_wan, root / "cache", root / "unused", family=family))
+    # caption_dropout: the cache also holds the empty prompt's embedding (the runs that set it need it)
+    text = recipe_text(tiny_wan, root / "cache", root / "unused", family=family, caption_dropout=0.25)
+    recipe = write_recipe(root / "prepare.toml", text)
     run_cli("prepare", recipe)
     return tiny_wan, root / "cache"
 
