@@ -55,7 +55,10 @@ def zero3_config(tmp_path) -> str:
 def per_rank_recipe(tmp, prepared, name, steps, batch_size):
     model, cache = prepared
     # 4 samples of one bucket; global batch 2 per micro-step, 2 micro-steps per optimizer step
-    text = recipe_text(model, cache, tmp / name, steps, batch_size=batch_size, gradient_accumulation=2)
+    # caption dropout on: the samples that train on the empty prompt are the same for any process count
+    text = recipe_text(
+        model, cache, tmp / name, steps, batch_size=batch_size, gradient_accumulation=2, caption_dropout=0.25
+    )
     return write_recipe(tmp / f"{name}.toml", text)
 
 

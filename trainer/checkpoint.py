@@ -271,6 +271,7 @@ def run_shape(recipe: Recipe, world: int, deepspeed: bool) -> dict[str, Any]:
         "batch_size": t.batch_size,
         "gradient_accumulation": t.gradient_accumulation,
         "seed": t.seed,
+        "context_parallel": t.context_parallel,
         "deepspeed": deepspeed,
     }
 

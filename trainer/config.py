@@ -118,6 +118,21 @@ class DatasetSection(Section):
         None, gt=0, description="Resample clips to this frame rate; default: the family's native rate."
     )
     keep_source_fps: bool = Field(False, description="Keep every source frame (no resampling at all).")
+    role: Literal["train", "regularisation"] = Field(
+        "train",
+        description="'regularisation': a prior-preservation dataset (e.g. what the base model makes of the class "
+        "prompt): not part of the epoch; it fills `share` of each batch, and its loss is logged as loss_reg.",
+    )
+    share: float = Field(
+        0.25, gt=0, lt=1, description="With role = 'regularisation': its share of the samples of each batch."
+    )
+    mask_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Loss weight outside the loss masks (NAME.mask.png|mp4 next to a clip, or a `mask` metadata "
+        "column: white counts, black gets this weight; see docs/data.md).",
+    )
 
     @field_validator("target_frames")
     @classmethod
@@ -149,6 +164,17 @@ class DataSection(Section):
     validation_prompts: list[str] = Field(
         default_factory=list, description="Prompts embedded at prepare time for validation samples."
     )
+
+    @model_validator(mode="after")
+    def _regularisation_shares(self) -> DataSection:
+        regular = [d for d in self.datasets if d.role == "regularisation"]
+        if regular and len(regular) == len(self.datasets):
+            raise ValueError("every dataset has role = 'regularisation': at least one must be 'train'")
+        if sum(d.share for d in regular) >= 1:
+            raise ValueError(
+                f"the regularisation datasets' shares add up to {sum(d.share for d in regular):g}; keep it under 1"
+            )
+        return self
 
 
 class LoraSection(Section):
@@ -237,6 +263,13 @@ class TrainSection(Section):
     ti2v_i2v_share: float = Field(
         0.5, ge=0, le=1, description="With ti2v = 'mixed': the share of samples that are image-conditioned."
     )
+    caption_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of samples trained on the empty prompt instead of their caption (drawn per sample and "
+        "epoch from the seed); `vidlora prepare` embeds the empty prompt when this is above 0.",
+    )
     max_nonfinite_in_row: int = Field(
         5, ge=1, description="Steps with a non-finite loss or gradient are skipped; this many in a row abort the run."
     )
@@ -253,6 +286,20 @@ class TrainSection(Section):
         "validation/ema/); `export.use_ema` makes it the run's adapter. Off by default.",
     )
     ema_on_cpu: bool = Field(False, description="Keep the EMA in CPU memory (saves GPU memory, costs a copy per step).")
+    context_parallel: int = Field(
+        1,
+        ge=1,
+        description="Processes that share each sample, its token sequence split between them (context "
+        "parallelism, for a sample whose activations do not fit one GPU); 1 = off. Divides the processes "
+        "launched; the rest is data parallel. Needs a family with a context-parallel plan (Wan). See "
+        "docs/training.md.",
+    )
+    context_parallel_kind: Literal["ulysses", "ring"] = Field(
+        "ulysses",
+        description="How attention is split: 'ulysses' (all-to-all over the heads; the degree divides the "
+        "attention heads) or 'ring' (key/value blocks passed around; needs a GPU attention backend that returns "
+        "the log-sum-exp: train.attention_backend = '_native_cudnn', 'flash', ...).",
+    )
     # speed switches, applied by trainer/perf.py (see docs/performance.md)
     compile: Literal[False, "blocks", "full"] = Field(
         False,

@@ -294,11 +294,15 @@ def _parse(sd: Mapping[str, torch.Tensor], family: str | None = None) -> _Parsed
     (fam, layout), hits = max(scores.items(), key=lambda item: item[1])
     if hits == 0:
         raise LoraFormatError(f"cannot tell the LoRA format or model family; module names seen: {_sample(modules)}")
-    rivals = sorted({f for (f, _), h in scores.items() if h == hits and f != fam})
-    if rivals:
-        raise LoraFormatError(
-            f"ambiguous model family ({[fam, *rivals]}) for module names {_sample(modules)}; name it (vidlora --family, or family=)"
-        )
+    tied = [(f, lay) for (f, lay), h in scores.items() if h == hits]
+    if len({f for f, _ in tied}) > 1:  # other families' tables explain the names too: one of them may claim them
+        claims = [(f, lay) for f, lay in tied if _family(f).claims_lora(_diffusers_modules(_index(f), lay, modules))]
+        if len({f for f, _ in claims}) != 1:
+            raise LoraFormatError(
+                f"ambiguous model family ({sorted({f for f, _ in tied})}) for module names {_sample(modules)}; "
+                "name it (vidlora --family, or family=)"
+            )
+        fam, layout = claims[0]
     index = _index(fam)
     unresolved = sorted(k for n, lora in modules.items() if index.find(layout, n) is None for k in lora.keys)
     if family is None:  # same names, several families: the first that claims these modules, else the generic one

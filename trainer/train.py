@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data.dataset import BucketBatchSampler, CachedDataset, collate
+from data.plan import dataset_names
 from trainer.checkpoint import (
     adapter_name,
     check_resumable,
@@ -47,10 +48,19 @@ from trainer.checkpoint import (
 )
 from trainer.config import Recipe, UserError, resolve_device_precision
 from trainer.ema import LoraEMA
-from trainer.flow_matching import flow_mse, noisy_and_target, route, sample_sigmas, sigma_mass, step_generator
+from trainer.flow_matching import (
+    flow_mse,
+    noisy_and_target,
+    route,
+    sample_mse,
+    sample_sigmas,
+    sigma_mass,
+    step_generator,
+)
 from trainer.memory import apply_memory_modes, make_optimizer, offload_base_weights
 from trainer.models import get_family
 from trainer.models.base import DTYPES, Denoiser, Denoisers, ModelFamily
+from trainer.parallel import check_context_parallel, device_mesh, enable_context_parallel, layout
 from trainer.perf import apply_speed_options, batch_step_flops, device_peak_flops
 from trainer.tracking import Window, engine, init_tracking, log_metrics, log_validation, report_end, report_start
 
@@ -180,7 +190,19 @@ def flow_loss(
     denoiser: Denoiser | None = None,
     input_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """MSE between the denoiser's prediction and the flow-matching velocity target. Each sample draws its timestep
+    """The loss of a micro-batch (`flow_terms`)."""
+    return flow_mse(*flow_terms(model, batch, recipe, generators, denoiser, input_dtype))
+
+
+def flow_terms(
+    model: Denoisers,
+    batch: dict[str, Any],
+    recipe: Recipe,
+    generators: list[torch.Generator],
+    denoiser: Denoiser | None = None,
+    input_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(prediction, target, weight) of the MSE between the denoiser's prediction and the flow-matching velocity target. Each sample draws its timestep
     (from the denoiser's range of noise levels), noise and the family's own choices (e.g. a first frame given or not)
     from its own generator (one per slot of the global batch); the family may leave parts out of the loss.
     `model` is the run's Denoisers, or what wraps it (DDP, DeepSpeed); `input_dtype`: the dtype the model takes its
@@ -202,7 +224,13 @@ def flow_loss(
     batch = {**batch, **family.draw_conditions(t, generators)}
     noisy = torch.cat(noisy).to(input_dtype or latents.dtype)
     pred = model(denoiser.component, noisy, torch.cat(sigmas).to(latents.device), batch)
-    return flow_mse(pred, torch.cat(target), family.loss_weight(batch))
+    return pred, torch.cat(target), loss_weight(family.loss_weight(batch), batch.get("mask"))
+
+
+def loss_weight(*weights: torch.Tensor | None) -> torch.Tensor | None:
+    """The product of the family's weight and the samples' loss masks (each broadcastable to the latents)."""
+    given = [w for w in weights if w is not None]
+    return math.prod(given[1:], start=given[0]) if given else None
 
 
 def unwrapped(model: torch.nn.Module) -> Denoisers:
@@ -311,13 +339,24 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         return run
     checkpoint = find_resume_checkpoint(run, resume, accelerator.is_main_process)
 
-    dataset = CachedDataset(recipe.data.cache_dir, seed=t.seed, holdout_clips=v.holdout_clips)
+    names = dict(zip(dataset_names(recipe.data.datasets), recipe.data.datasets))
+    dataset = CachedDataset(
+        recipe.data.cache_dir,
+        seed=t.seed,
+        holdout_clips=v.holdout_clips,
+        caption_dropout=t.caption_dropout,
+        mask_weights={name: d.mask_weight for name, d in names.items()},
+        regularisation={name: d.share for name, d in names.items() if d.role == "regularisation"},
+    )
     if dataset.family != family.name:
         raise UserError(
             f"{recipe.data.cache_dir}: cache was prepared for {dataset.family!r}, recipe is {family.name!r}"
         )
-    family.check_shapes((dataset.shape_key(i) for i in range(len(dataset))), f"{recipe.data.cache_dir}: sample size")
-    sampler = BucketBatchSampler(dataset, t.batch_size, seed=t.seed, num_replicas=world, rank=rank)
+    shapes = [dataset.shape_key(i) for i in range(len(dataset))]
+    family.check_shapes(shapes, f"{recipe.data.cache_dir}: sample size")
+    check_context_parallel(t, family, world, device, deepspeed, shapes)
+    cp = layout(t.context_parallel, rank, world)  # a context-parallel group shares one sample stream
+    sampler = BucketBatchSampler(dataset, t.batch_size, seed=t.seed, num_replicas=cp.dp, rank=cp.dp_rank)
     workers = t.dataloader_workers
     loader = DataLoader(
         dataset,
@@ -329,6 +368,16 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         pin_memory=device.type == "cuda",
     )
     model = build_model(recipe, family, DTYPES[weight_dtype], device if t.block_offload else None)
+    if cp.degree > 1:
+        mesh = device_mesh(cp.degree, t.context_parallel_kind, world, device)
+        for expert in model.experts.values():
+            enable_context_parallel(expert, family.context_parallel_plan(), t.context_parallel_kind, mesh, device)
+        if accelerator.is_main_process:
+            print(
+                f"vidlora train: context parallel ({t.context_parallel_kind}): {cp.dp} group(s) of {cp.degree} "
+                "processes, each sample's sequence split across its group",
+                flush=True,
+            )
     groups = expert_param_groups(model, t)
     params = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(groups, t)
@@ -384,16 +433,20 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
             for batch in loader:
                 batch = send_to_device(batch, device, non_blocking=True)
                 n = len(batch["files"])
-                slots = [rank * n + j for j in range(n)]  # this rank's places in the global batch
+                slots = [cp.dp_rank * n + j for j in range(n)]  # this group's places in the global batch
                 denoiser = step_denoiser(recipe, family, pos.step)  # the same for every micro-batch of a step
                 activate(model, optimizer, scheduler, denoiser, t.offload_inactive_expert, device)
                 with accelerator.accumulate(model):
-                    loss = forward_backward(accelerator, model, batch, recipe, pos.micro, slots, denoiser)
+                    loss, reg = forward_backward(
+                        accelerator, model, batch, recipe, pos.micro, slots, denoiser, cp.degree
+                    )
                 pos.batch += 1
                 pos.micro += 1
                 expert = unwrapped(model).experts[denoiser.component]
                 flops = batch_step_flops(expert, family.name, batch, recipe).model
-                window.add(loss.item(), n, batch["files"], flops, denoiser.label)
+                if not cp.lead:  # a context-parallel group counts its samples once
+                    n, flops, reg = 0, 0.0, (0.0, 0)
+                window.add(loss.item(), n, batch["files"], flops, denoiser.label, reg)
                 if not accelerator.sync_gradients:
                     continue
 
@@ -463,15 +516,24 @@ def forward_backward(
     micro: int,
     slots: list[int],
     denoiser: Denoiser | None = None,
-) -> torch.Tensor:
+    context_parallel: int = 1,
+) -> tuple[torch.Tensor, tuple[float, int]]:
     """One micro-batch through one denoiser: loss and backward. Dropout, noise and timesteps are seeded from (seed,
-    micro-step, slot in the global batch), so resumes and different process counts draw exactly the same numbers."""
+    micro-step, slot in the global batch), so resumes and different process counts draw exactly the same numbers.
+    Under context parallelism the backward loss is scaled by the degree (trainer/parallel.py says why). Returns the
+    loss and (sum, count) of the regularisation samples' losses in it."""
     seed = recipe.train.seed
     torch.manual_seed(step_seed(seed, micro, accelerator.process_index))  # LoRA dropout
     generators = [step_generator(seed, micro, s) for s in slots]
-    loss = flow_loss(model, batch, recipe, generators, denoiser, deepspeed_input_dtype(accelerator))
-    accelerator.backward(loss)  # under DeepSpeed this also steps (or skips a non-finite step)
-    return loss
+    pred, target, weight = flow_terms(model, batch, recipe, generators, denoiser, deepspeed_input_dtype(accelerator))
+    loss = flow_mse(pred, target, weight)
+    accelerator.backward(loss * context_parallel)  # under DeepSpeed this also steps (or skips a non-finite step)
+    reg = batch.get("regularisation")
+    if reg is None or not reg.any():
+        return loss, (0.0, 0)
+    with torch.no_grad():
+        each = sample_mse(pred, target, weight)
+    return loss, (each[reg].sum().item(), int(reg.sum()))
 
 
 def expert_param_groups(model: Denoisers, t: Any) -> list[dict[str, Any]]:
