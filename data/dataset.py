@@ -10,6 +10,7 @@ same global batches as one process with batch size N x B.
 from __future__ import annotations
 
 import hashlib
+import math
 import random
 from collections import defaultdict
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from torch.utils.data import Dataset, Sampler
 
 from data.cache import load_entry, read_meta
 from data.prepare import load_index
+from trainer.config import UserError
 
 
 def holdout_sources(samples: list[dict[str, Any]], n: int) -> set[str]:
@@ -33,11 +35,20 @@ def holdout_sources(samples: list[dict[str, Any]], n: int) -> set[str]:
 class CachedDataset(Dataset):
     """One item per (sample, repeat); each item is the sample's tensors plus one of its captions' tensors.
 
-    Items are addressed as (index, epoch): the caption drawn for a multi-caption sample depends on both.
+    Items are addressed as (index, epoch): the caption drawn for a multi-caption sample depends on both, and so
+    does whether the item trains on the empty prompt instead (`caption_dropout`, its share of the items).
     `holdout_clips` moves every sample of that many source clips to `heldout` (for the validation loss).
     """
 
-    def __init__(self, cache_dir: str | Path, seed: int = 0, holdout_clips: int = 0):
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        seed: int = 0,
+        holdout_clips: int = 0,
+        caption_dropout: float = 0.0,
+        mask_weights: dict[str, float] | None = None,
+        regularisation: dict[str, float] | None = None,
+    ):
         self.root = Path(cache_dir)
         index = load_index(self.root)
         self.family = index["family"]
@@ -50,7 +61,16 @@ class CachedDataset(Dataset):
             raise ValueError(f"{self.root / 'index.json'}: the cache holds no training samples{why}")
         self.validation_text_ids: list[str] = index.get("validation", [])
         self.validation_negative_id: str | None = index.get("validation_negative")
-        self.seed = seed
+        self.seed, self.caption_dropout = seed, caption_dropout
+        self.mask_weights = mask_weights or {}  # dataset name -> loss weight outside its masks (default 0)
+        self.regularisation = regularisation or {}  # regularisation dataset name -> its share of each batch
+        if self.regularisation and all(e["dataset"] in self.regularisation for e in self.entries):
+            raise UserError(f"{self.root}: the cache holds no training samples besides the regularisation datasets")
+        if caption_dropout and any("empty_text_id" not in e for e in self.entries):
+            raise UserError(
+                f"{self.root}: train.caption_dropout needs the empty prompt's embedding, which this cache lacks: "
+                "run `vidlora prepare` with the recipe (it encodes only that)"
+            )
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -64,11 +84,18 @@ class CachedDataset(Dataset):
         i, epoch = key if isinstance(key, tuple) else (key, 0)
         e = self.entries[i]
         caption = random.Random(f"{self.seed}/{epoch}/{i}").choice(e["text_ids"])
+        if self.caption_dropout and random.Random(f"{self.seed}/{epoch}/{i}/drop").random() < self.caption_dropout:
+            caption = e["empty_text_id"]  # drawn from (seed, epoch, item) only: same on resume and any rank
         return self.load(e, caption)
 
     def load(self, entry: dict[str, Any], text_id: str) -> dict[str, Any]:
         """A sample's tensors (fp32) with one caption's tensors under "text" and its cache file under "file"."""
         item: dict[str, Any] = {k: v.float() for k, v in load_entry(self.root / entry["file"]).items()}
+        if "mask" in item:  # the loss weight: 1 inside the mask, the dataset's mask_weight outside
+            outside = self.mask_weights.get(entry["dataset"], 0.0)
+            item["mask"] = outside + (1 - outside) * item["mask"]
+        if self.regularisation:  # for loss_reg in the metrics
+            item["regularisation"] = torch.tensor(entry["dataset"] in self.regularisation)
         item["text"] = self.text(text_id)
         item["file"] = entry["file"]
         return item
@@ -88,6 +115,11 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
     smaller, with several it is topped up from the start of its (shuffled) bucket to a multiple of the
     process count so every rank gets the same number of samples (as torch's DistributedSampler pads).
     Yields [(index, epoch), ...] so workers need no epoch state.
+
+    Regularisation datasets (`dataset.regularisation`: name -> share) are not part of the epoch: they fill their
+    share of the slots of each global batch (over consecutive batches of a bucket when a batch is smaller than one
+    over the share), drawn with replacement from their samples of the batch's shape, so every training sample is
+    still seen once per epoch and an epoch has more batches.
     """
 
     def __init__(
@@ -102,8 +134,20 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.num_replicas, self.rank = num_replicas, rank
         self.groups: dict[tuple, list[int]] = defaultdict(list)
+        shares = getattr(dataset, "regularisation", {})
+        self.share = sum(shares.values())
+        self.regular: dict[tuple, list[tuple[int, float]]] = defaultdict(list)  # shape -> (index, draw weight)
         for i in range(len(dataset)):
-            self.groups[dataset.shape_key(i)].append(i)
+            name = dataset.entries[i]["dataset"] if shares else None
+            if name in shares:
+                self.regular[dataset.shape_key(i)].append((i, shares[name]))
+            else:
+                self.groups[dataset.shape_key(i)].append(i)
+        for pool in self.regular.values():  # each dataset weighs its share, whatever its size
+            counts = defaultdict(int)
+            for i, _ in pool:
+                counts[dataset.entries[i]["dataset"]] += 1
+            pool[:] = [(i, w / counts[dataset.entries[i]["dataset"]]) for i, w in pool]
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -118,6 +162,9 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
             idx = list(self.groups[key])
             if self.shuffle:
                 rng.shuffle(idx)
+            if self.regular.get(key):
+                out += self._mixed_batches(idx, self.regular[key], random.Random(f"{self.seed}/{self.epoch}/reg/{key}"))
+                continue
             for start in range(0, len(idx), size):
                 batch = idx[start : start + size]
                 short = -len(batch) % world
@@ -126,18 +173,38 @@ class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
             rng.shuffle(out)
         return out
 
+    def _mixed_batches(self, idx: list[int], pool: list[tuple[int, float]], rng: random.Random) -> list[list[int]]:
+        """One bucket's global batches with regularisation samples in `floor((b+1) s G) - floor(b s G)` slots of
+        batch b (share s, global batch G): exactly the share over the bucket, as evenly as the batch size allows."""
+        size, out, taken = self.batch_size * self.num_replicas, [], 0
+        indices, weights = [i for i, _ in pool], [w for _, w in pool]
+        while taken < len(idx):
+            b = len(out)
+            k = math.floor((b + 1) * self.share * size) - math.floor(b * self.share * size)
+            batch = idx[taken : taken + size - k]
+            taken += len(batch)
+            batch += rng.choices(indices, weights, k=k)
+            batch += [idx[j % len(idx)] for j in range(-len(batch) % self.num_replicas)]
+            out.append(batch)
+        return out
+
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for batch in self.global_batches()[self.skip :]:
             per_rank = len(batch) // self.num_replicas
             yield [(i, self.epoch) for i in batch[self.rank * per_rank : (self.rank + 1) * per_rank]]
 
     def __len__(self) -> int:
+        if self.regular:
+            return len(self.global_batches()) - self.skip
         size = self.batch_size * self.num_replicas
         return sum(-(-len(g) // size) for g in self.groups.values()) - self.skip
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack sample tensors; cached text tensors and file names stay lists."""
+    """Stack sample tensors; cached text tensors and file names stay lists. A sample without a loss mask in a batch
+    with masked ones counts everywhere (weight 1)."""
+    if any("mask" in it for it in items):
+        items = [it if "mask" in it else {**it, "mask": torch.ones_like(it["latents"][:1])} for it in items]
     batch: dict[str, Any] = {k: torch.stack([it[k] for it in items]) for k in items[0] if k not in ("text", "file")}
     batch["text"] = [it["text"] for it in items]
     batch["files"] = [it["file"] for it in items]

@@ -20,6 +20,7 @@ from data.media import MediaError, probe
 
 METADATA_SUFFIXES = (".jsonl", ".csv")
 MISSING_POLICIES = ("error", "skip", "use_default")
+MASK_SUFFIX = ".mask"  # NAME.mask.png / NAME.mask.mp4 next to NAME.mp4 is its loss mask, not a clip
 # ISO-BMFF brands that are stills or audio rather than video.
 _IMAGE_BRANDS = {b"heic", b"heix", b"hevc", b"mif1", b"msf1", b"avif"}
 _AUDIO_BRANDS = {b"M4A ", b"M4B ", b"M4P ", b"F4A "}
@@ -39,6 +40,7 @@ class Item:
     caption_source: str  # "sidecar", "metadata <file>:<line>" or "default"
     extra: dict = field(default_factory=dict)  # other metadata columns, as given
     info: dict | None = None  # media.MediaInfo as a dict, when discover(..., probe=True)
+    mask: str | None = None  # loss mask: the metadata's `mask` column, else a NAME.mask.* file next to it
 
 
 @dataclass
@@ -150,6 +152,8 @@ def discover(
     missing_caption: what a media file without a usable caption gets: 'error' (one DiscoveryError listing
         every such file), 'skip' (reported in `skipped`) or 'use_default' (`default_caption`, reported in
         `notes`).
+    A loss mask is the metadata's `mask` column (a path relative to the metadata file) or a `<stem>.mask.*`
+    image or video next to the media; mask files are not media items.
     probe_media: also decode-check every file with media.probe; failures go to `skipped` with the reason.
     Hidden files and folders (name starting with '.') are not searched, and each is reported.
     """
@@ -185,10 +189,14 @@ def discover(
         files, metadata = _walk(root, found.skipped)
         metadata = [m for m in metadata if _is_metadata(m, found.skipped)]
     claimed: set[Path] = set()
+    listed_masks: dict[Path, Path] = {}  # media -> mask, from metadata
     for meta in metadata:
         for line, row in _metadata_rows(meta):
             path, captions, extra = _parse_row(meta, line, row)
             claimed.add(path)
+            if isinstance(extra.get("mask"), str) and extra["mask"].strip():
+                listed_masks[path] = (meta.parent / extra.pop("mask").strip()).resolve()
+                claimed.add(listed_masks[path])
             kind = sniff(path)
             if kind not in ("video", "image"):
                 found.skipped.append(Issue(str(path), f"listed in {meta.name}:{line} but {_not_media(kind, path)}"))
@@ -198,11 +206,19 @@ def discover(
     stems: set[tuple[Path, str]] = set()
     rejected: dict[tuple[Path, str], Issue] = {}  # files that are not media, by stem, for their caption files
     sidecars = []
+    masks: dict[tuple[Path, str], Path] = {}  # (folder, media stem) -> NAME.mask.* file
     for path in files:
         if path.resolve() in claimed:
             continue
         if path.suffix.lower() == caption_ext.lower():
             sidecars.append(path)
+            continue
+        if path.stem.lower().endswith(MASK_SUFFIX):
+            key = (path.parent, path.stem[: -len(MASK_SUFFIX)])
+            if key in masks:
+                found.skipped.append(Issue(str(path), f"another mask for {key[1]}.*: {masks[key].name} is used"))
+            else:
+                masks[key] = path
             continue
         kind = sniff(path)
         if kind not in ("video", "image"):
@@ -229,6 +245,13 @@ def discover(
             found.skipped.append(Issue(str(path), reason))
         elif (path.parent, path.stem) not in stems:
             found.skipped.append(Issue(str(path), f"caption file with no media file named {path.stem}.*"))
+
+    for item in found.items:
+        path = Path(item.path)
+        mask = listed_masks.get(path) or masks.pop((path.parent, path.stem), None)
+        item.mask = str(mask) if mask else None
+    for (_, stem), mask in masks.items():
+        found.skipped.append(Issue(str(mask), f"mask file, but no media file named {stem}.* is used"))
 
     if missing:
         listing = "\n".join(f"  {m.path}: {m.reason}" for m in missing[:50])

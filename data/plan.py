@@ -42,6 +42,8 @@ class Sample:
     repeats: int
     fingerprint: str
     text_ids: list[str] = field(default_factory=list)
+    empty_text_id: str | None = None  # the empty prompt's entry (for train.caption_dropout)
+    mask: str | None = None  # loss mask file (image or video of the clip's size and length)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -127,6 +129,7 @@ def build_manifest(datasets: list[DatasetSection], names: list[str]) -> tuple[Da
                     "caption_source": item.caption_source,
                     "note": notes.get(item.path, ""),
                     "extra": json.dumps(item.extra, ensure_ascii=False, sort_keys=True),  # free-form columns
+                    "mask": item.mask or "",
                 }
             )
     return Dataset.from_list(rows), unused
@@ -149,6 +152,7 @@ def make_plan(
     samples: list[Sample] = []
     inputs: list[dict[str, Any]] = []
     media: dict[str, MediaInfo] = {}
+    masked = {d for d, m in zip(manifest["dataset"], manifest["mask"]) if m} if len(manifest) else set()
     for item in tqdm(manifest, desc="probe", unit="file", disable=not show_progress or len(manifest) < 2):
         ds = settings[item["dataset"]]
         row: dict[str, Any] = {"path": item["path"], "dataset": item["dataset"], "kind": item["kind"]}
@@ -164,6 +168,17 @@ def make_plan(
             row.update(status="skipped" if isinstance(e, NotVideoError) else "failed", reason=e.reason)
             continue
         media[item["path"]] = info
+        mask = item["mask"] or None
+        if mask:
+            mask_info, problem = check_mask(mask, info, probes)
+            if problem:
+                row.update(status="failed", reason=problem, mask=mask)
+                continue
+            media[mask] = mask_info
+            row["mask"] = mask
+        elif item["dataset"] in masked:  # its dataset has masks: this file's was forgotten, or misnamed
+            row["mask_missing"] = True
+            row["note"] = "; ".join(filter(None, [row.get("note"), "no mask file: the whole frame counts"]))
         fps = None if ds.keep_source_fps or info.kind == "image" else (ds.target_fps or default_fps)
         order = resample(info.timestamps, fps)  # resampled frame -> source frame
         options = {"stride": ds.frame_stride, "count": ds.window_count, "max_frames": ds.max_frames}
@@ -198,12 +213,29 @@ def make_plan(
                     fps=float(fps or info.fps),
                     captions=item["captions"],
                     repeats=ds.repeats,
-                    fingerprint=fingerprint(source, window, bucket, identity),
+                    fingerprint=fingerprint(source, window, bucket, identity, *([file_identity(mask)] if mask else [])),
+                    mask=mask,
                 )
                 samples.append(sample)
                 span = {"start": resampled[0], "frames": len(window), "source": [window[0], window[-1]]}
                 row["samples"].append({"file": file, **span, "bucket": list(bucket)})
     return Plan(samples, inputs + unused, manifest, media)
+
+
+def check_mask(mask: str, clip: MediaInfo, probes: ProbeCache) -> tuple[MediaInfo | None, str | None]:
+    """(the mask's probe, why it cannot mask this clip or None): it must decode and have the clip's size, and be a
+    still (one mask for every frame) or a video of the clip's length (windowed with it)."""
+    if not Path(mask).is_file():
+        return None, f"mask {mask}: no such file"
+    try:
+        info = probes.probe(mask)
+    except MediaError as e:
+        return None, f"mask {mask}: {e.reason}"
+    if (info.width, info.height) != (clip.width, clip.height):
+        return info, f"mask {mask} is {info.width}x{info.height}, the clip {clip.width}x{clip.height}"
+    if info.kind == "video" and info.num_frames != clip.num_frames:
+        return info, f"mask {mask} has {info.num_frames} frames, the clip {clip.num_frames}"
+    return info, None
 
 
 def color_conversion(info: MediaInfo) -> str:

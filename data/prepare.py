@@ -70,6 +70,7 @@ class Encoders(Protocol):
     def vae_module(self, loaded: torch.nn.Module) -> torch.nn.Module: ...
     def encode_video(self, vae: torch.nn.Module, pixels: torch.Tensor) -> dict[str, torch.Tensor]: ...
     def decode_video(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor: ...
+    def latent_mask(self, mask: torch.Tensor) -> torch.Tensor: ...
     def load_text_pipeline(self, dtype: torch.dtype = ...) -> Any: ...
     def encode_prompts(
         self, text_pipe: Any, prompts: list[str], images: list[np.ndarray] | None = None
@@ -167,13 +168,22 @@ class _Decode(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str]:
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | str, torch.Tensor | None]:
         s = self.samples[i]
         try:
             frames = resize_crop(read_frames(self.media[s.source], s.frames), s.bucket)
-            return i, torch.from_numpy(np.ascontiguousarray(frames))
+            return i, torch.from_numpy(np.ascontiguousarray(frames)), self.mask(s)
         except Exception as e:  # a bad file must not stop the run: report it instead
-            return i, f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            return i, f"{type(e).__name__}: {getattr(e, 'reason', e)}", None
+
+    def mask(self, s: Sample) -> torch.Tensor | None:
+        """The sample's loss mask [F, H, W] in [0, 1], cut and resized exactly as its frames (a still: every frame)."""
+        if s.mask is None:
+            return None
+        info = self.media[s.mask]
+        pixels = resize_crop(read_frames(info, s.frames if info.kind == "video" else [0]), s.bucket)
+        mask = torch.from_numpy(np.ascontiguousarray(pixels)).float().mean(-1).div(255).clamp(0, 1)
+        return mask.expand(len(s.frames), -1, -1)
 
 
 def entry_meta(s: Sample, family: Encoders) -> dict[str, Any]:
@@ -223,13 +233,13 @@ def encode_latents(
         for batch in batches:
             good = []
             for s in batch:
-                _, frames = next(decoded)
+                _, frames, mask = next(decoded)
                 if isinstance(frames, str):
                     errors[s.file] = frames
                 else:
-                    good.append((s, frames))
+                    good.append((s, frames, mask))
             if good:
-                pixels = torch.stack([f for _, f in good]).to(device, non_blocking=True)
+                pixels = torch.stack([f for _, f, _ in good]).to(device, non_blocking=True)
                 pixels = pixels.permute(0, 4, 1, 2, 3).float() / 127.5 - 1  # [B,F,H,W,3] uint8 -> [B,3,F,H,W]
                 try:
                     encoded = family.encode_video(vae, pixels)
@@ -240,11 +250,13 @@ def encode_latents(
                         f"data.encode_batch_size (now {recipe.data.encode_batch_size}) or set data.vae_tiling = "
                         "true; entries written so far are kept, so a re-run resumes"
                     ) from e
-                for k, (s, _) in enumerate(good):
+                for k, (s, _, mask) in enumerate(good):
                     if s.file in stale:  # members already current keep their file (and mtime)
-                        save_entry(
-                            root / s.file, {n: v[k].to(dtype) for n, v in encoded.items()}, entry_meta(s, family)
-                        )
+                        tensors = {n: v[k].to(dtype) for n, v in encoded.items()}
+                        if mask is not None:  # on the latent grid: [1, f, h, w]
+                            tensors["mask"] = family.latent_mask(mask).to(dtype)
+                            assert tensors["mask"].shape[1:] == tensors["latents"].shape[1:], s.file
+                        save_entry(root / s.file, tensors, entry_meta(s, family))
                         written += 1
             bar.update(len(batch))
             bar.set_postfix_str("x".join(map(str, batch[0].shape)), refresh=False)
@@ -373,6 +385,9 @@ def prepare(recipe: Recipe, family: Encoders, strict: bool = False, dry_run: boo
         picture = Picture(s.source, s.frames[0], s.bucket) if family.text_needs_image else None
         s.text_ids = [text_id(c, te_ident, dtype, picture) for c in s.captions]
         jobs.update((t, (c, picture)) for t, c in zip(s.text_ids, s.captions))
+        if recipe.train.caption_dropout:  # one entry, or one per first frame when the text encoder reads it
+            s.empty_text_id = text_id("", te_ident, dtype, picture)
+            jobs[s.empty_text_id] = ("", picture)
     prompts = recipe.data.validation_prompts if good or not family.text_needs_image else []
     pictures, negative_picture = ([None] * len(prompts), None)
     if family.text_needs_image and prompts:
@@ -438,6 +453,8 @@ def _index_entry(s: Sample) -> dict[str, Any]:
         "repeats": s.repeats,
         "fingerprint": s.fingerprint,
         "text_ids": s.text_ids,
+        **({"empty_text_id": s.empty_text_id} if s.empty_text_id else {}),
+        **({"mask": s.mask} if s.mask else {}),
     }
 
 
@@ -529,6 +546,11 @@ def format_summary(report: dict[str, Any], root: Path, max_lines: int = 40) -> s
         lines.append(f"no multi-frame sample from {len(still)} video(s) (too short; each trains as a still):")
         lines += [f"  {row['path']}: {row['no_motion']}" for row in still[:10]]
         lines += [f"  ... and {len(still) - 10} more in report.json (`no_motion`)"] if len(still) > 10 else []
+    unmasked = _once([r for r in report["inputs"] if r.get("mask_missing") and r["status"] == "ok"], "note")
+    if unmasked:
+        lines.append(f"no mask for {len(unmasked)} file(s) of datasets with masks (the whole frame counts):")
+        lines += [f"  {row['path']}" for row in unmasked[:10]]
+        lines += [f"  ... and {len(unmasked) - 10} more in report.json (`mask_missing`)"] if len(unmasked) > 10 else []
     converted = _once([r for r in report["inputs"] if r.get("color")], "color")
     if converted:
         lines.append(f"converted to BT.709 SDR: {len(converted)} HDR or wide-gamut video(s) (`color` in report.json):")

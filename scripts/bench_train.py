@@ -11,7 +11,9 @@ one after the other:
   checkpointing   vidlora with train.gradient_checkpointing flipped
   adamw8bit       vidlora with bitsandbytes' 8-bit AdamW
   routing         vidlora with token routing (train.token_routing 0.5 unless the recipe sets a share; not by default)
-and the script prints s/step, tokens/s, peak memory, achieved FLOP/s and MFU (trainer/perf.py has the
+With --context-parallel N, a "context-parallel" case runs vidlora's step in N processes (torchrun) that share
+the sample, its sequence split (train.context_parallel = N), and reports the largest per-rank peak memory.
+The script prints s/step, tokens/s, peak memory, achieved FLOP/s and MFU (trainer/perf.py has the
 FLOPs formula and the device peaks; docs/performance.md explains both), then the ratios:
 vidlora / bare time (overhead, goal <= 1.05) and the time and memory of each memory mode and of routing.
 """
@@ -50,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recipe", help="a recipe TOML whose lora/train settings to use (default: the defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
     p.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma list out of {', '.join(CASES)}")
+    p.add_argument(
+        "--context-parallel", type=int, default=1, metavar="N", help="also run N processes sharing the sample"
+    )
     p.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's own choice)")
     p.add_argument("--peak-tflops", type=float, help="the device's bf16 dense peak, if the table lacks it")
     p.add_argument("--json", help="also write all figures to this JSON file")
@@ -74,6 +79,8 @@ def case_overrides(args: argparse.Namespace, case: str) -> tuple[list[str], str]
     from trainer.config import load_recipe
 
     overrides = list(args.set)
+    if case == "context-parallel":
+        overrides.append(f"train.context_parallel={args.context_parallel}")
     if case == "checkpointing":
         gc = load_recipe(args.recipe, overrides).train.gradient_checkpointing
         overrides.append(f"train.gradient_checkpointing={'false' if gc else 'true'}")
@@ -87,6 +94,7 @@ def vidlora_step(recipe, preset, optimizer_kind: str, batch: dict, family=None):
 
     Given the `family` of an earlier call, the new model shares that model's frozen weights.
     """
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
@@ -100,10 +108,21 @@ def vidlora_step(recipe, preset, optimizer_kind: str, batch: dict, family=None):
     t = recipe.train.model_copy(update={"optimizer": optimizer_kind})
     recipe = recipe.model_copy(update={"train": t})
     mixed_precision, weight_dtype = resolve_device_precision(t.mixed_precision, recipe.model.dtype)
-    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=t.gradient_accumulation)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=t.gradient_accumulation,
+        cpu=not torch.cuda.is_available(),  # torchrun on a CPU: gloo, not N processes each alone
+    )
     set_seed(t.seed)
     family = family or bench_family(preset, recipe.model, accelerator.device)
     model = build_model(recipe, family, DTYPES[weight_dtype])
+    if t.context_parallel > 1:  # every rank has the same batch: the group's one sample
+        from trainer.parallel import device_mesh, enable_context_parallel
+
+        world, kind = accelerator.num_processes, t.context_parallel_kind
+        mesh = device_mesh(t.context_parallel, kind, world, accelerator.device)
+        for expert in model.experts.values():
+            enable_context_parallel(expert, family.context_parallel_plan(), kind, mesh, accelerator.device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, t)
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=10**6)
@@ -116,7 +135,7 @@ def vidlora_step(recipe, preset, optimizer_kind: str, batch: dict, family=None):
         nonlocal micro
         for _ in range(t.gradient_accumulation):
             with accelerator.accumulate(model):
-                loss = forward_backward(accelerator, model, batch, recipe, micro, slots)
+                loss, _ = forward_backward(accelerator, model, batch, recipe, micro, slots, None, t.context_parallel)
             micro += 1
         optimizer_step(accelerator, params, optimizer, scheduler, t.max_grad_norm, bad=False)
         return loss.item()
@@ -198,10 +217,23 @@ def bare_step(recipe, preset, optimizer_kind: str, batch: dict, tensors: dict):
 
 
 def bare_forward(preset, transformer, noisy, timestep, batch: dict):
-    """The transformer call of diffusers' own pipelines (Wan's, or HunyuanVideo's with its pooled text and mask). An
-    image-to-video transformer's condition channels are zeros here: their values do not change the cost."""
+    """The transformer call of diffusers' own pipelines (Wan's, HunyuanVideo's with its pooled text and mask, or
+    HunyuanVideo 1.5's with two masked text streams, zero condition channels and no image tokens). An image-to-video
+    transformer's condition channels are zeros here: their values do not change the cost."""
     import torch
 
+    if "prompt_embeds_2" in batch:
+        b, _, f, h, w = noisy.shape
+        return transformer(
+            hidden_states=torch.cat([noisy, torch.zeros_like(noisy), noisy.new_zeros(b, 1, f, h, w)], dim=1),
+            timestep=timestep,
+            encoder_hidden_states=batch["prompt_embeds"],
+            encoder_attention_mask=batch["prompt_embeds_mask"],
+            encoder_hidden_states_2=batch["prompt_embeds_2"],
+            encoder_attention_mask_2=batch["prompt_embeds_mask_2"],
+            image_embeds=noisy.new_zeros(b, 0, transformer.config.image_embed_dim),
+            return_dict=False,
+        )[0]
     extra = transformer.config.in_channels - noisy.shape[1]
     if extra > 0:
         noisy = torch.cat([noisy, noisy.new_zeros(noisy.shape[0], extra, *noisy.shape[2:])], dim=1)
@@ -278,12 +310,17 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
             torch.cuda.synchronize()
         return time.perf_counter() - start, time.process_time() - cpu
 
-    bar = tqdm(total=args.warmup * (1 + with_bare + (case != "vidlora")) + args.steps, desc=case, leave=False)
+    compared = case not in ("vidlora", "context-parallel")  # a memory mode: timed against vidlora without it
+    bar = tqdm(total=args.warmup * (1 + with_bare + compared) + args.steps, desc=case, leave=False)
     step, model, family = vidlora_step(recipe, preset, optimizer_kind, batch)
     for _ in range(args.warmup):
         timed(step)
         bar.update()
     memory = torch.cuda.max_memory_allocated() if cuda else rss_peak_bytes() - rss_before
+    if t.context_parallel > 1:  # the largest rank's
+        every: list = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(every, memory)
+        memory = max(every)
     # name -> (step, recipe, optimizer): the case first, then what it is compared with in alternation
     entries = {case: (step, recipe, optimizer_kind)}
     if with_bare:  # the plain loop, for the overhead ratio
@@ -292,7 +329,7 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
             recipe,
             optimizer_kind,
         )
-    if case != "vidlora":  # vidlora without the memory mode (or routing), for the mode's time ratio
+    if compared:  # vidlora without the memory mode (or routing), for the mode's time ratio
         reference = load_recipe(args.recipe, args.set)
         if case == "routing":
             reference = reference.model_copy(update={"train": reference.train.model_copy(update={"token_routing": 0})})
@@ -347,14 +384,26 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
 # --- the driver: each case in a fresh process, then the table ------------------------------------------
 
 
-def spawn_case(argv: list[str], case: str, with_bare: bool) -> list[dict]:
-    """Run one case in a child process; its last stdout line is the JSON result (progress goes to stderr)."""
-    cmd = [sys.executable, __file__, *argv, "--case", case] + (["--with-bare"] if with_bare else [])
+def spawn_case(argv: list[str], case: str, with_bare: bool, processes: int = 1) -> list[dict]:
+    """Run one case in a child process (or `processes` under torchrun); its last stdout line is the JSON result
+    (progress goes to stderr; only the first rank prints it)."""
+    launch = [sys.executable]
+    if processes > 1:
+        launch += ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", free_port()]
+    cmd = [*launch, __file__, *argv, "--case", case] + (["--with-bare"] if with_bare else [])
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     lines = proc.stdout.strip().splitlines()
     if proc.returncode or not lines:
         return [{"case": case, "error": f"exit code {proc.returncode} (traceback above)"}]
     return json.loads(lines[-1])
+
+
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def fmt_bytes(n: float | None) -> str:
@@ -398,6 +447,12 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
         if "CPU" in device:  # other processes inflate wall time; the CPU time each step used they do not
             cpu = base["cpu_s_per_step"] / by_case["bare"]["cpu_s_per_step"]
             print(f"overhead ratio by CPU time (vidlora / bare): {cpu:.3f}")
+    cp = by_case.get("context-parallel")
+    if base and cp:
+        print(
+            f"context parallel {args.context_parallel} vs vidlora: time ratio {cp['s_per_step'] / base['s_per_step']:.3f}, "
+            f"per-rank peak memory ratio {cp['peak_memory_bytes'] / max(1, base['peak_memory_bytes']):.3f}"
+        )
     for case in ("checkpointing", "adamw8bit", "routing"):
         r, ref = by_case.get(case), by_case.get(f"{case}-reference")
         if base and r and ref:
@@ -423,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
             results = run_case(args, args.case, args.with_bare)
         except torch.OutOfMemoryError:
             results = [{"case": args.case, "error": "out of memory"}]
-        print(json.dumps(results))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(results))
         return 0
     from trainer.config import UserError, load_recipe
     from trainer.perf import latent_shape, presets
@@ -432,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     try:  # bad arguments fail here, once, not in every child
         load_recipe(args.recipe, args.set)
         latent_shape(presets()[args.model], args.frames, args.height, args.width)
+        family_class = presets()[args.model].family_class
+        if args.context_parallel > 1 and family_class.context_parallel_plan() is None:
+            raise UserError(f"--context-parallel: the {family_class.name} family has no context-parallel plan")
         if "vidlora" not in cases or set(cases) - set(CASES):
             raise UserError(f"--cases {args.cases}: a comma list out of {', '.join(CASES)} that includes vidlora")
     except UserError as e:
@@ -441,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     for case in [c for c in cases if c != "bare"]:
         with_bare = case == "vidlora" and "bare" in cases
         results += run_case(args, case, with_bare) if args.in_process else spawn_case(argv, case, with_bare)
+    if args.context_parallel > 1:
+        results += spawn_case(argv, "context-parallel", False, args.context_parallel)
     report(args, results)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))

@@ -12,7 +12,13 @@ import re
 
 import pytest
 import torch
-from diffusers import HunyuanVideoPipeline, HunyuanVideoTransformer3DModel, WanPipeline, WanTransformer3DModel
+from diffusers import (
+    HunyuanVideo15Transformer3DModel,
+    HunyuanVideoPipeline,
+    HunyuanVideoTransformer3DModel,
+    WanPipeline,
+    WanTransformer3DModel,
+)
 from diffusers.loaders.lora_conversion_utils import (
     _convert_hunyuan_video_lora_to_diffusers,
     _convert_non_diffusers_wan_lora_to_diffusers,
@@ -40,6 +46,7 @@ from trainer.formats import (
     save_lora,
 )
 from trainer.models import FAMILIES, family_class
+from trainer.models.hunyuan_video15 import tiny_transformer_config as hv15_tiny_config
 
 RANK, ALPHA = 4, 8.0
 WAN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
@@ -282,6 +289,8 @@ def to_diffusers_layout(family: str, config: dict, internal_deltas: dict[str, to
         return convert_wan_transformer_to_diffusers(dict(internal_deltas))
     names = comfy.original_names(family, comfy.original_weights(family, config))
     original = {names[k]: v for k, v in internal_deltas.items()}
+    if family.startswith("hunyuan_video15"):  # diffusers has no single-file converter for it: its script's rules
+        return comfy.hunyuan_video15_to_diffusers(original)
     hidden = config["num_attention_heads"] * config["attention_head_dim"]
     split = {}
     for key in [k for k in original if hidden != 3072 and k.endswith(".linear1.weight")]:
@@ -393,6 +402,11 @@ def test_standin_weight_names_match_diffusers_models():
     names = comfy.hunyuan_video_original_weights(1, 1, 1)
     fake = {n: torch.empty(3 * 3072 + 3 if "linear1" in n else 6, 1, device="meta") for n in names}
     assert set(convert_hunyuan_video_transformer_to_diffusers(fake)) == set(tiny_hunyuan().state_dict())
+    names = comfy.hunyuan_video15_original_weights(2, 1)
+    got = comfy.hunyuan_video15_to_diffusers({n: torch.empty(6, 1, device="meta") for n in names})
+    with torch.device("meta"):
+        model = HunyuanVideo15Transformer3DModel(**hv15_tiny_config(num_layers=2))
+    assert set(got) == set(model.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -470,7 +484,7 @@ def test_fused_import_from_dense_files_is_exact_as_product():
         "transformer.double_blocks.0.img_attn_qkv.lora_A.weight": A,
         "transformer.double_blocks.0.img_attn_qkv.lora_B.weight": B,
     }
-    peft_sd, alphas, family = import_lora(sd)
+    peft_sd, alphas, family = import_lora(sd, "hunyuan_video")  # one double block: HunyuanVideo 1.5's names too
     assert family == "hunyuan_video"
     parts = [f"transformer_blocks.0.attn.to_{p}" for p in "qkv"]
     assert sorted(alphas) == sorted(parts) and set(alphas.values()) == {4.0}
@@ -585,8 +599,8 @@ def peft_keys(module: str) -> dict:
     return {f"base_model.model.{module}.lora_{x}.default.weight": torch.ones(2, 2) for x in "AB"}
 
 
-def kohya_keys(module: str) -> dict:
-    return lora_keys(module, down="lora_down", up="lora_up", alpha=True)
+def kohya_keys(*modules: str) -> dict:
+    return lora_keys(*modules, down="lora_down", up="lora_up", alpha=True)
 
 
 PEER_FILES = {
@@ -598,10 +612,20 @@ PEER_FILES = {
     "diffusion-pipe-wan": (lora_keys("diffusion_model.blocks.0.self_attn.q"), ("comfyui", "wan")),
     "wan-i2v": (lora_keys("diffusion_model.blocks.0.cross_attn.k_img"), ("comfyui", "wan_i2v")),
     # diffusion-pipe HunyuanVideo: original names under transformer.
-    "diffusion-pipe-hv": (lora_keys("transformer.double_blocks.0.img_attn_qkv"), ("comfyui", "hunyuan_video")),
+    # (a single block tells HunyuanVideo from HunyuanVideo 1.5, whose double blocks have the same names)
+    "diffusion-pipe-hv": (
+        lora_keys("transformer.double_blocks.0.img_attn_qkv", "transformer.single_blocks.0.linear2"),
+        ("comfyui", "hunyuan_video"),
+    ),
     # musubi-tuner
     "musubi-wan": (kohya_keys("lora_unet_blocks_0_self_attn_q"), ("kohya", "wan")),
-    "musubi-hv": (kohya_keys("lora_unet_double_blocks_0_img_mlp_fc1"), ("kohya", "hunyuan_video")),
+    "musubi-hv": (
+        kohya_keys("lora_unet_double_blocks_0_img_mlp_fc1", "lora_unet_single_blocks_0_linear2"),
+        ("kohya", "hunyuan_video"),
+    ),
+    # HunyuanVideo 1.5: musubi-tuner keeps Tencent's split q/k/v; a diffusers file past HunyuanVideo's 20 double blocks
+    "musubi-hv15": (kohya_keys("lora_unet_double_blocks_0_img_attn_q"), ("kohya", "hunyuan_video15")),
+    "diffusers-hv15": (lora_keys("transformer.transformer_blocks.30.attn.to_q"), ("diffusers", "hunyuan_video15")),
 }
 
 
@@ -616,6 +640,8 @@ def test_detect_format_of_peer_tool_files(tool):
 def test_detect_format_says_when_unsure():
     with pytest.raises(LoraFormatError, match="ambiguous"):
         detect_format(lora_keys("transformer.proj_out"))
+    with pytest.raises(LoraFormatError, match=r"ambiguous.*'hunyuan_video', 'hunyuan_video15'"):
+        detect_format(lora_keys("transformer.transformer_blocks.0.attn.to_q"))  # HunyuanVideo 13B or 1.5
     assert detect_format(lora_keys("transformer.proj_out"), family="wan")[:2] == ("diffusers", "wan")
     with pytest.raises(LoraFormatError, match="cannot tell.*text_model.encoder"):
         detect_format(lora_keys("text_model.encoder.layers.0.q_proj"))

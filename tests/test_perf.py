@@ -18,6 +18,7 @@ from tests.conftest import ROOT, cli_env
 from trainer import perf
 from trainer.config import RecipeError, UserError, load_recipe
 from trainer.flow_matching import step_generator
+from trainer.models.hunyuan_video15 import tiny_transformer_config as hv15_tiny_config
 from trainer.models.wan import tiny_transformer_config
 from trainer.train import build_model, flow_loss
 
@@ -49,6 +50,9 @@ TINY_HV_I2V_33 = perf.ModelPreset(
     "hunyuan_video_i2v",
     {**TINY_HV.config, "in_channels": 33, "guidance_embeds": False, "image_condition_type": "latent_concat"},
     5,
+)
+TINY_HV15 = perf.ModelPreset(  # the tiny HunyuanVideo 1.5 with 16 latent channels and 2 double blocks
+    "hunyuan_video15", hv15_tiny_config(in_channels=33, out_channels=16, num_layers=2), text_tokens=5
 )
 LATENT = (16, 3, 8, 8)
 
@@ -96,6 +100,8 @@ def count_step(preset: perf.ModelPreset, model, recipe, batch_size: int = 2) -> 
         (TINY_HV, ["train.gradient_checkpointing=true", "train.gradient_checkpointing_ratio=0.5"]),
         (TINY_HV_I2V, ["train.gradient_checkpointing=true"]),
         (TINY_HV_I2V_33, []),
+        (TINY_HV15, []),
+        (TINY_HV15, ["train.gradient_checkpointing=true", "train.gradient_checkpointing_ratio=0.5"]),
     ],
     ids=[
         "wan",
@@ -108,6 +114,8 @@ def count_step(preset: perf.ModelPreset, model, recipe, batch_size: int = 2) -> 
         "hunyuan-half-ckpt",
         "hunyuan-i2v-ckpt",
         "hunyuan-i2v-33ch",
+        "hunyuan15",
+        "hunyuan15-half-ckpt",
     ],  # fmt: skip
 )
 def test_flops_formula_equals_pytorch_flop_counter(preset, overrides):
@@ -264,22 +272,24 @@ def run_bench(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_bench_small_prints_overhead_and_memory_ratios(tmp_path):
     out = tmp_path / "bench.json"
-    proc = run_bench("--model", "small", "--json", str(out))
+    proc = run_bench("--model", "small", "--json", str(out), "--context-parallel", "2")
     assert re.search(r"overhead ratio \(vidlora / bare s/step\): \d+\.\d{3}", proc.stdout)
     assert re.search(r"overhead ratio by CPU time \(vidlora / bare\): \d+\.\d{3}", proc.stdout)
     assert re.search(
         r"gradient_checkpointing=true vs vidlora: time ratio \d+\.\d+.*, peak memory ratio \d+\.\d+", proc.stdout
     )
     assert re.search(r"adamw8bit vs vidlora: time ratio \d+\.\d+.*, peak memory ratio \d+\.\d+", proc.stdout)
+    # 2 processes (torchrun, gloo) sharing the sample: the largest rank's peak against one process's
+    assert re.search(r"context parallel 2 vs vidlora: time ratio \d+\.\d+, per-rank peak memory ratio", proc.stdout)
     results = {r["case"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(results) == {"vidlora", "bare", "checkpointing", "adamw8bit"} | {
+    assert set(results) == {"vidlora", "bare", "checkpointing", "adamw8bit", "context-parallel"} | {
         "checkpointing-reference",
         "adamw8bit-reference",
     }
     assert not results["checkpointing-reference"]["gradient_checkpointing"]
     assert results["adamw8bit-reference"]["optimizer"] == "adamw"
     assert results["checkpointing"]["gradient_checkpointing"] and results["adamw8bit"]["optimizer"] == "adamw8bit"
-    for case in ("vidlora", "checkpointing", "adamw8bit"):
+    for case in ("vidlora", "checkpointing", "adamw8bit", "context-parallel"):
         assert results[case]["peak_memory_bytes"] > 0
     flops = perf.step_flops(perf.presets()["small"], perf.latent_shape(perf.presets()["small"], 9, 128, 128))
     assert results["vidlora"]["model_flops"] == flops.model
@@ -300,3 +310,11 @@ def test_bench_rejects_bad_arguments():
         text=True,
     )
     assert proc.returncode == 2 and "--frames 8: must be 4k+1" in proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_train.py", "--model", "hunyuan-small", "--context-parallel", "2"],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "has no context-parallel plan" in proc.stderr

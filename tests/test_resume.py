@@ -1,7 +1,8 @@
 """Exact resume of real `vidlora train` processes on the CPU (fp32): SIGKILL mid-run, SIGKILL inside a
 checkpoint write (also the first one, then docs/training.md's Slurm requeue line), Ctrl-C and SIGTERM; each
 resumed run's per-step losses and final LoRA equal an uninterrupted run's exactly, and metrics.jsonl has
-each step once. The runs use DataLoader workers and LoRA dropout, the two usual sources of drift."""
+each step once. The runs use DataLoader workers and LoRA dropout, the two usual sources of drift, and caption
+dropout."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ STEPS = 60
 
 def make_recipe(tmp, prepared, name):
     model, cache = prepared
-    text = recipe_text(model, cache, tmp / name, STEPS, checkpoint_every=5, dataloader_workers=2)
+    text = recipe_text(model, cache, tmp / name, STEPS, checkpoint_every=5, dataloader_workers=2, caption_dropout=0.25)
     return write_recipe(tmp / f"{name}.toml", text.replace("alpha = 4", "alpha = 4\ndropout = 0.1"))
 
 

@@ -72,7 +72,9 @@ def prepare_cache(root: Path, tiny_wan: Path, family: str = "wan") -> tuple[Path
     for i, caption in enumerate(CAPTIONS):
         media.write_video(clips / f"clip{i}.mp4", synth.pattern_frames(9, 64, 64, seed=i))
         (clips / f"clip{i}.txt").write_text(caption + "\n", encoding="utf-8")
-    recipe = write_recipe(root / "prepare.toml", recipe_text(tiny_wan, root / "cache", root / "unused", family=family))
+    # caption_dropout: the cache also holds the empty prompt's embedding (the runs that set it need it)
+    text = recipe_text(tiny_wan, root / "cache", root / "unused", family=family, caption_dropout=0.25)
+    recipe = write_recipe(root / "prepare.toml", text)
     run_cli("prepare", recipe)
     return tiny_wan, root / "cache"
 
@@ -89,16 +91,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(recipe: Path, mode: str, *args: str) -> tuple[list[str], dict[str, str]]:
+def launch_command(recipe: Path, mode: str, *args: str, processes: int = 2) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of a real run: mode is "one" (plain `vidlora train`), "ddp"
-    (2 processes over gloo) or a DeepSpeed accelerate config file (2 processes)."""
+    (`processes` processes over gloo) or a DeepSpeed accelerate config file."""
     # One thread per process: the tiny model gains nothing from more, and OpenMP threads spinning against
     # other processes on a 2-core machine stall steps for seconds (accelerate launch does the same).
     env = {**cli_env(), "OMP_NUM_THREADS": "1"}
     cli = ["-m", "trainer.cli", "train", str(recipe), *args]
     if mode == "one":
         return [sys.executable, *cli], env
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes)]
+    launch += ["--num_machines", "1"]
     launch += ["--main_process_port", str(free_port())]
     if mode == "ddp":
         # `--cpu --num_processes 2` silently runs one process; this is real 2-process DDP on the CPU.
@@ -109,8 +112,16 @@ def launch_command(recipe: Path, mode: str, *args: str) -> tuple[list[str], dict
     return [*launch, *cli], env
 
 
-def train_run(recipe: Path, mode: str = "one", *args: str, check: bool = True, env: dict | None = None, timeout=600):
-    cmd, base_env = launch_command(recipe, mode, *args)
+def train_run(
+    recipe: Path,
+    mode: str = "one",
+    *args: str,
+    check: bool = True,
+    env: dict | None = None,
+    timeout=600,
+    processes: int = 2,
+):
+    cmd, base_env = launch_command(recipe, mode, *args, processes=processes)
     proc = subprocess.run(
         cmd, cwd=ROOT, env={**base_env, **(env or {})}, capture_output=True, text=True, timeout=timeout
     )

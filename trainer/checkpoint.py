@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from data.cache import atomic_write, file_mode, write_json
 from trainer.config import Recipe, UserError
 from trainer.env import collect
-from trainer.formats import alphas_from_model, load_lora, save_lora
+from trainer.formats import alphas_from_model, comfyui_dora_scales, load_lora, save_lora
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -59,8 +59,10 @@ KILL_IN_CHECKPOINT = "VIDLORA_TEST_KILL_IN_CHECKPOINT"
 
 
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Canonical peft keys (`blocks.0.attn1.to_q.lora_A.weight`), cloned to fp32 on the CPU."""
-    return {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    """Canonical peft keys (`blocks.0.attn1.to_q.lora_A.weight`), cloned to fp32 on the CPU; DoRA modules also get
+    ComfyUI's `dora_scale`, which depends on the base weights (trainer/formats.py: comfyui_dora_scales)."""
+    state = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    return {**state, **comfyui_dora_scales(model)}
 
 
 def is_zero3(accelerator: Any) -> bool:
@@ -112,13 +114,18 @@ def save_adapter(
 def read_adapter(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(canonical LoRA, metadata with JSON values decoded) of an adapter file."""
     sd, raw = load_lora(path)
+    return sd, decode_meta(raw)
+
+
+def decode_meta(raw: dict[str, str]) -> dict[str, Any]:
+    """A safetensors header with its JSON values decoded (other strings kept)."""
     meta: dict[str, Any] = {}
     for k, v in raw.items():
         try:
             meta[k] = json.loads(v)
         except json.JSONDecodeError:
             meta[k] = v
-    return sd, meta
+    return meta
 
 
 def find_adapters(src: str | Path) -> list[Path]:
@@ -163,8 +170,9 @@ def save_checkpoint(
     meta: dict,
     keep: int,
     state: dict,
+    ema: Any = None,
 ) -> Path:
-    """Save accelerate (or DeepSpeed) state + adapter + `state` (JSON) as `folder/step-N`, atomically.
+    """Save accelerate (or DeepSpeed) state + adapter + `state` (JSON) + the EMA (if any) as `folder/step-N`, atomically.
     Every rank must call this (each writes its own RNG state or optimizer shard)."""
     final = folder / f"step-{step:06d}"
     tmp = folder / f".tmp-step-{step:06d}"
@@ -183,6 +191,10 @@ def save_checkpoint(
         for denoiser in denoisers.family.trained_denoisers():
             expert, lora = denoisers.experts[denoiser.component], loras[denoiser.component]
             save_adapter(tmp / adapter_name(denoiser), expert, {**meta, **denoiser_meta(denoiser), "steps": step}, lora)
+        if ema is not None:  # trainer/ema.py: the EMA of the LoRA weights
+            from trainer.ema import EMA_FILE
+
+            ema.save(tmp / EMA_FILE)
         (tmp / STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
         _fsync_tree(tmp)
         if os.environ.get(KILL_IN_CHECKPOINT) == str(step):
@@ -259,6 +271,7 @@ def run_shape(recipe: Recipe, world: int, deepspeed: bool) -> dict[str, Any]:
         "batch_size": t.batch_size,
         "gradient_accumulation": t.gradient_accumulation,
         "seed": t.seed,
+        "context_parallel": t.context_parallel,
         "deepspeed": deepspeed,
     }
 

@@ -107,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="default: keep the input's")
 
     p = sub.add_parser(
+        "push",
+        help="upload a run's adapters and model card (README.md) to a Hugging Face hub model repo",
+        description="Upload the run folder's model card, final adapter files and validation stills (no checkpoints) "
+        "with huggingface_hub; the repo is created if missing. Log in first (`hf auth login` or HF_TOKEN).",
+    )
+    p.add_argument("run", type=Path, help="run folder (after training, or after `vidlora export` into it)")
+    p.add_argument("--repo", required=True, help="hub repo id, e.g. you/wan-style-lora")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; upload nothing")
+
+    p = sub.add_parser(
         "merge",
         help="bake an adapter into the base transformer weights (a diffusers transformer folder)",
         description="Add strength x the LoRA update to the base weights, shard by shard, and write a diffusers "
@@ -209,7 +220,23 @@ def run(args: argparse.Namespace) -> int:
         sources = [args.source] if args.command == "export" else args.inputs
         name = getattr(args, "name", None)
         family = getattr(args, "family", None)
-        _print_written(export_files(sources, args.formats, args.out, args.out_dir, args.dtype, family, name))
+        written = export_files(sources, args.formats, args.out, args.out_dir, args.dtype, family, name)
+        _print_written(written)
+        if args.command == "export":  # a model card next to a trained adapter's files (README.md)
+            from trainer.card import write_cards
+            from trainer.export import default_output
+
+            trained = [w for w in written if w.source.meta.get("recipe")]
+            for card in write_cards((w.path.parent, default_output(w.source)[0]) for w in trained):
+                print(f"card: {card}")
+    elif args.command == "push":
+        from trainer.card import push
+
+        files = push(args.run, args.repo, dry_run=args.dry_run, private=args.private)
+        verb = "would upload" if args.dry_run else "uploaded"
+        print(f"{verb} to https://huggingface.co/{args.repo}:")
+        for f in files:
+            print(f"  {f.relative_to(args.run).as_posix()}")
     elif args.command == "merge":
         from trainer.export import merge_into_folder
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -118,6 +118,21 @@ class DatasetSection(Section):
         None, gt=0, description="Resample clips to this frame rate; default: the family's native rate."
     )
     keep_source_fps: bool = Field(False, description="Keep every source frame (no resampling at all).")
+    role: Literal["train", "regularisation"] = Field(
+        "train",
+        description="'regularisation': a prior-preservation dataset (e.g. what the base model makes of the class "
+        "prompt): not part of the epoch; it fills `share` of each batch, and its loss is logged as loss_reg.",
+    )
+    share: float = Field(
+        0.25, gt=0, lt=1, description="With role = 'regularisation': its share of the samples of each batch."
+    )
+    mask_weight: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Loss weight outside the loss masks (NAME.mask.png|mp4 next to a clip, or a `mask` metadata "
+        "column: white counts, black gets this weight; see docs/data.md).",
+    )
 
     @field_validator("target_frames")
     @classmethod
@@ -150,8 +165,25 @@ class DataSection(Section):
         default_factory=list, description="Prompts embedded at prepare time for validation samples."
     )
 
+    @model_validator(mode="after")
+    def _regularisation_shares(self) -> DataSection:
+        regular = [d for d in self.datasets if d.role == "regularisation"]
+        if regular and len(regular) == len(self.datasets):
+            raise ValueError("every dataset has role = 'regularisation': at least one must be 'train'")
+        if sum(d.share for d in regular) >= 1:
+            raise ValueError(
+                f"the regularisation datasets' shares add up to {sum(d.share for d in regular):g}; keep it under 1"
+            )
+        return self
+
 
 class LoraSection(Section):
+    kind: Literal["lora", "lokr", "loha", "dora"] = Field(
+        "lora",
+        description="Adapter kind, each peft's own: lora; dora (LoRA plus a learned magnitude per output row); lokr "
+        "(Kronecker product) and loha (Hadamard product of two low-rank pairs), which diffusers cannot load: they "
+        "export in the comfyui and kohya layouts only (see docs/export.md).",
+    )
     rank: int = Field(32, ge=1, description="LoRA rank r.")
     alpha: float | None = Field(
         None, gt=0, description="LoRA alpha; the update is scaled by alpha / rank. Default: rank."
@@ -237,6 +269,13 @@ class TrainSection(Section):
     ti2v_i2v_share: float = Field(
         0.5, ge=0, le=1, description="With ti2v = 'mixed': the share of samples that are image-conditioned."
     )
+    caption_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Share of samples trained on the empty prompt instead of their caption (drawn per sample and "
+        "epoch from the seed); `vidlora prepare` embeds the empty prompt when this is above 0.",
+    )
     max_nonfinite_in_row: int = Field(
         5, ge=1, description="Steps with a non-finite loss or gradient are skipped; this many in a row abort the run."
     )
@@ -244,6 +283,29 @@ class TrainSection(Section):
     checkpoints_keep: int = Field(3, ge=1, description="How many recent checkpoints to keep.")
     log_every: int = Field(10, ge=1, description="Log metrics (console, metrics.jsonl, wandb) every N optimizer steps.")
     dataloader_workers: int = Field(2, ge=0, description="DataLoader worker processes reading the cache.")
+    ema_decay: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Keep an exponential moving average of the LoRA weights with this decay (e.g. 0.999), updated "
+        "after every optimizer step, saved in checkpoints and validated next to the raw weights (ema_val_loss, "
+        "validation/ema/); `export.use_ema` makes it the run's adapter. Off by default.",
+    )
+    ema_on_cpu: bool = Field(False, description="Keep the EMA in CPU memory (saves GPU memory, costs a copy per step).")
+    context_parallel: int = Field(
+        1,
+        ge=1,
+        description="Processes that share each sample, its token sequence split between them (context "
+        "parallelism, for a sample whose activations do not fit one GPU); 1 = off. Divides the processes "
+        "launched; the rest is data parallel. Needs a family with a context-parallel plan (Wan). See "
+        "docs/training.md.",
+    )
+    context_parallel_kind: Literal["ulysses", "ring"] = Field(
+        "ulysses",
+        description="How attention is split: 'ulysses' (all-to-all over the heads; the degree divides the "
+        "attention heads) or 'ring' (key/value blocks passed around; needs a GPU attention backend that returns "
+        "the log-sum-exp: train.attention_backend = '_native_cudnn', 'flash', ...).",
+    )
     # speed switches, applied by trainer/perf.py (see docs/performance.md)
     compile: Literal[False, "blocks", "full"] = Field(
         False,
@@ -360,6 +422,11 @@ class ValidationSection(Section):
 
 class ExportSection(Section):
     dtype: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="Dtype of exported adapter tensors.")
+    use_ema: bool = Field(
+        False,
+        description="The run's final adapter (and every file exported from it) holds the EMA of the weights "
+        "(needs train.ema_decay); the raw weights stay in the last checkpoint.",
+    )
     formats: list[Literal["diffusers", "comfyui", "kohya"]] = Field(
         ["diffusers"],
         min_length=1,
@@ -375,6 +442,20 @@ class Recipe(Section):
     logging: LoggingSection = Field(default_factory=LoggingSection)
     validation: ValidationSection = Field(default_factory=ValidationSection)
     export: ExportSection = Field(default_factory=ExportSection)
+
+    @model_validator(mode="after")
+    def _kind_fits(self) -> Recipe:
+        if self.export.use_ema and self.train.ema_decay is None:
+            raise ValueError("export.use_ema needs train.ema_decay (there is no EMA to export)")
+        kind = self.lora.kind
+        if kind in ("lokr", "loha"):
+            if self.lora.dropout:
+                raise ValueError(f"lora.dropout: {kind} has no input dropout (set it to 0)")
+            if "diffusers" in self.export.formats:
+                if "formats" in self.export.model_fields_set:
+                    raise ValueError(f"export.formats: diffusers cannot load {kind} adapters; use comfyui or kohya")
+                self.export.formats = ["comfyui"]
+        return self
 
     def to_toml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
@@ -456,6 +537,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
 def _describe(err: dict) -> str:
     """One readable phrase per pydantic error: the dotted key, what is wrong, what is allowed."""
     key = ".".join(str(p) for p in err["loc"])
+    if not key and err["type"] == "value_error":  # a check across sections names its keys itself
+        return str(err["ctx"]["error"])
     if err["type"] == "extra_forbidden":
         *parent, name = [str(p) for p in err["loc"]]
         known = _known_keys(parent)

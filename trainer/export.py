@@ -43,14 +43,25 @@ from trainer.formats import (
 from trainer.models import FAMILIES, family_class
 
 if TYPE_CHECKING:
-    from peft import LoraConfig
+    from peft import PeftConfig
 
     from trainer.config import LoraSection
     from trainer.models.base import Denoiser, ModelFamily
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 # Training metadata a vidlora adapter carries into every file exported from it.
-CARRIED = ("base_model", "rank", "alpha", "target_modules", "trigger_words", "steps", "recipe", "sigma_range")
+CARRIED = (
+    "base_model",
+    "kind",
+    "ema_decay",
+    "rank",
+    "alpha",
+    "target_modules",
+    "trigger_words",
+    "steps",
+    "recipe",
+    "sigma_range",
+)
 # Header keys vidlora writes itself; anything else a source file carried goes under `source_metadata`.
 OWN_KEYS = frozenset(
     {*CARRIED, "format", "family", "variant", "targets", "lora_modules", "export_format", "alpha_storage", "dtype"}
@@ -124,8 +135,11 @@ def read_adapter_file(path: str | Path, family: str | None = None) -> AdapterFil
         raise LoraFormatError(f"{path}: {e}") from None
 
 
+_TENSOR_SUFFIX = re.compile(r"\.(lora_[AB]\.weight|lora_magnitude_vector|dora_scale|lokr_\w+|hada_\w+)$")
+
+
 def _modules(peft_sd: Mapping[str, torch.Tensor]) -> list[str]:
-    return sorted({k.rsplit(".lora_", 1)[0] for k in peft_sd})
+    return sorted({_TENSOR_SUFFIX.sub("", k) for k in peft_sd})
 
 
 def _one_or_all(values: Iterable) -> Any:
@@ -143,10 +157,20 @@ def variant(family: str, peft_sd: Mapping[str, torch.Tensor]) -> str:
     return family_class(family).variants.get(hidden, f"{family} (hidden {hidden})")
 
 
+def adapter_kind(peft_sd: Mapping[str, torch.Tensor]) -> str:
+    """lora, dora, lokr or loha, from the tensor names."""
+    names = " ".join(peft_sd)
+    return next((k for k, mark in KIND_MARKS if mark in names), "lora")
+
+
+KIND_MARKS = (("lokr", ".lokr_"), ("loha", ".hada_"), ("dora", ".lora_magnitude_vector"), ("dora", ".dora_scale"))
+
+
 def adapter_metadata(lora: AdapterFile, fmt: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """The header of a file written from ``lora`` as ``fmt`` (``tensors``: what is written)."""
-    ranks = [v.shape[0] for k, v in lora.peft_sd.items() if ".lora_A." in k]
-    meta: dict[str, Any] = {"rank": _one_or_all(ranks), "alpha": _one_or_all(lora.alphas.values())}
+    ranks = [v.shape[0] for k, v in lora.peft_sd.items() if k.endswith((".lora_A.weight", "_w1_b", "_w2_b"))]
+    meta: dict[str, Any] = {"kind": adapter_kind(lora.peft_sd), "alpha": _one_or_all(lora.alphas.values())}
+    meta["rank"] = _one_or_all(ranks) if ranks else "full"
     meta.update({k: lora.meta[k] for k in CARRIED if k in lora.meta})
     if lora.expert:
         meta["expert"] = lora.expert
@@ -388,7 +412,7 @@ def _merge_shards(folder: Path, lora: AdapterFile, target: Path, strength: float
             state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
             header = dict(f.metadata() or {})
         here = {m for m in lora.alphas if f"{m}.weight" in state}
-        part = {k: v for k, v in lora.peft_sd.items() if k.rsplit(".lora_", 1)[0] in here}
+        part = {k: v for k, v in lora.peft_sd.items() if _TENSOR_SUFFIX.sub("", k) in here}
         try:
             state = merge_lora(state, part, {m: lora.alphas[m] for m in here}, strength) if here else state
         except LoraFormatError as e:  # e.g. an adapter for another model size
@@ -441,9 +465,45 @@ def initial_adapter(sources: list[AdapterFile], denoiser: Denoiser | None) -> Ad
     return match[0]
 
 
+def adapter_config(
+    kind: str,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    targets: str | list[str],
+    rank_pattern: dict | None = None,
+    alpha_pattern: dict | None = None,
+) -> PeftConfig:
+    """peft's own config for a `lora.kind`: LoRA, DoRA (LoRA with use_dora), LoKr or LoHa."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    patterns = {"rank_pattern": rank_pattern or {}, "alpha_pattern": alpha_pattern or {}}
+    if kind in ("lokr", "loha"):
+        config = LoKrConfig if kind == "lokr" else LoHaConfig
+        return config(r=rank, alpha=alpha, target_modules=targets, init_weights=True, **patterns)
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=targets,
+        init_lora_weights=True,
+        use_dora=kind == "dora",
+        **patterns,
+    )
+
+
+def _lycoris_rank(peft_sd: Mapping[str, torch.Tensor], module: str, wanted: int | None) -> int:
+    """The peft rank that rebuilds a LoKr/LoHa module's shapes: its low-rank pairs', or for LoKr's whole factors
+    one large enough that peft keeps w2 whole (``r >= max(w2 shape) / 2``)."""
+    for key in ("hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
+        if f"{module}.{key}" in peft_sd:
+            return peft_sd[f"{module}.{key}"].shape[0]
+    return wanted or max(peft_sd[f"{module}.lokr_w2"].shape)
+
+
 def add_initial_adapter(
     transformer: torch.nn.Module, lora: LoraSection, family: ModelFamily, denoiser: Denoiser | None = None
-) -> LoraConfig:
+) -> PeftConfig:
     """Add the peft adapter that ``lora.init_from`` (any format, a run/checkpoint, or one file per expert) holds for
     ``denoiser``, weights loaded. One adapter without an expert starts every expert.
 
@@ -453,13 +513,26 @@ def add_initial_adapter(
     include every module of the file, and extra ones start at zero as peft initialises them. ``lora`` is updated to
     what was adopted, so the run's metadata describes the adapter it trains. LoRA weights are fp32.
     """
-    from peft import LoraConfig, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
 
     src = initial_adapter(read_adapter_files(lora.init_from, family.name), denoiser)
     where = f"lora.init_from {src.path}"
+    kind = adapter_kind(src.peft_sd)
+    if "kind" in lora.model_fields_set and lora.kind != kind:
+        raise UserError(
+            f"{where}: the adapter is a {kind}, not lora.kind = {lora.kind!r}; remove lora.kind to adopt it"
+        )
+    lycoris = kind in ("lokr", "loha")
+    if kind == "dora" and any(f"{m}.lora_magnitude_vector" not in src.peft_sd for m in src.alphas):
+        raise UserError(
+            f"{where}: a DoRA without peft's lora_magnitude_vector (ComfyUI's dora_scale) cannot start a run"
+        )
     layers = _lora_layers(transformer)
     ranks, wrong = {}, []
     for m in src.alphas:
+        if lycoris:  # shapes are checked by peft when the weights load
+            ranks[m] = _lycoris_rank(src.peft_sd, m, lora.rank if "rank" in lora.model_fields_set else None)
+            continue
         A, B = src.peft_sd[f"{m}.lora_A.weight"], src.peft_sd[f"{m}.lora_B.weight"]
         ranks[m] = A.shape[0]
         W = layers[m].weight if m in layers else None
@@ -475,12 +548,14 @@ def add_initial_adapter(
             f"{where}: the adapter has rank {_one_or_all(ranks.values())} but lora.rank = {lora.rank}; "
             "remove lora.rank to adopt the adapter's (a rank cannot change without changing the adapter)"
         )
+    # a LoKr/LoHa module's canonical alpha is its scale: as an alpha over its rank
+    src_alphas = {m: a * ranks[m] for m, a in src.alphas.items()} if lycoris else src.alphas
     scales = {m: 1.0 for m in src.alphas}
     if "alpha" in explicit and lora.alpha is not None:
-        scales = {m: a / lora.alpha for m, a in src.alphas.items()}  # same update B @ A * alpha / r
+        scales = {m: a / lora.alpha for m, a in src_alphas.items()}  # same update B @ A * alpha / r
         alphas = dict.fromkeys(src.alphas, float(lora.alpha))
     else:
-        alphas = dict(src.alphas)
+        alphas = dict(src_alphas)
     alpha = _mode(alphas.values())
     presets = family.lora_presets
     if "targets" in explicit:
@@ -496,27 +571,33 @@ def add_initial_adapter(
         adopted = next((p for p, t in presets.items() if selected_modules(transformer, t) == set(src.alphas)), None)
         targets = presets[adopted] if adopted else "(" + "|".join(re.escape(m) for m in sorted(src.alphas)) + ")"
         adopted = adopted or targets
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
+    config = adapter_config(
+        kind,
+        rank,
+        alpha,
+        lora.dropout,
+        targets,
         rank_pattern={_exact(m): r for m, r in ranks.items() if r != rank},
         alpha_pattern={_exact(m): a for m, a in alphas.items() if a != alpha},
-        init_lora_weights=True,
     )
     transformer.add_adapter(config)
-    for name, p in transformer.named_parameters():
-        if "lora_" in name:
+    for p in transformer.parameters():
+        if p.requires_grad:
             p.data = p.data.float()  # before loading, so fp32 weights in the file stay exact
     state = {}
     for m, scale in scales.items():
-        state[f"{m}.lora_A.weight"] = src.peft_sd[f"{m}.lora_A.weight"].float() * scale
-        state[f"{m}.lora_B.weight"] = src.peft_sd[f"{m}.lora_B.weight"].float()
-    result = set_peft_model_state_dict(transformer, state, adapter_name="default")
+        for key, t in src.peft_sd.items():
+            if key.startswith(f"{m}.") and not key.endswith(".dora_scale"):
+                first = key.endswith((".lora_A.weight", ".lokr_w1", ".lokr_w1_a", ".hada_w1_a"))
+                state[key] = t.float() * scale if first else t.float()
+    try:
+        result = set_peft_model_state_dict(transformer, state, adapter_name="default")
+    except RuntimeError as e:  # a size mismatch: another factorisation or rank of a LoKr/LoHa
+        raise UserError(f"{where}: the adapter does not fit this model: {str(e).splitlines()[-1].strip()}") from None
     if result.unexpected_keys:
         raise UserError(
             f"{where}: peft did not take {len(result.unexpected_keys)} key(s): {result.unexpected_keys[:5]}"
         )
+    lora.kind = kind
     lora.rank, lora.alpha, lora.targets = rank, alpha, adopted
     return config

@@ -105,7 +105,15 @@ def flow_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | No
         return F.mse_loss(pred.float(), target.float())
     err = (pred.float() - target.float()).square()
     weight = weight.to(err).expand_as(err)
-    return ((err * weight).flatten(1).sum(1) / weight.flatten(1).sum(1)).mean()
+    total = weight.flatten(1).sum(1).clamp_min(torch.finfo(err.dtype).tiny)  # an all-zero mask: that sample adds 0
+    return ((err * weight).flatten(1).sum(1) / total).mean()
+
+
+def sample_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's (weighted) mean squared error [B], as `flow_mse` weighs it: for per-dataset metrics."""
+    err = (pred.float() - target.float()).square()
+    weight = torch.ones_like(err) if weight is None else weight.to(err).expand_as(err)
+    return (err * weight).flatten(1).sum(1) / weight.flatten(1).sum(1).clamp_min(torch.finfo(err.dtype).tiny)
 
 
 def noisy_and_target(

@@ -185,6 +185,15 @@ _SUFFIXES = {
     ".alpha": "alpha",
 }
 _ADAPTER_INFIX = re.compile(r"(.+\.lora_[AB])\.([^.]+)(\.weight)")
+# Tensors of the other adapter kinds, under the names peft and ComfyUI share (no `.weight`): LoKr's Kronecker factors
+# (each whole, or as a low-rank pair; ComfyUI's `lokr_*`), LoHa's Hadamard pairs (`hada_*`), and DoRA's magnitude: peft's
+# `lora_magnitude_vector` (what diffusers reads) and ComfyUI's `dora_scale` (see :func:`comfyui_dora_scale`).
+LOKR_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+LOHA_KEYS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+DORA_KEYS = ("lora_magnitude_vector", "dora_scale")
+_EXTRA_KEYS = (*LOKR_KEYS, *LOHA_KEYS, *DORA_KEYS)
+KINDS = ("lora", "lokr", "loha", "dora")
+_KIND_NAMES = {"lora": "LoRA", "lokr": "LoKr", "loha": "LoHa", "dora": "DoRA"}
 
 
 @dataclass
@@ -193,6 +202,15 @@ class _Lora:
     B: torch.Tensor | None = None
     alpha: float | None = None
     keys: list[str] = field(default_factory=list)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors of LoKr, LoHa, DoRA (_EXTRA_KEYS)
+
+    @property
+    def kind(self) -> str:
+        if any(k.startswith("lokr_") for k in self.extra):
+            return "lokr"
+        if any(k.startswith("hada_") for k in self.extra):
+            return "loha"
+        return "dora" if self.extra else "lora"
 
 
 @dataclass
@@ -226,14 +244,17 @@ def _group(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, _Lora]],
             adapters.add(m.group(2))
             k = m.group(1) + m.group(3)
         suffix = next((s for s in _SUFFIXES if k.endswith(s)), None)
-        if suffix is None:
+        extra = next((e for e in _EXTRA_KEYS if k.endswith(f".{e}")), None) if suffix is None else None
+        if suffix is None and extra is None:
             unknown.append(key)
             continue
-        name = k.removesuffix(suffix)
+        name = k.removesuffix(suffix or f".{extra}")
         prefix = next((p for p in ("lora_unet_", "diffusion_model.", "transformer.") if name.startswith(p)), "")
         lora = groups.setdefault(prefix, {}).setdefault(name.removeprefix(prefix), _Lora())
-        kind = _SUFFIXES[suffix]
-        if kind == "alpha":
+        kind = _SUFFIXES.get(suffix, "extra")
+        if kind == "extra":
+            lora.extra[extra] = value
+        elif kind == "alpha":
             lora.alpha = float(value.float().item())
         elif getattr(lora, kind) is not None:
             raise LoraFormatError(f"two tensors for {prefix}{name} lora_{kind}: {[*lora.keys, key]}")
@@ -242,8 +263,8 @@ def _group(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, dict[str, _Lora]],
         lora.keys.append(key)
     if unknown:
         raise LoraFormatError(
-            f"{len(unknown)} key(s) are not LoRA A/B/alpha tensors (DoRA, lora_bias, .diff and LoKr are not "
-            f"supported): {', '.join(sorted(unknown)[:10])}"
+            f"{len(unknown)} key(s) are not LoRA, DoRA, LoKr or LoHa tensors (lora_bias, .diff and the others are "
+            f"not supported): {', '.join(sorted(unknown)[:10])}"
         )
     if len(adapters) > 1:
         raise LoraFormatError(f"several peft adapters in one file: {sorted(adapters)}; save one adapter per file")
@@ -273,11 +294,15 @@ def _parse(sd: Mapping[str, torch.Tensor], family: str | None = None) -> _Parsed
     (fam, layout), hits = max(scores.items(), key=lambda item: item[1])
     if hits == 0:
         raise LoraFormatError(f"cannot tell the LoRA format or model family; module names seen: {_sample(modules)}")
-    rivals = sorted({f for (f, _), h in scores.items() if h == hits and f != fam})
-    if rivals:
-        raise LoraFormatError(
-            f"ambiguous model family ({[fam, *rivals]}) for module names {_sample(modules)}; name it (vidlora --family, or family=)"
-        )
+    tied = [(f, lay) for (f, lay), h in scores.items() if h == hits]
+    if len({f for f, _ in tied}) > 1:  # other families' tables explain the names too: one of them may claim them
+        claims = [(f, lay) for f, lay in tied if _family(f).claims_lora(_diffusers_modules(_index(f), lay, modules))]
+        if len({f for f, _ in claims}) != 1:
+            raise LoraFormatError(
+                f"ambiguous model family ({sorted({f for f, _ in tied})}) for module names {_sample(modules)}; "
+                "name it (vidlora --family, or family=)"
+            )
+        fam, layout = claims[0]
     index = _index(fam)
     unresolved = sorted(k for n, lora in modules.items() if index.find(layout, n) is None for k in lora.keys)
     if family is None:  # same names, several families: the first that claims these modules, else the generic one
@@ -353,6 +378,43 @@ def _alpha_from_config(config: Mapping, name: str, rank: int) -> float:
     return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
 
 
+def _checked_kind(name: str, lora: _Lora) -> str:
+    """The module's adapter kind (lora, dora, lokr, loha), its tensors checked complete and of one kind."""
+    kind = lora.kind
+    if kind in ("lora", "dora"):
+        _, B = _complete(name, lora)
+        for key, t in lora.extra.items():
+            if t.numel() != B.shape[0] or t.dim() > 2 or (t.dim() == 2 and t.shape[1] != 1):
+                raise LoraFormatError(
+                    f"{name}: {key} of shape {tuple(t.shape)} is not one value per output row ({B.shape[0]}); "
+                    "a DoRA scale over input columns (LyCORIS' other axis) is not read"
+                )
+        return kind
+    keys = set(lora.extra)
+    mixed = lora.A is not None or lora.B is not None or (keys & {*DORA_KEYS}) or not keys <= {*LOKR_KEYS, *LOHA_KEYS}
+    if mixed or (keys & {*LOKR_KEYS} and keys & {*LOHA_KEYS}):
+        raise LoraFormatError(f"{name}: tensors of several adapter kinds in one module: {lora.keys}")
+    if keys & {"lokr_t2", "hada_t1", "hada_t2"}:
+        raise LoraFormatError(f"{name}: Tucker-decomposed {kind} factors (convolutions) are not supported")
+    need = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"] if kind == "loha" else []
+    if kind == "lokr":
+        need = [k for w in ("lokr_w1", "lokr_w2") for k in ([w] if w in keys else [f"{w}_a", f"{w}_b"])]
+    missing = [k for k in need if k not in keys]
+    if missing:
+        raise LoraFormatError(f"{name}: incomplete {kind}, missing {missing}; got {lora.keys}")
+    return kind
+
+
+def lycoris_scale(kind: str, tensors: Mapping[str, torch.Tensor], alpha: float | None) -> float:
+    """The scale of a LoKr/LoHa update as ComfyUI applies a file's ``.alpha``: alpha over the rank of the low-rank
+    pair that has one (LoKr: w2's, else w1's), else 1 (ComfyUI ignores alpha then)."""
+    if alpha is None:
+        return 1.0
+    rank_of = ("hada_w1_b",) if kind == "loha" else ("lokr_w2_b", "lokr_w1_b")
+    dim = next((tensors[k].shape[0] for k in rank_of if k in tensors), None)
+    return alpha / dim if dim else 1.0
+
+
 def _complete(name: str, lora: _Lora) -> tuple[torch.Tensor, torch.Tensor]:
     if lora.A is None or lora.B is None:
         raise LoraFormatError(f"{name}: lora_A/lora_down and lora_B/lora_up must both be present; got {lora.keys}")
@@ -418,8 +480,16 @@ def import_lora(
     peft_sd: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     for name, lora in parsed.modules.items():
-        A, B = _complete(name, lora)
+        kind = _checked_kind(name, lora)
         rule, part, i = index.find(parsed.layout, name)
+        if kind != "lora" and parsed.layout != "diffusers" and len(rule.diffusers) > 1:
+            raise LoraFormatError(f"{name}: a {kind} module on a fused layer cannot be split into its parts")
+        if kind in ("lokr", "loha"):  # canonical alpha of a LoKr/LoHa module: its scale
+            module = _fill(rule.diffusers[part if parsed.layout == "diffusers" else 0], i)
+            peft_sd.update({f"{module}.{k}": t.clone() for k, t in lora.extra.items()})
+            alphas[module] = lycoris_scale(kind, lora.extra, lora.alpha)
+            continue
+        A, B = _complete(name, lora)
         rank = A.shape[0]
         if lora.alpha is not None:
             alpha = lora.alpha
@@ -439,6 +509,7 @@ def import_lora(
                 raise LoraFormatError(f"two keys map to the same module {module!r}: {lora.keys}")
             peft_sd[f"{module}.lora_A.weight"] = a.clone()
             peft_sd[f"{module}.lora_B.weight"] = b.clone()
+            peft_sd.update({f"{module}.{k}": t.reshape(-1).clone() for k, t in lora.extra.items()})  # DoRA
             alphas[module] = al
     return peft_sd, alphas, parsed.family
 
@@ -448,24 +519,22 @@ def import_lora(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _canonical(
-    peft_sd: Mapping[str, torch.Tensor], alphas: Mapping[str, float] | float
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{module: (A, B, alpha)} from a peft state dict; every module needs both matrices and an alpha."""
+def _canonical(peft_sd: Mapping[str, torch.Tensor], alphas: Mapping[str, float] | float) -> dict[str, _Lora]:
+    """{module: its tensors and alpha} from a peft state dict; every module needs complete tensors of one kind and
+    an alpha (for LoKr/LoHa: the scale)."""
     _check_finite(peft_sd)
     groups, _ = _group(peft_sd)
     if set(groups) != {""}:
         raise LoraFormatError(f"expected un-prefixed peft keys (module.lora_A.weight), got prefixes {sorted(groups)}")
-    out = {}
     for name, lora in groups[""].items():
-        A, B = _complete(name, lora)
+        _checked_kind(name, lora)
         alpha = alphas if isinstance(alphas, (int, float)) else alphas.get(name)
         if alpha is None:
             raise LoraFormatError(f"no alpha for module {name!r}")
         if not math.isfinite(float(alpha)):
             raise LoraFormatError(f"non-finite alpha for module {name!r}: {alpha}")
-        out[name] = (A, B, float(alpha))
-    return out
+        lora.alpha = float(alpha)
+    return groups[""]
 
 
 def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
@@ -511,7 +580,12 @@ def _fuse(
 def export_lora(
     peft_sd: Mapping[str, torch.Tensor], alphas: Mapping[str, float] | float, family: str, fmt: str
 ) -> dict[str, torch.Tensor]:
-    """Write a canonical LoRA (peft keys + per-module alpha, or one alpha for all) as ``fmt`` for ``family``."""
+    """Write a canonical adapter (peft keys + per-module alpha, or one alpha for all) as ``fmt`` for ``family``.
+
+    DoRA goes out with its magnitude: peft's ``lora_magnitude_vector`` in the diffusers layout, ComfyUI's
+    ``dora_scale`` in the original layouts. LoKr/LoHa go out in ComfyUI's (LyCORIS') key names with their scale baked
+    into the first factor; diffusers has no loader for them, so that layout is refused.
+    """
     if fmt not in FORMATS:
         raise LoraFormatError(f"unknown format {fmt!r}; known: {FORMATS}")
     index = _index(family)
@@ -521,11 +595,24 @@ def export_lora(
         raise LoraFormatError(f"{len(unknown)} module(s) are not {family} LoRA targets we map: {', '.join(unknown)}")
     out: dict[str, torch.Tensor] = {}
     if fmt == "diffusers":
-        for name, (A, B, alpha) in modules.items():
-            out[f"transformer.{name}.lora_A.weight"] = _scaled(A, alpha / A.shape[0])
-            out[f"transformer.{name}.lora_B.weight"] = B.clone()
+        lycoris = sorted({m.kind for m in modules.values()} & {"lokr", "loha"})
+        if lycoris:
+            raise LoraFormatError(
+                f"diffusers cannot load {' or '.join(_KIND_NAMES[k] for k in lycoris)} "
+                "adapters (its loaders read LoRA and DoRA only): export the comfyui or kohya format"
+            )
+        for name, lora in modules.items():
+            out[f"transformer.{name}.lora_A.weight"] = _scaled(lora.A, lora.alpha / lora.A.shape[0])
+            out[f"transformer.{name}.lora_B.weight"] = lora.B.clone()
+            if lora.kind == "dora":
+                if "lora_magnitude_vector" not in lora.extra:
+                    raise LoraFormatError(
+                        f"{name}: DoRA without peft's lora_magnitude_vector (a ComfyUI dora_scale is relative to the "
+                        "base weights): diffusers cannot load it"
+                    )
+                out[f"transformer.{name}.lora_magnitude_vector"] = lora.extra["lora_magnitude_vector"].clone()
         return out
-    grouped: dict[str, tuple[_Rule, str | None, dict]] = {}
+    grouped: dict[str, tuple[_Rule, str | None, dict[int, _Lora]]] = {}
     for name, lora in modules.items():
         rule, part, i = index.find("diffusers", name)
         if rule.original is None:
@@ -534,12 +621,32 @@ def export_lora(
         grouped.setdefault(original, (rule, i, {}))[2][part] = lora
     alpha_rule = _family_names(family).alpha_in_original
     for original, (rule, i, parts) in sorted(grouped.items()):
-        keep_alpha = fmt == "kohya" or bool(alpha_rule and re.match(alpha_rule, original))
-        A, B, alpha = _fuse(parts, rule, keep_alpha, original)
         if fmt == "comfyui":
             base, down, up = f"diffusion_model.{_fill(rule.comfyui, i)}", "lora_A", "lora_B"
         else:
             base, down, up = f"lora_unet_{_fill(rule.kohya[0], i)}", "lora_down", "lora_up"
+        other = next((p for p in parts.values() if p.kind != "lora"), None)
+        if other is not None and len(rule.diffusers) > 1:
+            raise LoraFormatError(
+                f"{original}: a {other.kind} adapter cannot be written on this fused layer of the original layout; "
+                "use lora.kind = 'lora', or leave its parts out of lora.targets"
+            )
+        if other is not None and other.kind in ("lokr", "loha"):
+            first = (
+                "hada_w1_a" if other.kind == "loha" else next(k for k in ("lokr_w1", "lokr_w1_a") if k in other.extra)
+            )
+            for k, t in other.extra.items():  # no .alpha: the scale is baked into the first factor
+                out[f"{base}.{k}"] = _scaled(t, other.alpha) if k == first else t.clone()
+            continue
+        if other is not None:  # DoRA
+            if "dora_scale" not in other.extra:
+                raise LoraFormatError(
+                    f"{original}: ComfyUI's DoRA scale is relative to the base weights and this adapter does not "
+                    "carry it: export from the run's adapter (vidlora writes it at the end of training)"
+                )
+            out[f"{base}.dora_scale"] = other.extra["dora_scale"].reshape(-1, 1).clone()
+        keep_alpha = fmt == "kohya" or bool(alpha_rule and re.match(alpha_rule, original))
+        A, B, alpha = _fuse({k: (p.A, p.B, p.alpha) for k, p in parts.items()}, rule, keep_alpha, original)
         out[f"{base}.{down}.weight"] = A
         out[f"{base}.{up}.weight"] = B
         if alpha is not None:
@@ -562,14 +669,48 @@ def check_lora(sd: Mapping[str, torch.Tensor], family: str | None = None) -> tup
 
 
 def alphas_from_model(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, float]:
-    """Per-module alpha of a peft-adapted model, as the alpha that gives its scaling with alpha/rank (rsLoRA too)."""
+    """Per-module alpha of a peft-adapted model, as the alpha that gives its scaling with alpha/rank (rsLoRA too); for
+    LoKr/LoHa modules the scale itself (the canonical form of :func:`import_lora`)."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lycoris_utils import LycorisLayer
 
-    return {
-        name.removeprefix("base_model.model."): float(module.scaling[adapter_name] * module.r[adapter_name])
-        for name, module in model.named_modules()
-        if isinstance(module, LoraLayer) and adapter_name in module.r
-    }
+    out = {}
+    for name, module in model.named_modules():
+        name = name.removeprefix("base_model.model.")
+        if isinstance(module, LoraLayer) and adapter_name in module.r:
+            out[name] = float(module.scaling[adapter_name] * module.r[adapter_name])
+        elif isinstance(module, LycorisLayer) and adapter_name in module.r:
+            out[name] = float(module.scaling[adapter_name])
+    return out
+
+
+def comfyui_dora_scales(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """ComfyUI's ``dora_scale`` of every DoRA module: ``m * |W| / |W + s B A|`` per output row (fp32).
+
+    peft (and diffusers) normalise the adapted weight by its own row norm, ``m * (W + sBA) / |W + sBA|``; ComfyUI's
+    ``weight_decompose`` divides by the row norm of the base weight ``W`` when the scale is one value per output row.
+    The scale it needs thus depends on the base weights, which only the model has: it is computed here, when the
+    adapter is saved. Modules whose base weight is not on this process (DeepSpeed ZeRO-3) are left out.
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import transpose
+
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer) or adapter_name not in module.lora_magnitude_vector:
+            continue
+        W = module.get_base_layer().weight
+        if W.numel() == 0:
+            continue
+        with torch.no_grad():
+            W = transpose(W.float(), module.fan_in_fan_out).flatten(1)
+            A, B = module.lora_A[adapter_name].weight.float(), module.lora_B[adapter_name].weight.float()
+            adapted = W + module.scaling[adapter_name] * (B.flatten(1) @ A.flatten(1))
+            m = module.lora_magnitude_vector[adapter_name].weight.float().reshape(-1)
+            out[f"{name.removeprefix('base_model.model.')}.dora_scale"] = (
+                (m * W.norm(dim=1) / adapted.norm(dim=1)).cpu().clone()
+            )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -625,7 +766,10 @@ def merge_lora(
     """Base weights with ``strength * alpha/rank * B @ A`` added (what diffusers' ``fuse_lora(lora_scale=strength)``
     does). Accepts a transformer (peft-wrapped or not) or its state dict; returns a new state dict."""
     state = _base_state_dict(base)
-    for name, (A, B, alpha) in _canonical(peft_sd, alphas).items():
+    for name, lora in _canonical(peft_sd, alphas).items():
+        if lora.kind != "lora":
+            raise LoraFormatError(f"{name}: merging a {lora.kind} adapter is not supported (LoRA only)")
+        A, B, alpha = lora.A, lora.B, lora.alpha
         key = f"{name}.weight"
         if key not in state:
             raise LoraFormatError(f"LoRA module {name!r} has no base weight {key!r}")

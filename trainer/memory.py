@@ -43,7 +43,7 @@ def apply_memory_modes(transformer: nn.Module, train: TrainSection) -> None:
         compute = next(p.dtype for n, p in transformer.named_parameters() if not p.requires_grad)
         # After add_adapter and skipping "lora_": cast the other way round, the LoRA forward breaks and
         # the LoRA weights would be stored in fp8 too.
-        skip = tuple(getattr(transformer, "_skip_layerwise_casting_patterns", None) or ()) + ("lora_",)
+        skip = tuple(getattr(transformer, "_skip_layerwise_casting_patterns", None) or ()) + ("lora_", "lokr_", "hada_")
         apply_layerwise_casting(transformer, storage_dtype=FP8, compute_dtype=compute, skip_modules_pattern=skip)
     if train.gradient_checkpointing or train.block_offload:
         transformer.enable_gradient_checkpointing()

@@ -157,6 +157,7 @@ class Matmul:
     lora: str | None = None  # "attn" or "ffn": LoRA presets that adapt this layer
     group: str | None = None  # the ModuleList of repeated blocks it lives in (what gradient checkpointing reruns)
     blocks: tuple[int, int] | None = None  # the blocks of `group` it runs in [start, stop); None: all, evenly
+    backward: bool = True  # false when its output never reaches the loss: no gradient flows through it at all
 
 
 @dataclass(frozen=True)
@@ -294,6 +295,7 @@ def step_flops(
                 b += 2.0 * rows * r * (2 * op.fan_out + op.fan_in) + (
                     2.0 * rows * r * op.fan_in if op.input_grad else 0
                 )
+            b = b if op.backward else 0.0
         f, b = f * batch_size, b * batch_size
         fwd, bwd = fwd + f, bwd + b
         rec += f * checkpointed.get(op.group, 0.0) if op.group else 0.0

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 FORMATS = {
     "loss": ".5f",
+    "loss_reg": ".5f",
     "val_loss": ".5f",
     "lr": ".3e",
     "grad_norm": ".4f",
@@ -49,14 +50,26 @@ class Window:
         self.step_bad = self.step_loss = self.step_n = self.step_samples = self.step_flops = 0.0
         self.step_expert = ""  # the expert this step trains ("" with one transformer)
         self.expert_loss: dict[str, list[float]] = {}  # expert -> [loss sum, count] since the last log
+        self.step_reg = [0.0, 0.0]  # this step's regularisation samples: [loss sum, count] (this rank)
+        self.reg = [0.0, 0.0]  # since the last log, all ranks
 
-    def add(self, loss: float, n: int, files: list[str], flops: float = 0.0, expert: str = "") -> None:
-        """One micro-batch: its loss, samples, cache files, model FLOPs (trainer.perf's count) and expert."""
+    def add(
+        self,
+        loss: float,
+        n: int,
+        files: list[str],
+        flops: float = 0.0,
+        expert: str = "",
+        reg: tuple[float, int] = (0.0, 0),
+    ) -> None:
+        """One micro-batch: its loss, samples, cache files, model FLOPs (trainer.perf's count), expert, and the
+        (loss sum, count) of its regularisation samples."""
         self.step_expert = expert
         self.step_flops += flops
         if math.isfinite(loss):
             self.step_loss += loss
             self.step_n += 1
+            self.step_reg = [self.step_reg[0] + reg[0], self.step_reg[1] + reg[1]]
         else:
             self.step_bad += 1
             self.local_bad += files
@@ -65,14 +78,17 @@ class Window:
     def end_step(self, accelerator: Accelerator, stop: bool) -> tuple[bool, bool]:
         """Reduce this step's numbers over ranks; returns (some loss was non-finite, stop requested)."""
         local = [self.step_bad, float(stop), self.step_loss, self.step_n, self.step_samples, self.step_flops]
+        local += self.step_reg
         total = accelerator.reduce(torch.tensor(local, dtype=torch.float64, device=accelerator.device), "sum")
-        bad, stop_any, loss, n, samples, flops = total.tolist()
+        bad, stop_any, loss, n, samples, flops, reg_loss, reg_n = total.tolist()
         self.last_bad_files, self.local_bad = self.local_bad, []
         self.step_bad = self.step_loss = self.step_n = self.step_samples = self.step_flops = 0.0
+        self.step_reg = [0.0, 0.0]
         self.flops += flops
         if not bad:
             self.loss_sum += loss
             self.loss_n += n
+            self.reg = [self.reg[0] + reg_loss, self.reg[1] + reg_n]
             if self.step_expert:
                 acc = self.expert_loss.setdefault(self.step_expert, [0.0, 0.0])
                 acc[0], acc[1] = acc[0] + loss, acc[1] + n
@@ -100,6 +116,9 @@ class Window:
         }
         if self.peak_flops:
             logs["mfu"] = self.flops / elapsed / self.peak_flops
+        if self.reg[1]:
+            logs["loss_reg"] = self.reg[0] / self.reg[1]  # the regularisation samples' mean loss
+        self.reg = [0.0, 0.0]
         for expert, (total, n) in sorted(self.expert_loss.items()):
             logs[f"loss_{expert}"] = total / n
         logs |= {f"steps_{expert}": count for expert, count in sorted(pos.experts.items())}
@@ -145,6 +164,13 @@ def report_start(
         + (f" ({lora.targets})" if isinstance(lora.targets, str) and len(lora.targets) <= 40 else "")
         + f": {trainable:,} trainable parameters (fp32)",
     ]
+    if dataset.regularisation:
+        regular = Counter(e["dataset"] for e in dataset.entries if e["dataset"] in dataset.regularisation)
+        shares = ", ".join(
+            f"{name}: {regular[name]} samples, {share:g} of each batch"
+            for name, share in sorted(dataset.regularisation.items())
+        )
+        lines.append(f"  reg       {shares}; logged as loss_reg")
     if lora.init_from:
         lines.append(f"  init      weights, rank, alpha and targets from lora.init_from {lora.init_from}")
     where = f"resumed from {checkpoint}" if checkpoint else "from scratch"

@@ -25,11 +25,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, send_to_device, set_seed
 from diffusers.optimization import get_scheduler
-from peft import LoraConfig
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from data.dataset import BucketBatchSampler, CachedDataset, collate
+from data.plan import dataset_names
 from trainer.checkpoint import (
     adapter_name,
     check_resumable,
@@ -47,10 +47,20 @@ from trainer.checkpoint import (
     start_run_folder,
 )
 from trainer.config import Recipe, UserError, resolve_device_precision
-from trainer.flow_matching import flow_mse, noisy_and_target, route, sample_sigmas, sigma_mass, step_generator
+from trainer.ema import LoraEMA
+from trainer.flow_matching import (
+    flow_mse,
+    noisy_and_target,
+    route,
+    sample_mse,
+    sample_sigmas,
+    sigma_mass,
+    step_generator,
+)
 from trainer.memory import apply_memory_modes, fp8_compute_problem, make_optimizer, offload_base_weights
 from trainer.models import get_family
 from trainer.models.base import DTYPES, Denoiser, Denoisers, ModelFamily
+from trainer.parallel import check_context_parallel, device_mesh, enable_context_parallel, layout
 from trainer.perf import apply_speed_options, batch_step_flops, device_peak_flops, grid_tokens
 from trainer.routing import ROUTED, draw_routed
 from trainer.tracking import Window, engine, init_tracking, log_metrics, log_validation, report_end, report_start
@@ -159,15 +169,11 @@ def build_denoiser(
 
         add_initial_adapter(transformer, recipe.lora, family, denoiser)
     else:
-        transformer.add_adapter(
-            LoraConfig(
-                r=recipe.lora.rank,
-                lora_alpha=recipe.lora.alpha or recipe.lora.rank,
-                lora_dropout=recipe.lora.dropout,
-                target_modules=lora_targets(family, recipe.lora.targets),
-                init_lora_weights=True,
-            )
-        )
+        from trainer.export import adapter_config
+
+        lora = recipe.lora
+        targets = lora_targets(family, lora.targets)
+        transformer.add_adapter(adapter_config(lora.kind, lora.rank, lora.alpha or lora.rank, lora.dropout, targets))
     for p in transformer.parameters():
         if p.requires_grad:
             p.data = p.data.to(device or p.device, torch.float32)  # LoRA trains in fp32 whatever the base dtype
@@ -184,7 +190,19 @@ def flow_loss(
     denoiser: Denoiser | None = None,
     input_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """MSE between the denoiser's prediction and the flow-matching velocity target. Each sample draws its timestep
+    """The loss of a micro-batch (`flow_terms`)."""
+    return flow_mse(*flow_terms(model, batch, recipe, generators, denoiser, input_dtype))
+
+
+def flow_terms(
+    model: Denoisers,
+    batch: dict[str, Any],
+    recipe: Recipe,
+    generators: list[torch.Generator],
+    denoiser: Denoiser | None = None,
+    input_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(prediction, target, weight) of the MSE between the denoiser's prediction and the flow-matching velocity target. Each sample draws its timestep
     (from the denoiser's range of noise levels), noise and the family's own choices (e.g. a first frame given or not)
     from its own generator (one per slot of the global batch); the family may leave parts out of the loss.
     `model` is the run's Denoisers, or what wraps it (DDP, DeepSpeed); `input_dtype`: the dtype the model takes its
@@ -210,7 +228,13 @@ def flow_loss(
         batch[ROUTED] = draw_routed(tokens, t.token_routing, generators).to(latents.device)
     noisy = torch.cat(noisy).to(input_dtype or latents.dtype)
     pred = model(denoiser.component, noisy, torch.cat(sigmas).to(latents.device), batch)
-    return flow_mse(pred, torch.cat(target), family.loss_weight(batch))
+    return pred, torch.cat(target), loss_weight(family.loss_weight(batch), batch.get("mask"))
+
+
+def loss_weight(*weights: torch.Tensor | None) -> torch.Tensor | None:
+    """The product of the family's weight and the samples' loss masks (each broadcastable to the latents)."""
+    given = [w for w in weights if w is not None]
+    return math.prod(given[1:], start=given[0]) if given else None
 
 
 def unwrapped(model: torch.nn.Module) -> Denoisers:
@@ -321,13 +345,24 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         return run
     checkpoint = find_resume_checkpoint(run, resume, accelerator.is_main_process)
 
-    dataset = CachedDataset(recipe.data.cache_dir, seed=t.seed, holdout_clips=v.holdout_clips)
+    names = dict(zip(dataset_names(recipe.data.datasets), recipe.data.datasets))
+    dataset = CachedDataset(
+        recipe.data.cache_dir,
+        seed=t.seed,
+        holdout_clips=v.holdout_clips,
+        caption_dropout=t.caption_dropout,
+        mask_weights={name: d.mask_weight for name, d in names.items()},
+        regularisation={name: d.share for name, d in names.items() if d.role == "regularisation"},
+    )
     if dataset.family != family.name:
         raise UserError(
             f"{recipe.data.cache_dir}: cache was prepared for {dataset.family!r}, recipe is {family.name!r}"
         )
-    family.check_shapes((dataset.shape_key(i) for i in range(len(dataset))), f"{recipe.data.cache_dir}: sample size")
-    sampler = BucketBatchSampler(dataset, t.batch_size, seed=t.seed, num_replicas=world, rank=rank)
+    shapes = [dataset.shape_key(i) for i in range(len(dataset))]
+    family.check_shapes(shapes, f"{recipe.data.cache_dir}: sample size")
+    check_context_parallel(t, family, world, device, deepspeed, shapes)
+    cp = layout(t.context_parallel, rank, world)  # a context-parallel group shares one sample stream
+    sampler = BucketBatchSampler(dataset, t.batch_size, seed=t.seed, num_replicas=cp.dp, rank=cp.dp_rank)
     workers = t.dataloader_workers
     loader = DataLoader(
         dataset,
@@ -339,6 +374,16 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         pin_memory=device.type == "cuda",
     )
     model = build_model(recipe, family, DTYPES[weight_dtype], device if t.block_offload else None)
+    if cp.degree > 1:
+        mesh = device_mesh(cp.degree, t.context_parallel_kind, world, device)
+        for expert in model.experts.values():
+            enable_context_parallel(expert, family.context_parallel_plan(), t.context_parallel_kind, mesh, device)
+        if accelerator.is_main_process:
+            print(
+                f"vidlora train: context parallel ({t.context_parallel_kind}): {cp.dp} group(s) of {cp.degree} "
+                "processes, each sample's sequence split across its group",
+                flush=True,
+            )
     groups = expert_param_groups(model, t)
     params = [p for g in groups for p in g["params"]]
     optimizer = make_optimizer(groups, t)
@@ -353,6 +398,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         model, optimizer = accelerator.prepare(model, optimizer)
     if not deepspeed:
         register_lora_only_state(accelerator)
+    ema = LoraEMA(unwrapped(model), t.ema_decay, t.ema_on_cpu) if t.ema_decay else None
 
     pos = Position()
     if checkpoint is not None:
@@ -364,6 +410,8 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
             accelerator.load_state(str(checkpoint))
         pos.load_state_dict(state["position"])
         load_scheduler(scheduler, state["scheduler"], t.learning_rate)
+        if ema:
+            ema.load(checkpoint)
         log.info("resumed from %s at step %d", checkpoint, pos.step)
     if accelerator.is_main_process:
         start_run_folder(run, recipe, checkpoint, pos.step)
@@ -377,7 +425,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
 
         validator = Validator(recipe, family, dataset, accelerator, run)
         if v.at_start and checkpoint is None:
-            log_validation(accelerator, run, validator.run(model, 0), 0)
+            log_validation(accelerator, run, validate(validator, model, ema, 0), 0)
     report_start(accelerator, recipe, dataset, sampler, params, checkpoint, pos.step)
     bar = tqdm(total=t.max_steps, initial=pos.step, desc="train", disable=not accelerator.is_main_process)
     window = Window(peak_flops(accelerator))
@@ -391,22 +439,28 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
             for batch in loader:
                 batch = send_to_device(batch, device, non_blocking=True)
                 n = len(batch["files"])
-                slots = [rank * n + j for j in range(n)]  # this rank's places in the global batch
+                slots = [cp.dp_rank * n + j for j in range(n)]  # this group's places in the global batch
                 denoiser = step_denoiser(recipe, family, pos.step)  # the same for every micro-batch of a step
                 activate(model, optimizer, scheduler, denoiser, t.offload_inactive_expert, device)
                 with accelerator.accumulate(model):
-                    loss = forward_backward(accelerator, model, batch, recipe, pos.micro, slots, denoiser)
+                    loss, reg = forward_backward(
+                        accelerator, model, batch, recipe, pos.micro, slots, denoiser, cp.degree
+                    )
                 pos.batch += 1
                 pos.micro += 1
                 expert = unwrapped(model).experts[denoiser.component]
                 flops = batch_step_flops(expert, family.name, batch, recipe).model
-                window.add(loss.item(), n, batch["files"], flops, denoiser.label)
+                if not cp.lead:  # a context-parallel group counts its samples once
+                    n, flops, reg = 0, 0.0, (0.0, 0)
+                window.add(loss.item(), n, batch["files"], flops, denoiser.label, reg)
                 if not accelerator.sync_gradients:
                     continue
 
                 # ---- one optimizer step: all ranks agree on skipping and stopping with one reduce ----
                 bad, stop_now = window.end_step(accelerator, stop.requested)
                 grad_norm, skipped = optimizer_step(accelerator, params, optimizer, scheduler, t.max_grad_norm, bad)
+                if ema and not skipped:
+                    ema.update()
                 pos.step += 1
                 if denoiser.label:
                     pos.experts[denoiser.label] = pos.experts.get(denoiser.label, 0) + 1
@@ -430,9 +484,11 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                         "scheduler": scheduler.state_dict(),
                         **run_shape(recipe, world, deepspeed),
                     }
-                    saved = save_checkpoint(accelerator, checkpoints, pos.step, model, meta, t.checkpoints_keep, state)
+                    saved = save_checkpoint(
+                        accelerator, checkpoints, pos.step, model, meta, t.checkpoints_keep, state, ema
+                    )
                 if validator and (pos.step % v.every == 0 or pos.step == t.max_steps) and not stop_now:
-                    log_validation(accelerator, run, validator.run(model, pos.step), pos.step)
+                    log_validation(accelerator, run, validate(validator, model, ema, pos.step), pos.step)
                 window.pause(time.perf_counter() - pause)
                 if stop_now:
                     bar.close()
@@ -444,9 +500,18 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                 pos.epoch += 1
                 pos.batch = 0
     bar.close()
-    written = finish(accelerator, model, family, recipe, run, meta, pos.step)
+    written = finish(accelerator, model, family, recipe, run, meta, pos.step, ema)
     report_end(accelerator, run, pos, started, written)
     return run
+
+
+def validate(validator: Any, model: torch.nn.Module, ema: LoraEMA | None, step: int) -> dict[str, float]:
+    """Validation logs of the raw weights, and of the EMA (`ema_` keys, videos in validation/ema/) if there is one."""
+    logs = validator.run(model, step)
+    if ema is not None:
+        with ema.applied():
+            logs |= {f"ema_{k}": v for k, v in validator.run(model, step, "ema").items()}
+    return logs
 
 
 def forward_backward(
@@ -457,15 +522,24 @@ def forward_backward(
     micro: int,
     slots: list[int],
     denoiser: Denoiser | None = None,
-) -> torch.Tensor:
+    context_parallel: int = 1,
+) -> tuple[torch.Tensor, tuple[float, int]]:
     """One micro-batch through one denoiser: loss and backward. Dropout, noise and timesteps are seeded from (seed,
-    micro-step, slot in the global batch), so resumes and different process counts draw exactly the same numbers."""
+    micro-step, slot in the global batch), so resumes and different process counts draw exactly the same numbers.
+    Under context parallelism the backward loss is scaled by the degree (trainer/parallel.py says why). Returns the
+    loss and (sum, count) of the regularisation samples' losses in it."""
     seed = recipe.train.seed
     torch.manual_seed(step_seed(seed, micro, accelerator.process_index))  # LoRA dropout
     generators = [step_generator(seed, micro, s) for s in slots]
-    loss = flow_loss(model, batch, recipe, generators, denoiser, deepspeed_input_dtype(accelerator))
-    accelerator.backward(loss)  # under DeepSpeed this also steps (or skips a non-finite step)
-    return loss
+    pred, target, weight = flow_terms(model, batch, recipe, generators, denoiser, deepspeed_input_dtype(accelerator))
+    loss = flow_mse(pred, target, weight)
+    accelerator.backward(loss * context_parallel)  # under DeepSpeed this also steps (or skips a non-finite step)
+    reg = batch.get("regularisation")
+    if reg is None or not reg.any():
+        return loss, (0.0, 0)
+    with torch.no_grad():
+        each = sample_mse(pred, target, weight)
+    return loss, (each[reg].sum().item(), int(reg.sum()))
 
 
 def expert_param_groups(model: Denoisers, t: Any) -> list[dict[str, Any]]:
@@ -570,6 +644,7 @@ def adapter_meta(recipe: Recipe, family: ModelFamily) -> dict[str, Any]:
         "format": "vidlora",
         "family": family.name,
         "base_model": recipe.model.path,
+        "kind": recipe.lora.kind,
         "rank": recipe.lora.rank,
         "alpha": recipe.lora.alpha or recipe.lora.rank,
         "target_modules": lora_targets(family, recipe.lora.targets),
@@ -586,12 +661,18 @@ def finish(
     run: Path,
     meta: dict,
     steps: int,
+    ema: LoraEMA | None = None,
 ) -> list[tuple[str, Path]]:
     """Write the final adapters (one per trained denoiser): canonical, diffusers (`pytorch_lora_weights.safetensors`,
     the name `load_lora_weights` looks for in a folder; `_high_noise` / `_low_noise` before the extension for
     experts) and every other format of `export.formats`. Returns (format, file) of each on the main process."""
     accelerator.wait_for_everyone()
-    loras = gather_lora(accelerator, model)  # every rank: ZeRO-3 gathers
+    if ema is not None and recipe.export.use_ema:  # the EMA is the adapter; the raw weights are in the checkpoint
+        meta = {**meta, "ema_decay": ema.decay}
+        with ema.applied():
+            loras = gather_lora(accelerator, model)
+    else:
+        loras = gather_lora(accelerator, model)  # every rank: ZeRO-3 gathers
     written: list[tuple[str, Path]] = []
     if accelerator.is_main_process:
         from trainer.export import export_adapter, export_files
@@ -603,9 +684,14 @@ def finish(
             save_adapter(path, experts[denoiser.component], expert_meta, loras[denoiser.component])
             adapters.append(path)
             out = run / "pytorch_lora_weights.safetensors"  # export adds the expert: ..._high_noise.safetensors
-            written += [("vidlora", path), ("diffusers", export_adapter(path, out, "diffusers", recipe.export.dtype))]
+            written.append(("vidlora", path))
+            if "diffusers" in recipe.export.formats or recipe.lora.kind in ("lora", "dora"):
+                written.append(("diffusers", export_adapter(path, out, "diffusers", recipe.export.dtype)))
         others = [f for f in recipe.export.formats if f != "diffusers"]
         for w in export_files(adapters, others, out_dir=run, dtype=recipe.export.dtype) if others else []:
             written.append((w.fmt, w.path))
+        from trainer.card import write_card
+
+        written.append(("card", write_card(run)))
     accelerator.end_training()
     return written

@@ -30,6 +30,7 @@ from data.prepare import Picture, load_index, validation_size
 from trainer.config import Recipe, UserError
 from trainer.flow_matching import flow_mse, noisy_and_target
 from trainer.models.base import Denoisers, ModelFamily
+from trainer.parallel import layout
 
 log = logging.getLogger("vidlora.validation")
 
@@ -40,6 +41,8 @@ class Validator:
     ):
         self.recipe, self.v, self.family, self.dataset = recipe, recipe.validation, family, dataset
         self.accelerator, self.run_dir = accelerator, run
+        # a context-parallel group computes each item together: work is split over groups
+        self.group = layout(recipe.train.context_parallel, accelerator.process_index, accelerator.num_processes)
         # (dataset that reads it, index entry): held-out clips first, then a separate cache
         self.loss_items: list[tuple[CachedDataset, dict[str, Any]]] = [(dataset, e) for e in dataset.heldout]
         if self.v.loss_cache_dir:
@@ -81,12 +84,14 @@ class Validator:
         self.others: dict[str, torch.nn.Module] = {}  # experts this run does not train, for the pipeline
 
     def shard(self, n: int) -> list[int | None]:
-        """This rank's item indices, padded with None so every rank makes the same number of passes."""
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        """This rank's item indices, padded with None so every rank makes the same number of passes (the ranks
+        of a context-parallel group get the same ones: each group's loss counts once per rank, its share unchanged)."""
+        rank, world = self.group.dp_rank, self.group.dp
         return [i if i < n else None for i in range(rank, math.ceil(n / world) * world, world)]
 
     @torch.no_grad()
-    def run(self, model: torch.nn.Module, step: int) -> dict[str, float]:
+    def run(self, model: torch.nn.Module, step: int, subfolder: str = "") -> dict[str, float]:
+        """Validation logs; videos go to validation/[subfolder/]step-N."""
         model = self.accelerator.unwrap_model(model)
         was_training = model.training
         model.eval()
@@ -95,7 +100,7 @@ class Validator:
             if self.loss_items:
                 logs.update(self.loss(model))
             if self.prompts:
-                self.videos(model, step)
+                self.videos(model, step, subfolder)
         finally:
             model.train(was_training)
         return logs
@@ -158,7 +163,7 @@ class Validator:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def videos(self, model: torch.nn.Module, step: int) -> list[Path]:
+    def videos(self, model: torch.nn.Module, step: int, subfolder: str = "") -> list[Path]:
         acc, v = self.accelerator, self.v
         pipe = self.pipeline(model)
         negative = self.dataset.validation_negative_id
@@ -167,7 +172,7 @@ class Validator:
         if negative_text is None and guidance > 1.0 and self.family.guidance_is_cfg:
             log.warning("validation: the cache has no negative prompt (re-run prepare); sampling without guidance")
             guidance = 1.0
-        out_dir = self.run_dir / "validation" / f"step-{step:06d}"
+        out_dir = self.run_dir / "validation" / subfolder / f"step-{step:06d}"
         written = []
         for j in self.shard(len(self.jobs)):
             i, suffix, extra = self.jobs[j if j is not None else 0]
@@ -184,7 +189,7 @@ class Validator:
                 generator=torch.Generator(acc.device).manual_seed(v.seed + i),
                 output_type="np",
             ).frames[0]
-            if j is None:
+            if j is None or not self.group.lead:
                 continue
             pixels = (np.clip(np.asarray(frames), 0, 1) * 255).round().astype(np.uint8)
             name = f"{i:02d}-{slug(self.dataset.caption(text_id))}{f'-{suffix}' if suffix else ''}.mp4"

@@ -19,6 +19,8 @@ FAMILIES: dict[str, str] = {
     "wan22_5b": "trainer.models.wan22_5b:Wan22TI2V",
     "hunyuan_video": "trainer.models.hunyuan_video:HunyuanVideo",
     "hunyuan_video_i2v": "trainer.models.hunyuan_video_i2v:HunyuanVideoI2V",
+    "hunyuan_video15": "trainer.models.hunyuan_video15:HunyuanVideo15",
+    "hunyuan_video15_i2v": "trainer.models.hunyuan_video15_i2v:HunyuanVideo15I2V",
 }
 DEFAULT_FAMILY = "wan"  # a recipe without model.family
 # Families from outside this folder (plugins, tests): VIDLORA_FAMILIES="name=package.module:Class,...".

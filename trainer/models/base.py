@@ -141,7 +141,8 @@ class ModelFamily:
     @classmethod
     def claims_lora(cls, modules: set[str]) -> bool:
         """Whether a LoRA file with these (diffusers) modules is this family's rather than that of the first family
-        registered with the same name tables (e.g. image cross-attention makes a Wan LoRA an I2V one)."""
+        registered with the same name tables (e.g. image cross-attention makes a Wan LoRA an I2V one), or than that of
+        another family whose own tables explain the file's names as well (HunyuanVideo 1.5 and 13B share names)."""
         return False
 
     @classmethod
@@ -203,8 +204,21 @@ class ModelFamily:
         file = getattr(self.cfg, denoiser.file_key, None)
         if file:
             config = self.config(self.transformer_class, denoiser.component)
-            return load_single_file(self.transformer_class, file, config, self.cfg.path, dtype)
+            return load_single_file(
+                self.transformer_class, file, config, self.cfg.path, dtype, self.convert_single_file
+            )
         return self._from_pretrained(self.transformer_class, denoiser.component, dtype)
+
+    @classmethod
+    def convert_single_file(cls, sd: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """An original checkpoint's tensors renamed to the diffusers transformer's: diffusers' own single-file
+        converter for the transformer class (a family whose class diffusers cannot load from one file brings its own)."""
+        from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+        if cls.transformer_class.__name__ not in SINGLE_FILE_LOADABLE_CLASSES:
+            raise ValueError(f"diffusers has no single-file loader for {cls.transformer_class.__name__}")
+        convert = SINGLE_FILE_LOADABLE_CLASSES[cls.transformer_class.__name__]["checkpoint_mapping_fn"]
+        return convert(checkpoint=sd, config=config)
 
     def load_vae(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """What the VAE pass of `prepare` needs: the VAE, plus any encoder the family's conditions need from
@@ -269,7 +283,8 @@ class ModelFamily:
 
     def run_pipeline(self, pipe: DiffusionPipeline, **kwargs: Any) -> Any:
         """Call the pipeline of `load_pipeline` (or validation's) with `sample_kwargs` among `kwargs`. A family whose
-        pipeline class depends on the inputs (text only, or a first frame) runs the right one on the same components."""
+        pipeline class depends on the inputs (text only, or a first frame) runs the right one on the same components;
+        one whose pipeline takes some arguments another way (HunyuanVideo 1.5 keeps guidance in a guider) adapts them."""
         return pipe(**kwargs)
 
     # --- caching -------------------------------------------------------------------------------------
@@ -280,6 +295,14 @@ class ModelFamily:
     def decode_video(self, vae: nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """The inverse of `encode_video`: cached latents [B,C,f,h,w] -> pixels [B,3,F,H,W] in [-1, 1]."""
         raise NotImplementedError
+
+    def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A pixel loss mask [F, H, W] in [0, 1] on the latent grid [1, f, h, w]: each latent's mean over the pixels it
+        encodes. The VAEs are causal in time: the first frame has a latent of its own, then each `vae_stride[0]`."""
+        st, sh, sw = self.vae_stride
+        rest = mask[1:].reshape(-1, st, *mask.shape[1:]).mean(1)
+        frames = torch.cat([mask[:1], rest])
+        return torch.nn.functional.avg_pool2d(frames[:, None], (sh, sw))[:, 0][None]
 
     def encode_prompts(
         self, text_pipe: DiffusionPipeline, prompts: list[str], images: list[np.ndarray] | None = None
@@ -306,6 +329,12 @@ class ModelFamily:
                 f"train.ti2v = {train.ti2v!r}: the {self.name} family does not choose between text- and "
                 "image-to-video (only a model that does both takes it)"
             )
+
+    @classmethod
+    def context_parallel_plan(cls) -> dict[str, Any] | None:
+        """How diffusers splits the transformer's sequence across processes and gathers it back
+        (train.context_parallel; a diffusers `_cp_plan`); None: the family cannot train context-parallel."""
+        return None
 
     def draw_conditions(self, train: TrainSection, generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
         """Per-sample choices of a training step besides noise level and noise (for a model that does text- and
@@ -480,22 +509,28 @@ def dequantise(sd: dict[str, torch.Tensor], file: str | Path, dtype: torch.dtype
     return sd
 
 
-def load_single_file(cls: Any, file: str | Path, config: dict, path: str, dtype: torch.dtype) -> nn.Module:
-    """An original-layout checkpoint converted by diffusers' own single-file converter for `cls`, with the transformer
-    `config` of the model at `path` (no model-type guessing). diffusers' `from_single_file` fails on a missing or
-    misnamed key with an opaque meta-tensor error, so the keys are converted and checked here and a mismatch names
-    the keys; the checked weights then go straight into the model."""
+def load_single_file(
+    cls: Any,
+    file: str | Path,
+    config: dict,
+    path: str,
+    dtype: torch.dtype,
+    convert: Callable[[dict[str, torch.Tensor], dict[str, Any]], dict[str, torch.Tensor]],
+) -> nn.Module:
+    """An original-layout checkpoint converted by `convert` (the family's `convert_single_file`: diffusers' own
+    single-file converter for `cls` unless the family brings one), with the transformer `config` of the model at
+    `path` (no model-type guessing). diffusers' `from_single_file` fails on a missing or misnamed key with an opaque
+    meta-tensor error, so the keys are converted and checked here and a mismatch names the keys; the checked weights
+    then go straight into the model."""
     from accelerate import init_empty_weights
-    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
     with init_empty_weights():
         model = cls.from_config(config)
     expected = model.state_dict()
     sd = dequantise(read_checkpoint(file), file, dtype)
     if set(sd) != set(expected):
-        convert = SINGLE_FILE_LOADABLE_CLASSES[cls.__name__]["checkpoint_mapping_fn"]
         try:
-            sd = convert(checkpoint=sd, config=config)
+            sd = convert(sd, config)
         except Exception as e:  # noqa: BLE001 - diffusers' converters fail with bare KeyError/RuntimeError
             raise UserError(
                 f"{file}: cannot convert to a {cls.__name__} ({type(e).__name__}: {str(e)[:200]})"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 CORPUS = [
@@ -77,4 +77,40 @@ def clip_like_tokenizer() -> PreTrainedTokenizerFast:
         unk_token="<unk>",
         padding_side="right",
         model_max_length=77,
+    )
+
+
+# Qwen2's pre-tokenizer: its split regex, then byte-level (GPT-2) characters. With a word-level vocabulary of whole
+# pre-tokens, text tokenises into exactly as many tokens as the real BPE gives for words it has merged whole.
+QWEN_SPLIT = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+# Qwen2.5-VL's chat template for text-only messages.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def qwen_like_tokenizer(system_message: str) -> PreTrainedTokenizerFast:
+    """Qwen2.5-VL-like: its pre-tokenizer, special tokens and chat template, right padding, with the words of
+    `system_message` in the vocabulary, so a chat prompt's prefix has as many tokens as with the real tokenizer
+    (HunyuanVideo 1.5 crops a fixed 108 after its system message)."""
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
+    texts = [*CORPUS, system_message, "system\n", "user\n", "assistant\n", 'Text "hello". A sign "hello world"']
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=specials, vocab_size=1000))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<unk>",
+        padding_side="right",
+        chat_template=QWEN_CHAT_TEMPLATE,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
@@ -151,6 +152,12 @@ class Wan(ModelFamily):
     def random_text(cls, config: dict, batch_size: int, tokens: int, g: torch.Generator) -> dict[str, torch.Tensor]:
         """Random text inputs shaped like a collated batch (benchmarks)."""
         return {"prompt_embeds": torch.randn(batch_size, tokens, config["text_dim"], generator=g)}
+
+    @classmethod
+    def context_parallel_plan(cls) -> dict[str, Any]:
+        """diffusers' own: the sequence split after the patch embedding (with the rotary embeddings; with TI2V-5B's
+        per-token timesteps too), the text not split, the output gathered before the unpatchify."""
+        return cls.transformer_class._cp_plan
 
     def shape_problem(self, width: int, height: int, frames: int) -> str | None:
         # Wan's RoPE table has rope_max_seq_len positions per axis of the patch grid: a longer axis fails inside
