@@ -163,6 +163,8 @@ class DocWorld:
     def run(self) -> Path:
         """The shipped Wan style recipe trained on the tiny model with the doc tests' overrides; called `style`
         as the docs' runs/style."""
+        from accelerate.state import AcceleratorState
+
         from data.prepare import prepare
         from trainer.config import load_recipe
         from trainer.models import get_family
@@ -177,7 +179,12 @@ class DocWorld:
         ]
         recipe = load_recipe(recipe_file, recipe_overrides(recipe_file) + where)
         assert prepare(recipe, get_family(recipe.model)) == 0
-        return train(recipe)
+        # accelerate keeps one precision per process: earlier tests here trained in fp32, this recipe trains in bf16
+        AcceleratorState._reset_state()
+        try:
+            return train(recipe)
+        finally:
+            AcceleratorState._reset_state()
 
     @cached_property
     def exports(self) -> Path:
