@@ -574,6 +574,28 @@ def write_video(
     if encoder == "libsvtav1":
         os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 reads this; 1 = errors only
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Encoded beside `path` under a hidden name with the same suffix (the container follows it), then renamed: a
+    # crash or a kill mid-encode leaves no truncated video under the real name.
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        _encode(tmp, frames, fps, encoder, pix_fmt, rotation, timestamps, container_options, options)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _encode(
+    path: Path,
+    frames: np.ndarray,
+    fps: float | Fraction,
+    encoder: str,
+    pix_fmt: str,
+    rotation: int,
+    timestamps: Sequence[float] | None,
+    container_options: dict[str, str] | None,
+    options: dict[str, str],
+) -> None:
     rate = Fraction(fps).limit_denominator(100000)
     with av.open(str(path), "w", options=container_options or {}) as container:
         stream = container.add_stream(encoder, rate=rate, options=dict(options))
@@ -597,7 +619,6 @@ def write_video(
         if written != rotation % 360:
             path.unlink()
             raise ValueError(f"{path.suffix} container did not keep rotation={rotation} (reads back {written})")
-    return path
 
 
 def write_image(path: str | Path, frame: np.ndarray, **save_options) -> Path:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from diffusers import WanTransformer3DModel
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from data.cache import load_entry
@@ -21,6 +22,7 @@ from tests import comfyui_rules as comfy
 from tests.conftest import cli_env, fixed_eval_loss, train_capturing, write_recipe
 from tests.training_setup import recipe_text
 from trainer import cli
+from trainer.checkpoint import finished
 from trainer.config import LoraSection, load_recipe
 from trainer.export import add_initial_adapter
 from trainer.models import get_family
@@ -34,6 +36,7 @@ PEFT_TENSOR = {"dora": "lora_magnitude_vector", "lokr": "lokr_w1", "loha": "hada
 DIFFUSERS_CLIENT = """
 import sys, torch
 from diffusers import WanPipeline
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 model, lora, inputs, out = sys.argv[1:]
 pipe = WanPipeline.from_pretrained(model)
@@ -172,6 +175,17 @@ def test_diffusers_export_of_lokr_and_loha_is_refused_by_name(kind_runs, kind, c
     name = {"lokr": "LoKr", "loha": "LoHa"}[kind]
     assert f"diffusers cannot load {name} adapters" in capsys.readouterr().err
     assert not (kind_run.tmp / "x").exists() or not any((kind_run.tmp / "x").iterdir())
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_lokr_and_loha_runs_finish_and_name_their_model(kind_runs, kind):
+    """A finished run is not trained again by `--resume`, and the export header names the hidden size."""
+    kind_run = kind_runs[kind]
+    assert finished(kind_run.run, STEPS, main=False) and not finished(kind_run.run, STEPS + 1, main=False)
+    hidden = WanTransformer3DModel.load_config(kind_run.model_dir / "transformer")
+    with safe_open(kind_run.run / "run_comfyui.safetensors", "pt") as f:
+        header = f.metadata()
+    assert f"(hidden {hidden['num_attention_heads'] * hidden['attention_head_dim']})" in header["variant"], header
 
 
 @pytest.mark.parametrize("kind", KINDS)

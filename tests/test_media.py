@@ -329,3 +329,23 @@ def test_product_code_writes_video_without_the_synthetic_data_module():
     code = "import sys, data.inspect, trainer.sample, trainer.validation; assert 'data.synth' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=cli_env(), timeout=300)
     assert "data.synth" not in inspect.getsource(data_inspect)  # its writer import is inside a function
+
+
+def test_a_failed_encode_leaves_the_previous_video_and_no_partial_file(tmp_path, monkeypatch):
+    """Validation videos and samples are rewritten in place: a crash mid-encode must not truncate them."""
+    path = media.write_video(tmp_path / "sample.mp4", synth.pattern_frames(4, 32, 32, seed=1))
+    before = path.read_bytes()
+    real, calls = av.VideoFrame.from_ndarray, []
+
+    def fail_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("killed mid-encode")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", fail_on_third)
+    with pytest.raises(RuntimeError, match="killed mid-encode"):
+        media.write_video(path, synth.pattern_frames(6, 32, 32, seed=2))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["sample.mp4"]
+    monkeypatch.undo()
+    assert probe(media.write_video(path, synth.pattern_frames(6, 32, 32, seed=2))).num_frames == 6

@@ -290,10 +290,11 @@ def check_resumable(state: dict, recipe: Recipe, world: int, deepspeed: bool) ->
 
 
 def finished(run: Path, max_steps: int, main: bool) -> bool:
-    """Whether the run already trained `max_steps` steps and wrote its final adapters: then `--resume` has
-    nothing to do, and says so (`main`: the process that does)."""
+    """Whether the run already trained `max_steps` steps and wrote its final files: then `--resume` has nothing to
+    do, and says so (`main`: the process that does). The model card is the last file `train.finish` writes (runs
+    from before it had a card end with the diffusers file, which LoKr/LoHa runs do not write)."""
     adapters = sorted(run.glob("adapter*.safetensors"))  # one, or one per expert
-    if not adapters or not list(run.glob("pytorch_lora_weights*.safetensors")):
+    if not adapters or not ((run / "README.md").exists() or list(run.glob("pytorch_lora_weights*.safetensors"))):
         return False
     steps = min(int(read_adapter(a)[1].get("steps") or 0) for a in adapters)
     if steps < max_steps:

@@ -147,10 +147,28 @@ def _one_or_all(values: Iterable) -> Any:
     return distinct[0] if len(distinct) == 1 else distinct
 
 
+def delta_shape(peft_sd: Mapping[str, torch.Tensor], module: str) -> tuple[int, int]:
+    """(out, in) of the weight update `module`'s tensors make, for every adapter kind (LoKr's is a Kronecker product
+    of two factors, each whole or a low-rank pair; LoHa's a Hadamard product of low-rank pairs)."""
+
+    def factor(name: str) -> tuple[int, int]:
+        if f"{module}.{name}" in peft_sd:
+            return tuple(peft_sd[f"{module}.{name}"].shape[:2])
+        return peft_sd[f"{module}.{name}_a"].shape[0], peft_sd[f"{module}.{name}_b"].shape[1]
+
+    if f"{module}.lora_A.weight" in peft_sd:
+        return peft_sd[f"{module}.lora_B.weight"].shape[0], peft_sd[f"{module}.lora_A.weight"].shape[1]
+    if f"{module}.hada_w1_a" in peft_sd:
+        return factor("hada_w1")
+    (a, b), (c, d) = factor("lokr_w1"), factor("lokr_w2")
+    return a * c, b * d
+
+
 def variant(family: str, peft_sd: Mapping[str, torch.Tensor]) -> str:
     """The released model an adapter fits, from its hidden size (attention input width); else the hidden size."""
-    widths = [v.shape[1] for k, v in peft_sd.items() if re.search(r"\.(to_q|net\.0\.proj)\.lora_A\.", k)]
-    widths += [v.shape[0] for k, v in peft_sd.items() if k.endswith("to_out.0.lora_B.weight")]
+    modules = _modules(peft_sd)
+    widths = [delta_shape(peft_sd, m)[1] for m in modules if re.search(r"\.(to_q|net\.0\.proj)$", m)]
+    widths += [delta_shape(peft_sd, m)[0] for m in modules if m.endswith("to_out.0")]
     if not widths:
         return f"{family} (hidden size unknown: no attention or FFN module)"
     hidden = Counter(widths).most_common(1)[0][0]
