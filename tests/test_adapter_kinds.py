@@ -18,13 +18,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from data.cache import load_entry
+from data.media import probe
 from tests import comfyui_rules as comfy
 from tests.conftest import cli_env, fixed_eval_loss, train_capturing, write_recipe
 from tests.training_setup import recipe_text
 from trainer import cli
 from trainer.checkpoint import finished
 from trainer.config import LoraSection, load_recipe
-from trainer.export import add_initial_adapter
+from trainer.export import add_initial_adapter, load_pipeline_adapters
 from trainer.models import get_family
 
 pytestmark = pytest.mark.slow
@@ -186,6 +187,22 @@ def test_lokr_and_loha_runs_finish_and_name_their_model(kind_runs, kind):
     with safe_open(kind_run.run / "run_comfyui.safetensors", "pt") as f:
         header = f.metadata()
     assert f"(hidden {hidden['num_attention_heads'] * hidden['attention_head_dim']})" in header["variant"], header
+
+
+@pytest.mark.parametrize("kind", ["lokr", "loha"])
+def test_lokr_and_loha_runs_sample_through_peft(kind_runs, kind):
+    """diffusers cannot read them, so `vidlora sample --lora RUN` loads the run's adapter through peft: the
+    pipeline's transformer then computes what the trained one does."""
+    kind_run = kind_runs[kind]
+    family = get_family(load_recipe(kind_run.tmp / "r.toml").model)
+    pipe = family.load_pipeline(torch.float32)
+    load_pipeline_adapters(family, pipe, kind_run.run)
+    torch.testing.assert_close(kind_run.output(pipe.transformer), kind_run.output(kind_run.trained), atol=1e-5, rtol=0)
+    if kind == "lokr":  # the command a user runs
+        out = kind_run.tmp / "sample.mp4"
+        args = ["--prompt", "a cat", "--lora", str(kind_run.run), "--out", str(out), "--steps", "2"]
+        assert cli.main(["sample", str(kind_run.tmp / "r.toml"), *args, "--frames", "5", "--height", "32"]) == 0
+        assert probe(out).num_frames == 5
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from data.cache import DTYPES, atomic_write
 from trainer.checkpoint import find_adapters, read_adapter
-from trainer.config import UserError
+from trainer.config import LoraSection, UserError
 from trainer.formats import (
     FORMATS,
     LoraFormatError,
@@ -45,7 +45,6 @@ from trainer.models import FAMILIES, family_class
 if TYPE_CHECKING:
     from peft import PeftConfig
 
-    from trainer.config import LoraSection
     from trainer.models.base import Denoiser, ModelFamily
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -329,13 +328,30 @@ def _recipe_export(meta: Mapping[str, Any]) -> dict[str, Any]:
         return {}
 
 
+def load_pipeline_adapters(family: ModelFamily, pipe: Any, lora: str | Path | list) -> None:
+    """Load adapters into a pipeline as diffusers' users do (`ModelFamily.load_adapters`), except the files diffusers
+    cannot read (LoKr, LoHa, vidlora's own adapters): those go through peft, as `lora.init_from` loads them."""
+    files = pipeline_adapters(family, lora)
+    via_peft = {}
+    for component, path in files.items():
+        src = read_adapter_file(path, family.name)
+        if src.fmt == "vidlora" or adapter_kind(src.peft_sd) in ("lokr", "loha"):
+            via_peft[component] = path
+    family.load_adapters(pipe, {c: f for c, f in files.items() if c not in via_peft})
+    for denoiser in family.denoisers():
+        if denoiser.component in via_peft:
+            lora_section = LoraSection(init_from=str(via_peft[denoiser.component]))
+            add_initial_adapter(getattr(pipe, denoiser.component), lora_section, family, denoiser)
+
+
 def pipeline_adapters(family: ModelFamily, lora: str | Path | list) -> dict[str, Path]:
-    """{component: diffusers-format file} for `ModelFamily.load_adapters`: a run folder's final
-    `pytorch_lora_weights*.safetensors`, or the given files, each placed by the expert its header or name says."""
+    """{component: adapter file} for `load_pipeline_adapters`: a run folder's final
+    `pytorch_lora_weights*.safetensors` (its `adapter*.safetensors` for a LoKr/LoHa run, which writes no diffusers
+    file), or the given files, each placed by the expert its header or name says."""
     sources = [Path(p) for p in (lora if isinstance(lora, list) else [lora])]
-    paths = [f for s in sources for f in (sorted(s.glob("pytorch_lora_weights*.safetensors")) if s.is_dir() else [s])]
+    paths = [f for s in sources for f in (_final_adapters(s) if s.is_dir() else [s])]
     if not paths:
-        raise UserError(f"{lora}: no pytorch_lora_weights*.safetensors in it")
+        raise UserError(f"{lora}: no pytorch_lora_weights*.safetensors or adapter*.safetensors in it")
     out: dict[str, Path] = {}
     for path in paths:
         if not path.is_file():
@@ -348,6 +364,10 @@ def pipeline_adapters(family: ModelFamily, lora: str | Path | list) -> dict[str,
             raise UserError(f"two adapters for the same transformer ({component}): {out[component]}, {path}")
         out[component] = path
     return out
+
+
+def _final_adapters(run: Path) -> list[Path]:
+    return sorted(run.glob("pytorch_lora_weights*.safetensors")) or sorted(run.glob("adapter*.safetensors"))
 
 
 def export_adapter(src: str | Path, out: str | Path, fmt: str = "diffusers", dtype: str | None = "bf16") -> Path:

@@ -45,8 +45,8 @@ def sample(
     image: str | Path | None = None,
 ) -> Path:
     """Generate with `pipeline_class.from_pretrained` + `load_lora_weights`: exactly what a user of
-    diffusers runs, so the sample shows what the exported adapter does outside vidlora. `lora` is a diffusers-format
-    file, several (one per expert), or a run folder; `image` is the first frame for image-to-video families; sizes
+    diffusers runs, so the sample shows what the exported adapter does outside vidlora (LoKr/LoHa, which diffusers
+    cannot read, load through peft). `lora` is an adapter file, several (one per expert), or a run folder; `image` is the first frame for image-to-video families; sizes
     not given come from the recipe (`sample_size`)."""
     family = get_family(recipe.model)
     width, height, frames = sample_size(recipe, width, height, frames)
@@ -56,9 +56,9 @@ def sample(
     extra = family.sample_kwargs(image, height, width)  # before loading: a missing --image fails fast
     pipe = family.load_pipeline(DTYPES[dtype])
     if lora:
-        from trainer.export import pipeline_adapters
+        from trainer.export import load_pipeline_adapters
 
-        family.load_adapters(pipe, pipeline_adapters(family, lora))
+        load_pipeline_adapters(family, pipe, lora)
     pipe.to(device)
     pipe.set_progress_bar_config(desc="sample")
     video = family.run_pipeline(
