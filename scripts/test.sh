@@ -6,4 +6,7 @@ source "$(dirname "$0")/setup_env.sh"
 ruff check .
 ruff format --check .
 command -v chromium >/dev/null || echo "no chromium: the report's browser test is skipped (apt-get install chromium)"
-python -m pytest "$@"
+# One worker per core, each test file whole on one worker (its module fixtures are built once); the slowest tests
+# are listed at the end, to keep CI's time in view.
+workers=$(nproc); workers=$((workers < 4 ? workers : 4))
+python -m pytest -n "${VIDLORA_TEST_WORKERS:-$workers}" --dist loadfile --durations=40 "$@"

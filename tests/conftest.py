@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # scripts/test.sh runs one worker per core: one thread each, subprocesses too
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def cli_env(**extra: str) -> dict[str, str]:
