@@ -353,17 +353,7 @@ class HunyuanVideo(ModelFamily):
         tokenizer_2 = clip_like_tokenizer()
         torch.manual_seed(seed)
         transformer = HunyuanVideoTransformer3DModel(**tiny_transformer_config())
-        vae = AutoencoderKLHunyuanVideo(
-            latent_channels=4,
-            down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-            up_block_types=("HunyuanVideoUpBlock3D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            norm_num_groups=4,
-            scaling_factor=0.476986,
-            spatial_compression_ratio=8,
-            temporal_compression_ratio=4,
-        )
+        vae = tiny_vae()
         text_encoder = LlamaModel(  # 3 layers at least: the pipeline reads hidden_states[-3]
             LlamaConfig(
                 vocab_size=1000,
@@ -403,6 +393,21 @@ class HunyuanVideo(ModelFamily):
         )
         pipe.save_pretrained(out_dir)
         return Path(out_dir)
+
+
+def tiny_vae() -> AutoencoderKLHunyuanVideo:
+    """A 4-channel VAE with the real one's compression (8x spatial, 4x temporal) and scaling factor."""
+    return AutoencoderKLHunyuanVideo(
+        latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+        up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        scaling_factor=0.476986,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
+    )
 
 
 def tiny_transformer_config(**overrides) -> dict:

@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import (
-    AutoencoderKLHunyuanVideo,
     FlowMatchEulerDiscreteScheduler,
     HunyuanVideoImageToVideoPipeline,
     HunyuanVideoTransformer3DModel,
@@ -33,7 +32,7 @@ from PIL import Image
 from torch import nn
 
 from trainer.config import RecipeError, UserError
-from trainer.models.hunyuan_video import HUNYUAN_13B, HunyuanVideo, tiny_transformer_config
+from trainer.models.hunyuan_video import HUNYUAN_13B, HunyuanVideo, tiny_transformer_config, tiny_vae
 from trainer.perf import Matmul
 
 # The pipeline's default image-token stride per variant (its `image_embed_interleave`).
@@ -273,17 +272,7 @@ class HunyuanVideoI2V(HunyuanVideo):
             **tiny_transformer_config(in_channels=9 if concat else 4, guidance_embeds=not concat),
             image_condition_type=condition,
         )
-        vae = AutoencoderKLHunyuanVideo(
-            latent_channels=4,
-            down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-            up_block_types=("HunyuanVideoUpBlock3D",) * 4,
-            block_out_channels=(8, 8, 8, 8),
-            layers_per_block=1,
-            norm_num_groups=4,
-            scaling_factor=0.476986,
-            spatial_compression_ratio=8,
-            temporal_compression_ratio=4,
-        )
+        vae = tiny_vae()
         # LLaVA: a CLIP vision tower at 32 px / patch 8 (16 image tokens; 576 real) and a 3-layer Llama (the pipeline
         # reads hidden_states[-3]); the pipeline pads the expanded ids with the config's pad_token_id.
         image_token = tokenizer.convert_tokens_to_ids("<image>")
