@@ -163,8 +163,6 @@ class DocWorld:
     def run(self) -> Path:
         """The shipped Wan style recipe trained on the tiny model with the doc tests' overrides; called `style`
         as the docs' runs/style."""
-        from accelerate.state import AcceleratorState
-
         from data.prepare import prepare
         from trainer.config import load_recipe
         from trainer.models import get_family
@@ -179,12 +177,7 @@ class DocWorld:
         ]
         recipe = load_recipe(recipe_file, recipe_overrides(recipe_file) + where)
         assert prepare(recipe, get_family(recipe.model)) == 0
-        # accelerate keeps one precision per process: earlier tests here trained in fp32, this recipe trains in bf16
-        AcceleratorState._reset_state()
-        try:
-            return train(recipe)
-        finally:
-            AcceleratorState._reset_state()
+        return train(recipe)  # in bf16, after other tests of this process trained in fp32
 
     @cached_property
     def exports(self) -> Path:

@@ -227,6 +227,12 @@ def test_memory_modes_train(prepared, tmp_path, monkeypatch):
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in trained.values())
     assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
 
+    # accelerate keeps one precision per process and refuses another: a bf16 recipe after these fp32 ones (a notebook,
+    # a sweep) still trains, in bf16
+    bf16, bf16_model = run("bf16", mixed_precision="bf16")
+    assert len(losses(bf16)) == 4 and all(math.isfinite(v) for v in losses(bf16).values())
+    assert losses(bf16) != losses(plain)
+
 
 # --- validation and tracking ----------------------------------------------------------------------
 

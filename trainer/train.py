@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, send_to_device, set_seed
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
@@ -264,6 +265,10 @@ def make_accelerator(recipe: Recipe, run: Path, mixed_precision: str, experts: i
     handlers: list[Any] = [InitProcessGroupKwargs(backend="gloo")] if cpu_deepspeed else []
     if experts > 1:  # a step trains one expert: DDP must expect the others' parameters to get no gradient
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # accelerate keeps one precision per process and refuses another: a notebook or a sweep that trains a bf16
+        # recipe after an fp32 one starts from a fresh state (a launched rank trains one recipe: its state stays)
+        AcceleratorState._reset_state()
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         gradient_accumulation_steps=t.gradient_accumulation,
