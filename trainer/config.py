@@ -457,6 +457,15 @@ class Recipe(Section):
                 self.export.formats = ["comfyui"]
         return self
 
+    @model_validator(mode="after")
+    def _speed_modes_fit(self) -> Recipe:
+        if self.train.fp8_compute and self.train.block_offload:
+            raise ValueError(
+                "train.fp8_compute and train.block_offload do not combine: the fp8 copies of the offloaded weights "
+                "stay on the GPU and defeat the offload (turn one off)"
+            )
+        return self
+
     def to_toml_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 
