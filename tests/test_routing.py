@@ -16,6 +16,7 @@ from trainer import perf
 from trainer.checkpoint import read_adapter
 from trainer.config import RecipeError, UserError
 from trainer.flow_matching import step_generator
+from trainer.models.hunyuan_video import PerSampleRope
 from trainer.models.wan import tiny_transformer_config
 from trainer.routing import ROUTED, routed_count
 from trainer.train import flow_loss
@@ -127,6 +128,17 @@ def test_a_lora_trained_with_routing_lowers_the_full_models_loss_nearly_as_much(
     routed, plain = full_model_loss_drop(ROUTE, preset=preset), full_model_loss_drop([], preset=preset)
     assert routed < 0.9  # measured: wan 0.80 (plain 0.78), hunyuan 0.65 (0.62), hunyuan15 0.75 (0.73)
     assert 1 - routed > 0.7 * (1 - plain)
+
+
+def test_hunyuan_routed_attention_stays_the_models_own():
+    """Only the span's blocks get the per-sample RoPE processor, and it passes a later attention backend on to the
+    model's processor it runs."""
+    _, _, model = tiny_model(TINY_HV, ROUTE)
+    transformer = model.experts["transformer"]
+    before, routed = (b.attn.processor for b in transformer.single_transformer_blocks)  # span: block 1
+    assert isinstance(routed, PerSampleRope) and not isinstance(before, PerSampleRope)
+    transformer.set_attention_backend("_native_math")
+    assert routed.processor._attention_backend == before._attention_backend == "_native_math"
 
 
 def test_routing_is_refused_by_name_where_it_cannot_run():

@@ -458,6 +458,12 @@ class PerSampleRope:
             raise AttributeError(name)
         return getattr(self.processor, name)
 
+    def __setattr__(self, name: str, value: Any) -> None:  # so set_attention_backend reaches the wrapped processor
+        if name == "processor":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.processor, name, value)
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         if image_rotary_emb is None or image_rotary_emb[0].ndim == 2:
             return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
