@@ -25,6 +25,13 @@ def test_fp8_compute_is_refused_by_name_on_the_cpu():
         build_model(recipe, family, torch.float32)
 
 
+def test_fp8_compute_and_block_offload_are_refused_together_by_name():
+    """Checked with the recipe, before any device: the refusal is the same with and without a GPU."""
+    with pytest.raises(UserError, match=r"train.fp8_compute and train.block_offload do not combine: the fp8 copies"):
+        load_recipe(None, ["train.fp8_compute=row", "train.block_offload=true"])
+    assert load_recipe(None, ["train.block_offload=true"]).train.block_offload  # each alone is a recipe
+
+
 def lora_step(mode: str | bool) -> tuple[float, torch.Tensor, int]:
     """(loss, LoRA gradient, layers in fp8) of one bf16 step of the small preset on the GPU."""
     preset = perf.presets()["small"]

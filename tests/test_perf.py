@@ -102,6 +102,11 @@ def count_step(preset: perf.ModelPreset, model, recipe, batch_size: int = 2) -> 
         (TINY_HV_I2V_33, []),
         (TINY_HV15, []),
         (TINY_HV15, ["train.gradient_checkpointing=true", "train.gradient_checkpointing_ratio=0.5"]),
+        (TINY_HV, ["train.token_routing=0.5", "train.token_routing_blocks=[1,2]"]),
+        (
+            TINY_HV15,
+            ["train.token_routing=0.3", "train.token_routing_blocks=[0,2]", "train.gradient_checkpointing=true"],
+        ),
     ],
     ids=[
         "wan",
@@ -116,6 +121,8 @@ def count_step(preset: perf.ModelPreset, model, recipe, batch_size: int = 2) -> 
         "hunyuan-i2v-33ch",
         "hunyuan15",
         "hunyuan15-half-ckpt",
+        "hunyuan-routing",
+        "hunyuan15-routing-all-blocks-ckpt",
     ],  # fmt: skip
 )
 def test_flops_formula_equals_pytorch_flop_counter(preset, overrides):
@@ -165,17 +172,19 @@ def default_losses() -> list[float]:
     return losses_after([])
 
 
-def losses_after(overrides: list[str], steps: int = 3, compile_backend: str | None = None) -> list[float]:
+def losses_after(
+    overrides: list[str], steps: int = 3, compile_backend: str | None = None, preset: perf.ModelPreset = TINY_WAN
+) -> list[float]:
     """Losses of a few optimizer steps of the tiny model built by build_model with these switches."""
     compile_mode = next((o.split("=")[1] for o in overrides if o.startswith("train.compile=")), None)
     rest = [o for o in overrides if not o.startswith("train.compile=")]
-    recipe, _, model = tiny_model(TINY_WAN, rest)
+    recipe, _, model = tiny_model(preset, rest)
     if compile_mode:  # as build_model would, but with a compile backend that needs no C++ build
         switch = load_recipe(None, [f"train.compile={compile_mode}"])
         perf.apply_speed_options(model.experts["transformer"], switch, compile_backend)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
-    batch = perf.random_batch(TINY_WAN, LATENT, 2, TINY_WAN.text_tokens)
+    batch = perf.random_batch(preset, LATENT, 2, preset.text_tokens)
     losses = []
     for i in range(steps):
         loss = flow_loss(model, batch, recipe, [step_generator(0, i, j) for j in range(2)])

@@ -330,12 +330,13 @@ class TrainSection(Section):
         lt=1,
         description="Token routing (TREAD), training only: the share of each sample's video tokens that skip "
         "the `token_routing_blocks` span (drawn per sample from the seed) and rejoin after it; 0 = off. "
-        "Families whose blocks take the video tokens in sequence (Wan).",
+        "Families whose blocks take the video tokens in sequence (Wan; HunyuanVideo: its single-stream blocks; "
+        "HunyuanVideo 1.5).",
     )
     token_routing_blocks: tuple[int, int] = Field(
         (2, -2),
         description="The span token routing skips: blocks [start, stop) as a Python slice (negative counts from "
-        "the end); default: all but the first two and the last two.",
+        "the end) of the family's routed chain; default: all but the first two and the last two.",
     )
 
     @field_validator("attention_backend")
@@ -455,6 +456,15 @@ class Recipe(Section):
                 if "formats" in self.export.model_fields_set:
                     raise ValueError(f"export.formats: diffusers cannot load {kind} adapters; use comfyui or kohya")
                 self.export.formats = ["comfyui"]
+        return self
+
+    @model_validator(mode="after")
+    def _speed_modes_fit(self) -> Recipe:
+        if self.train.fp8_compute and self.train.block_offload:
+            raise ValueError(
+                "train.fp8_compute and train.block_offload do not combine: the fp8 copies of the offloaded weights "
+                "stay on the GPU and defeat the offload (turn one off)"
+            )
         return self
 
     def to_toml_dict(self) -> dict[str, Any]:

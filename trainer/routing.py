@@ -4,14 +4,15 @@ Per sample, a random subset of the video tokens (drawn from the sample's own gen
 conditions, so it depends on (seed, micro-step, slot) only) goes through the span with its RoPE and per-token timestep
 inputs; the other tokens skip it and are put back in place after the span's last block. The blocks run as they are:
 forward pre-hooks cut their per-token inputs to the routed tokens (what each input is, the family says through
-`ModelFamily.route_block_args`; the token sequence is a block's first argument) and a hook on the span's last block scatters its output back into the full sequence.
+`ModelFamily.route_block_args`; the token sequence is a block's first argument) and a hook on the span's last block
+scatters its output back into the full sequence (`ModelFamily.route_block_output`: where the output holds it).
 So gradient checkpointing (diffusers' hook calls the block, hooks included), compile and the LoRA see ordinary blocks.
 Training only: validation, samples and exports call the transformer without routed tokens.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -61,6 +62,7 @@ class TokenRouter:
         chain = family.routed_blocks(transformer)
         self.family = family
         self.span = [chain[i] for i in span_of(len(chain), blocks)]
+        family.route_span(self.span)
         self.keep: torch.Tensor | None = None  # set per forward by `Denoisers`
         self.full: torch.Tensor | None = None  # the sequence entering the span, to put the routed tokens back into
         for block in self.span:
@@ -78,8 +80,12 @@ class TokenRouter:
             self.full, hidden = hidden, pick(hidden, self.keep)
         return (hidden, *self.family.route_block_args(tuple(rest), lambda t: pick(t, self.keep)))
 
-    def leave(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
+    def leave(self, module: nn.Module, args: tuple, out: Any) -> Any:
         if not self.active():
             return None
-        rows = torch.arange(self.keep.shape[0], device=out.device)[:, None]
-        return self.full.index_put((rows, self.keep.to(out.device)), out.to(self.full.dtype))
+        return self.family.route_block_output(out, self.put_back)
+
+    def put_back(self, routed: torch.Tensor) -> torch.Tensor:
+        """The full sequence entering the span with the routed tokens replaced by `routed` [B, k, ...]."""
+        rows = torch.arange(self.keep.shape[0], device=routed.device)[:, None]
+        return self.full.index_put((rows, self.keep.to(routed.device)), routed.to(self.full.dtype))

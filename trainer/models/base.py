@@ -367,6 +367,16 @@ class ModelFamily:
         per-token timestep) cut to the routed tokens by `pick` (token dimension 1, batch dimension B or 1)."""
         raise NotImplementedError
 
+    @classmethod
+    def route_block_output(cls, out: Any, put_back: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+        """The routed span's last block output with its token sequence (the routed tokens) put back into the full
+        sequence by `put_back`. By default a block returns the sequence alone."""
+        return put_back(out)
+
+    @classmethod
+    def route_span(cls, blocks: list[nn.Module]) -> None:
+        """Make the span's blocks take routed inputs (once, when routing is installed); nothing by default."""
+
     def validation_kwargs(
         self, text: dict[str, torch.Tensor], negative: dict[str, torch.Tensor] | None
     ) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -274,6 +275,26 @@ class HunyuanVideo(ModelFamily):
         ]
         return ops
 
+    @classmethod
+    def routed_blocks(cls, transformer):
+        # The single-stream blocks: video tokens in sequence (the text stream is a separate argument, joined inside).
+        return transformer.single_transformer_blocks
+
+    @classmethod
+    def route_block_args(cls, args, pick):
+        text, temb, mask, rope, *rest = args  # after hidden_states; rest: token replacement's inputs (unused here)
+        n = mask.shape[-1] - text.shape[1]  # the key mask [B, 1, 1, video + text] of the joint attention
+        mask = torch.cat([pick(mask[:, 0, 0, :n]), mask[:, 0, 0, n:]], 1)[:, None, None]
+        return text, temb, mask, per_sample_rope(rope, pick), *rest
+
+    @classmethod
+    def route_block_output(cls, out, put_back):
+        return route_video_stream(out, put_back)
+
+    @classmethod
+    def route_span(cls, blocks):
+        route_attention(blocks)
+
     @staticmethod
     def prompt_template(tokenizer) -> dict:
         """The official template with `crop_start` counted on this tokenizer (95 for llava-llama-3). Always passed
@@ -408,6 +429,61 @@ def tiny_vae() -> AutoencoderKLHunyuanVideo:
         spatial_compression_ratio=8,
         temporal_compression_ratio=4,
     )
+
+
+# --- token routing (shared with HunyuanVideo 1.5) -------------------------------------------------------
+def per_sample_rope(rope: tuple[torch.Tensor, torch.Tensor], pick) -> tuple[torch.Tensor, torch.Tensor]:
+    """The routed tokens' RoPE cos and sin ([N, D] for the batch): [B, k, D], each sample's own positions."""
+    return tuple(pick(r[None]) for r in rope)
+
+
+def route_video_stream(out: tuple[torch.Tensor, torch.Tensor], put_back) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block returns (video, text): the routed video tokens go back into the full sequence, the text stays."""
+    video, text = out
+    return put_back(video), text
+
+
+def route_attention(blocks: list[nn.Module]) -> None:
+    """Give each routed block's attention a processor that takes per-sample RoPE (`PerSampleRope`)."""
+    for block in blocks:
+        if not isinstance(block.attn.processor, PerSampleRope):
+            block.attn.processor = PerSampleRope(block.attn.processor)
+
+
+class PerSampleRope:
+    """The attention processor of a routed block. Routed tokens have RoPE per sample ([B, k, D] cos and sin), which
+    diffusers' apply_rotary_emb (one [N, D] table for the whole batch) cannot take: the block's own processor runs
+    once per sample with that sample's table. Plain RoPE calls (validation, samples) go straight through."""
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+
+    def __getattr__(self, name: str) -> Any:  # the attention backend and the rest: the wrapped processor's
+        if name == "processor":
+            raise AttributeError(name)
+        return getattr(self.processor, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:  # so set_attention_backend reaches the wrapped processor
+        if name == "processor":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.processor, name, value)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if image_rotary_emb is None or image_rotary_emb[0].ndim == 2:
+            return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        cos, sin = image_rotary_emb
+        each = [
+            self.processor(
+                attn,
+                hidden_states[b : b + 1],
+                None if encoder_hidden_states is None else encoder_hidden_states[b : b + 1],
+                None if attention_mask is None else attention_mask[b : b + 1],
+                (cos[b], sin[b]),
+            )
+            for b in range(hidden_states.shape[0])
+        ]
+        return tuple(torch.cat(parts) for parts in zip(*each))
 
 
 def tiny_transformer_config(**overrides) -> dict:

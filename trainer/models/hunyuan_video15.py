@@ -33,7 +33,7 @@ from torch import nn
 from trainer.config import UserError
 from trainer.formats import FamilyNames
 from trainer.models.base import ModelFamily, pad_stack
-from trainer.models.hunyuan_video import HUNYUAN_VIDEO_NAMES
+from trainer.models.hunyuan_video import HUNYUAN_VIDEO_NAMES, per_sample_rope, route_attention, route_video_stream
 from trainer.perf import Attention, Matmul, grid_tokens
 
 _DB = "transformer_blocks.{i}"
@@ -363,6 +363,23 @@ class HunyuanVideo15(ModelFamily):
             image_embeds=self.image_embeds(transformer, batch, noisy),
             return_dict=False,
         )[0]
+
+    @classmethod
+    def routed_blocks(cls, transformer):
+        return transformer.transformer_blocks  # double-stream only: video and text as separate streams
+
+    @classmethod
+    def route_block_args(cls, args, pick):
+        text, temb, mask, rope = args  # the mask is the text's: attention pads it with the video tokens' own
+        return text, temb, mask, per_sample_rope(rope, pick)
+
+    @classmethod
+    def route_block_output(cls, out, put_back):
+        return route_video_stream(out, put_back)
+
+    @classmethod
+    def route_span(cls, blocks):
+        route_attention(blocks)
 
     # --- tiny model ----------------------------------------------------------------------------------
     @classmethod

@@ -101,6 +101,15 @@ class HunyuanVideoI2V(HunyuanVideo):
         transformer._repeated_blocks = [*transformer._repeated_blocks, *TOKEN_REPLACE_BLOCKS]
         return transformer
 
+    @classmethod
+    def routed_blocks(cls, transformer):
+        if transformer.config.image_condition_type == "token_replace":
+            raise RecipeError(
+                "train.token_routing: the token-replacement HunyuanVideo-I2V modulates the first frame's tokens by "
+                "their count, which routing would break; the 33-channel (latent_concat) model routes"
+            )
+        return super().routed_blocks(transformer)
+
     def shape_problem(self, width: int, height: int, frames: int) -> str | None:
         if frames < 5 and self.condition_type == "token_replace":
             return "one latent frame is only the given first frame (token replacement): train on 5+ frames, no stills"
