@@ -126,3 +126,15 @@ def assert_diffusers_reproduces(pipeline_class, model_dir, lora_file, family, tr
         expected = family.predict(trained, noisy, sigmas, batch)
         got = family.predict(pipe.transformer, noisy, sigmas, batch)
     assert torch.allclose(got, expected, atol=1e-5, rtol=1e-5), (Path(lora_file).name, (got - expected).abs().max())
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy 2-core machine their spinning costs seconds (modules that
+    time or compile tiny models use it: `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,6 +22,8 @@ from trainer.models.hunyuan_video15 import tiny_transformer_config as hv15_tiny_
 from trainer.models.wan import tiny_transformer_config
 from trainer.train import build_model, flow_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_WAN = perf.ModelPreset("wan", tiny_transformer_config(), text_tokens=7)
 TINY_HV = perf.ModelPreset(  # diffusers' own HunyuanVideo test config, 2 double and 2 single blocks
     "hunyuan_video",
@@ -55,15 +57,6 @@ TINY_HV15 = perf.ModelPreset(  # the tiny HunyuanVideo 1.5 with 16 latent channe
     "hunyuan_video15", hv15_tiny_config(in_channels=33, out_channels=16, num_layers=2), text_tokens=5
 )
 LATENT = (16, 3, 8, 8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine their spinning costs seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(preset: perf.ModelPreset, overrides: list[str]):

@@ -21,16 +21,10 @@ from trainer.models.wan import tiny_transformer_config
 from trainer.routing import ROUTED, routed_count
 from trainer.train import flow_loss
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_TI2V = perf.ModelPreset("wan22_5b", tiny_transformer_config(in_channels=48, out_channels=48), text_tokens=7)
 ROUTE = ["train.token_routing=0.5", "train.token_routing_blocks=[1,2]"]  # the tiny model has 2 blocks
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
