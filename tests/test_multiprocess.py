@@ -176,6 +176,8 @@ def test_fsdp2_matches_ddp_resumes_exactly_and_exports_for_diffusers(ddp_referen
     run = tmp_path / "fsdp"
     first, reference = losses(run), adapter_at(ddp, COMPARE_STEP)
     assert_losses_close(first, losses(ddp), range(1, COMPARE_STEP + 1))
+    norms = [grad_norms(r) for r in (run, ddp)]  # clipping sees the sharded gradients (a stale list gave 0)
+    assert all(norms[0][s] == pytest.approx(norms[1][s], rel=1e-4) and norms[0][s] > 0 for s in norms[0])
     final, meta = read_adapter(run / "adapter.safetensors")
     assert meta["steps"] == COMPARE_STEP
     for lora in (adapter_at(run, 4), final):
@@ -200,6 +202,11 @@ def test_fsdp2_matches_ddp_resumes_exactly_and_exports_for_diffusers(ddp_referen
     pipe.load_lora_weights(str(run / "pytorch_lora_weights.safetensors"))
     loaded = {n.replace(".default_0", ""): p.detach() for n, p in pipe.transformer.named_parameters() if "lora_" in n}
     assert_lora_close(loaded, reference)
+
+
+def grad_norms(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["grad_norm"] for r in rows if "grad_norm" in r and r["step"] <= COMPARE_STEP}
 
 
 def resume_matches_reference(recipe, run, reference):

@@ -420,6 +420,8 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         optimizer = accelerator.prepare_optimizer(optimizer)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.distributed_type == DistributedType.FSDP:  # fully_shard replaced them (DTensors): clip those
+        params = [p for g in optimizer.param_groups for p in g["params"]]
     if not deepspeed:
         register_lora_only_state(accelerator, model)
     ema = LoraEMA(unwrapped(model), t.ema_decay, t.ema_on_cpu) if t.ema_decay else None
