@@ -1,6 +1,7 @@
 """Context parallelism (train.context_parallel): real 2-process launches over gloo split each sample's sequence
-with diffusers' Ulysses attention and train what one process computing the whole sequence trains; validation and
-exact resume work the same under it; setups that cannot run are refused in one line.
+with diffusers' Ulysses attention and train what one process computing the whole sequence trains, under DDP and under
+FSDP2; validation and exact resume (also after a SIGKILL) work the same under it; setups that cannot run are refused
+in one line.
 
 Tolerance: the processes sum their sequence halves' LoRA gradients in another order than one process sums the
 whole sequence, and attention runs on half the heads' all-to-all exchanged inputs: float32 rounding, amplified a

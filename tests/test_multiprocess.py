@@ -32,7 +32,8 @@ from tests.training_setup import (
     wait_for_step,
     wait_job,
 )
-from trainer.checkpoint import latest_checkpoint, read_adapter
+from trainer.checkpoint import check_resumable, latest_checkpoint, load_trainer_state, read_adapter
+from trainer.config import UserError, load_recipe
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
@@ -193,6 +194,9 @@ def test_fsdp2_matches_ddp_resumes_exactly_and_exports_for_diffusers(ddp_referen
     assert tensors and all("lora_" in k for k in tensors), list(tensors)[:5]
     assert all(len(t.chunks) == 2 for k, t in tensors.items() if "lora_A" in k)  # rank 4 rows: 2 on each process
 
+    state = load_trainer_state(run / "checkpoints/step-000004")  # its shards resume under FSDP only
+    with pytest.raises(UserError, match="checkpoint was saved with FSDP; resume it the same way"):
+        check_resumable(state, load_recipe(recipe), 2, deepspeed=False)
     train_run(recipe, FSDP2, "--resume", str(run / "checkpoints/step-000004"), env=CPU_FSDP)
     assert losses(run) == first  # steps 5-8 trained again: identical
     again = read_adapter(run / "adapter.safetensors")[0]

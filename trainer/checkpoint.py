@@ -277,7 +277,7 @@ def load_scheduler(scheduler: Any, state: dict, learning_rate: float) -> None:
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
-def run_shape(recipe: Recipe, world: int, deepspeed: bool) -> dict[str, Any]:
+def run_shape(recipe: Recipe, world: int, deepspeed: bool, fsdp: bool = False) -> dict[str, Any]:
     """What a checkpoint's data position and optimizer shards depend on."""
     t = recipe.train
     return {
@@ -287,12 +287,15 @@ def run_shape(recipe: Recipe, world: int, deepspeed: bool) -> dict[str, Any]:
         "seed": t.seed,
         "context_parallel": t.context_parallel,
         "deepspeed": deepspeed,
+        "fsdp": fsdp,
     }
 
 
-def check_resumable(state: dict, recipe: Recipe, world: int, deepspeed: bool) -> None:
-    saved = {k: state.get(k) for k in run_shape(recipe, world, deepspeed)}
-    now = run_shape(recipe, world, deepspeed)
+def check_resumable(state: dict, recipe: Recipe, world: int, deepspeed: bool, fsdp: bool = False) -> None:
+    saved = {k: state.get(k) for k in run_shape(recipe, world, deepspeed, fsdp)}
+    now = run_shape(recipe, world, deepspeed, fsdp)
+    if bool(saved["fsdp"]) != fsdp:  # its model and optimizer are torch.distributed.checkpoint shards, or are not
+        raise UserError(f"checkpoint was saved {'with' if saved['fsdp'] else 'without'} FSDP; resume it the same way")
     if saved["deepspeed"] != deepspeed or (deepspeed and saved["world_size"] != world):
         raise UserError(
             f"checkpoint was saved with deepspeed={saved['deepspeed']} on {saved['world_size']} processes; "

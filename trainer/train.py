@@ -420,7 +420,8 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         optimizer = accelerator.prepare_optimizer(optimizer)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
-    if accelerator.distributed_type == DistributedType.FSDP:  # fully_shard replaced them (DTensors): clip those
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp:  # fully_shard replaced the parameters (DTensors): clip those
         params = [p for g in optimizer.param_groups for p in g["params"]]
     if not deepspeed:
         register_lora_only_state(accelerator, model)
@@ -429,7 +430,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
     pos = Position()
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
-        check_resumable(state, recipe, world, deepspeed)
+        check_resumable(state, recipe, world, deepspeed, fsdp)
         if deepspeed:
             accelerator.load_state(str(checkpoint), load_module_strict=False)
         else:
@@ -508,7 +509,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                     state = {
                         "position": pos.state_dict(),
                         "scheduler": scheduler.state_dict(),
-                        **run_shape(recipe, world, deepspeed),
+                        **run_shape(recipe, world, deepspeed, fsdp),
                     }
                     saved = save_checkpoint(
                         accelerator, checkpoints, pos.step, model, meta, t.checkpoints_keep, state, ema
