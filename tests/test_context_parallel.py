@@ -142,6 +142,10 @@ def test_fsdp2_composes_with_context_parallelism(runs, tmp_path):
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    val = {r["step"]: r["val_loss"] for r in rows(one) if "val_loss" in r}
+    got_val = {r["step"]: r["val_loss"] for r in rows(run) if "val_loss" in r}  # validation runs the sharded model
+    assert sorted(got_val) == [2, 4] and all(got_val[s] == pytest.approx(val[s], rel=1e-5) for s in val)
+    assert len(list((run / "validation/step-000004").glob("*.mp4"))) == 1
     assert_lora_close(read_adapter(run / "adapter.safetensors")[0], read_adapter(one / "adapter.safetensors")[0])
 
 
