@@ -1,4 +1,4 @@
-"""Real 2-process launches on the CPU: DDP (gloo) and DeepSpeed ZeRO-2/3 train, checkpoint, resume and
+"""Real 2-process launches on the CPU: DDP (gloo), DeepSpeed ZeRO-2/3 and FSDP2 train, checkpoint, resume and
 export; N processes with batch size B match one process with batch size N x B; SIGKILL of the whole
 launch (the rank processes, not just the launcher) resumes bit for bit, and so does Slurm's SIGTERM to
 every process with DataLoader workers on.
@@ -32,13 +32,17 @@ from tests.training_setup import (
     wait_for_step,
     wait_job,
 )
-from trainer.checkpoint import latest_checkpoint, read_adapter
+from trainer.checkpoint import check_resumable, latest_checkpoint, load_trainer_state, read_adapter
+from trainer.config import UserError, load_recipe
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 REFERENCE_STEPS = 40  # long enough to be killed mid-run
 COMPARE_STEP = 8
 ZERO2 = str(ROOT / "recipes/accelerate/zero2.yaml")
+FSDP2 = str(ROOT / "recipes/accelerate/fsdp2.yaml")
+# accelerate turns FSDP on only for GPUs; on the CPU the trainer does (trainer/train.py: cpu_fsdp)
+CPU_FSDP = {"ACCELERATE_USE_CPU": "true"}
 
 
 def zero3_config(tmp_path) -> str:
@@ -159,6 +163,54 @@ def test_zero2_in_bf16_resumes_exactly(ddp_reference, prepared, tmp_path):
     assert losses(run) == first  # steps 1-4 kept from before, 5-8 trained again: identical
     again = adapter_at(run, COMPARE_STEP)
     assert all(torch.equal(again[k], first_adapter[k]) for k in first_adapter)
+
+
+def test_fsdp2_matches_ddp_resumes_exactly_and_exports_for_diffusers(ddp_reference, prepared, tmp_path):
+    """The shipped FSDP2 config (torch's fully_shard through accelerate) shards the frozen base and the LoRA over
+    both processes and trains what DDP trains: the same reduction of the same gradients (losses and LoRA within the
+    module's tolerance; on this machine they come out identical). Its checkpoints hold the LoRA shards only, resume
+    exactly, and its export, gathered from the shards, loads in diffusers with the DDP run's weights."""
+    _, _, ddp = ddp_reference
+    recipe = per_rank_recipe(tmp_path, prepared, "fsdp", COMPARE_STEP, 1, ema=False)  # FSDP shards the LoRA: no EMA
+    proc = train_run(recipe, FSDP2, env=CPU_FSDP)
+    assert "vidlora train: FSDP2 over gloo, 2 processes on cpu, mixed precision no" in proc.stdout
+    run = tmp_path / "fsdp"
+    first, reference = losses(run), adapter_at(ddp, COMPARE_STEP)
+    assert_losses_close(first, losses(ddp), range(1, COMPARE_STEP + 1))
+    norms = [grad_norms(r) for r in (run, ddp)]  # clipping sees the sharded gradients (a stale list gave 0)
+    assert all(norms[0][s] == pytest.approx(norms[1][s], rel=1e-4) and norms[0][s] > 0 for s in norms[0])
+    final, meta = read_adapter(run / "adapter.safetensors")
+    assert meta["steps"] == COMPARE_STEP
+    for lora in (adapter_at(run, 4), final):
+        assert lora.keys() == reference.keys()
+    assert_lora_close(final, reference)
+    assert_lora_close(adapter_at(run, 4), adapter_at(ddp, 4))
+
+    # the checkpoint's model part (torch.distributed.checkpoint) is the LoRA only, split between the two ranks
+    from torch.distributed.checkpoint import FileSystemReader
+
+    saved = FileSystemReader(run / f"checkpoints/step-{COMPARE_STEP:06d}/pytorch_model_fsdp_0").read_metadata()
+    tensors = saved.state_dict_metadata
+    assert tensors and all("lora_" in k for k in tensors), list(tensors)[:5]
+    assert all(len(t.chunks) == 2 for k, t in tensors.items() if "lora_A" in k)  # rank 4 rows: 2 on each process
+
+    state = load_trainer_state(run / "checkpoints/step-000004")  # its shards resume under FSDP only
+    with pytest.raises(UserError, match="checkpoint was saved with FSDP; resume it the same way"):
+        check_resumable(state, load_recipe(recipe), 2, deepspeed=False)
+    train_run(recipe, FSDP2, "--resume", str(run / "checkpoints/step-000004"), env=CPU_FSDP)
+    assert losses(run) == first  # steps 5-8 trained again: identical
+    again = read_adapter(run / "adapter.safetensors")[0]
+    assert all(torch.equal(again[k], final[k]) for k in final)
+
+    pipe = WanPipeline.from_pretrained(prepared[0])
+    pipe.load_lora_weights(str(run / "pytorch_lora_weights.safetensors"))
+    loaded = {n.replace(".default_0", ""): p.detach() for n, p in pipe.transformer.named_parameters() if "lora_" in n}
+    assert_lora_close(loaded, reference)
+
+
+def grad_norms(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["grad_norm"] for r in rows if "grad_norm" in r and r["step"] <= COMPARE_STEP}
 
 
 def resume_matches_reference(recipe, run, reference):

@@ -132,11 +132,17 @@ def train_run(
     return proc
 
 
-def start_run(recipe: Path, mode: str = "one", *args: str) -> subprocess.Popen:
+def start_run(recipe: Path, mode: str = "one", *args: str, env: dict | None = None) -> subprocess.Popen:
     """A training run in its own session (process group), as a terminal would run it."""
-    cmd, env = launch_command(recipe, mode, *args)
+    cmd, base_env = launch_command(recipe, mode, *args)
     return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd,
+        cwd=ROOT,
+        env={**base_env, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
 
 

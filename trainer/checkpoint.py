@@ -61,13 +61,24 @@ KILL_IN_CHECKPOINT = "VIDLORA_TEST_KILL_IN_CHECKPOINT"
 def lora_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Canonical peft keys (`blocks.0.attn1.to_q.lora_A.weight`), cloned to fp32 on the CPU; DoRA modules also get
     ComfyUI's `dora_scale`, which depends on the base weights (trainer/formats.py: comfyui_dora_scales)."""
-    state = {k: v.detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
+    state = {k: full(v).detach().float().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
     return {**state, **comfyui_dora_scales(model)}
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 shard (a DTensor: an all-gather, so every rank must call this), else itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def is_zero3(accelerator: Any) -> bool:
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     return plugin is not None and plugin.zero_stage == 3
+
+
+def is_fsdp(accelerator: Any) -> bool:
+    return getattr(accelerator.state, "fsdp_plugin", None) is not None
 
 
 def adapter_name(denoiser: Denoiser) -> str:
@@ -85,7 +96,7 @@ def denoiser_meta(denoiser: Denoiser) -> dict[str, Any]:
 def gather_lora(accelerator: Any, model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]] | None:
     """{component: its LoRA tensors} on the main process (None on the others). Every rank must call this: under
     ZeRO-3 parameters are sharded, and get_peft_model_state_dict silently returns empty tensors unless they are
-    gathered on all ranks first."""
+    gathered on all ranks first; FSDP2's are DTensor shards, which every rank all-gathers (`full`)."""
     experts = accelerator.unwrap_model(model).experts
 
     def collect() -> dict[str, dict[str, torch.Tensor]] | None:
@@ -93,6 +104,9 @@ def gather_lora(accelerator: Any, model: torch.nn.Module) -> dict[str, dict[str,
             return None
         return {component: lora_state_dict(expert) for component, expert in experts.items()}
 
+    if is_fsdp(accelerator):
+        loras = {component: lora_state_dict(expert) for component, expert in experts.items()}
+        return loras if accelerator.is_main_process else None
     if is_zero3(accelerator):
         import deepspeed
 
@@ -263,7 +277,7 @@ def load_scheduler(scheduler: Any, state: dict, learning_rate: float) -> None:
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
-def run_shape(recipe: Recipe, world: int, deepspeed: bool) -> dict[str, Any]:
+def run_shape(recipe: Recipe, world: int, deepspeed: bool, fsdp: bool = False) -> dict[str, Any]:
     """What a checkpoint's data position and optimizer shards depend on."""
     t = recipe.train
     return {
@@ -273,12 +287,15 @@ def run_shape(recipe: Recipe, world: int, deepspeed: bool) -> dict[str, Any]:
         "seed": t.seed,
         "context_parallel": t.context_parallel,
         "deepspeed": deepspeed,
+        "fsdp": fsdp,
     }
 
 
-def check_resumable(state: dict, recipe: Recipe, world: int, deepspeed: bool) -> None:
-    saved = {k: state.get(k) for k in run_shape(recipe, world, deepspeed)}
-    now = run_shape(recipe, world, deepspeed)
+def check_resumable(state: dict, recipe: Recipe, world: int, deepspeed: bool, fsdp: bool = False) -> None:
+    saved = {k: state.get(k) for k in run_shape(recipe, world, deepspeed, fsdp)}
+    now = run_shape(recipe, world, deepspeed, fsdp)
+    if bool(saved["fsdp"]) != fsdp:  # its model and optimizer are torch.distributed.checkpoint shards, or are not
+        raise UserError(f"checkpoint was saved {'with' if saved['fsdp'] else 'without'} FSDP; resume it the same way")
     if saved["deepspeed"] != deepspeed or (deepspeed and saved["world_size"] != world):
         raise UserError(
             f"checkpoint was saved with deepspeed={saved['deepspeed']} on {saved['world_size']} processes; "
@@ -376,8 +393,23 @@ def start_run_folder(run: Path, recipe: Recipe, checkpoint: Path | None, step: i
         atomic_write(metrics, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
-def register_lora_only_state(accelerator: Accelerator) -> None:
-    """accelerate's save_state writes the whole model; keep only the trainable (LoRA) tensors."""
+def register_lora_only_state(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """accelerate's save_state writes the whole model; keep only the trainable (LoRA) tensors. Under FSDP it saves
+    and loads the model's own state dict (torch.distributed.checkpoint shards): that is cut to the LoRA instead,
+    and the frozen base is not missing when it loads."""
+    if is_fsdp(accelerator):
+        keep = {n for n, p in model.named_parameters() if p.requires_grad}
+
+        def drop_frozen(module: Any, state: dict, prefix: str, local_metadata: Any) -> None:
+            for key in [k for k in state if k.removeprefix(prefix) not in keep]:
+                del state[key]
+
+        def frozen_not_missing(module: Any, incompatible: Any) -> None:
+            incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k in keep]
+
+        model._register_state_dict_hook(drop_frozen)
+        model.register_load_state_dict_post_hook(frozen_not_missing)
+        return
 
     def keep_lora(models: list, weights: list, output_dir: str) -> None:
         for i, model in enumerate(models):

@@ -4,7 +4,7 @@ after each optimizer step that changed the weights.
 It is saved with every checkpoint (``ema.safetensors``, written by the main process, read by every rank) so a resumed
 run continues it exactly, and swapped into the model (:meth:`LoraEMA.applied`) to validate it next to the raw weights
 and to export it as the run's adapter (`export.use_ema`). Every process keeps the same shadow: under DDP and ZeRO-2
-each holds the whole LoRA (ZeRO-3 shards it, and is refused).
+each holds the whole LoRA (ZeRO-3 and FSDP shard it, and are refused).
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ class LoraEMA:
         """``model``: the run's Denoisers (unwrapped), after accelerate prepared it."""
         self.decay = decay
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if any(p.numel() == 0 for p in self.params.values()):
-            raise UserError("train.ema_decay does not work with DeepSpeed ZeRO-3 (it shards the LoRA); use ZeRO-2")
+        if any(p.numel() == 0 or type(p.data).__name__ == "DTensor" for p in self.params.values()):
+            raise UserError(
+                "train.ema_decay does not work with DeepSpeed ZeRO-3 or FSDP (they shard the LoRA); use ZeRO-2 or DDP"
+            )
         self.shadow = {
             n: p.detach().to("cpu" if on_cpu else p.device, torch.float32, copy=True) for n, p in self.params.items()
         }

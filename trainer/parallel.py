@@ -9,6 +9,7 @@ Gradients: the transformer gathers its output on every rank of a group, each ran
 backward of the gather keeps only the rank's own slice, so a rank's LoRA gradient is its tokens' share of the
 sample's gradient (the shares sum to it; probed against one process to 3e-7). DDP averages over all processes,
 so the loss is scaled by the degree before backward: the mean over data-parallel groups of each sample's gradient.
+FSDP2 (accelerate's, over all processes) reduce-scatters the same average, so it composes unchanged.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def check_context_parallel(
     if family.context_parallel_plan() is None:
         raise UserError(f"{what}: the {family.name} family has no context-parallel plan (diffusers has none for it)")
     if deepspeed or t.block_offload or t.offload_inactive_expert:
-        raise UserError(f"{what} runs under DDP only (not with DeepSpeed, block_offload or offload_inactive_expert)")
+        raise UserError(
+            f"{what} runs under DDP or FSDP2 only (not with DeepSpeed, block_offload or offload_inactive_expert)"
+        )
     if t.token_routing:  # routing cuts the sequence the plan splits at the first block
         raise UserError(f"{what} does not combine with train.token_routing (both reshape the token sequence)")
     if kind == "ring" and device.type != "cuda":

@@ -132,6 +132,8 @@ def engine(accelerator: Accelerator) -> str:
     n = accelerator.num_processes
     plugin = accelerator.state.deepspeed_plugin
     name = f"DeepSpeed ZeRO-{plugin.zero_stage}" if plugin else ("DDP" if n > 1 else "single process")
+    if fsdp := getattr(accelerator.state, "fsdp_plugin", None):
+        name = f"FSDP{fsdp.fsdp_version}"
     over = f" over {accelerator.state.backend}" if n > 1 and accelerator.state.backend else ""
     procs = f", {n} processes" if n > 1 else ""
     return f"{name}{over}{procs} on {accelerator.device.type}, mixed precision {accelerator.mixed_precision}"

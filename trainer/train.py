@@ -22,9 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, send_to_device, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    InitProcessGroupKwargs,
+    send_to_device,
+    set_seed,
+)
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -277,13 +284,16 @@ def make_accelerator(recipe: Recipe, run: Path, mixed_precision: str, experts: i
         kwargs_handlers=handlers,
     )
     check_launch(accelerator)
+    cpu_fsdp(accelerator)
     if accelerator.is_main_process:
         print(f"vidlora train: {engine(accelerator)}", flush=True)
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         configure_deepspeed(plugin, recipe)
-        if t.fp8_base or t.block_offload:
-            raise UserError("train.fp8_base and train.block_offload do not work under DeepSpeed (it owns the weights)")
+    if (plugin is not None or accelerator.distributed_type == DistributedType.FSDP) and (t.fp8_base or t.block_offload):
+        raise UserError(
+            "train.fp8_base and train.block_offload do not work under DeepSpeed or FSDP (they own the weights)"
+        )
     if t.block_offload and accelerator.num_processes > 1:
         raise UserError("train.block_offload is for one process (a model bigger than one GPU); use DeepSpeed ZeRO-3")
     if t.fp8_compute and (problem := fp8_compute_problem(accelerator.device)):
@@ -307,6 +317,20 @@ def check_launch(accelerator: Accelerator) -> None:
             "the accelerate config asks for DeepSpeed, but ACCELERATE_USE_CPU=true (or --cpu) turns it into plain "
             "DDP: launch DeepSpeed configs without it, also on a CPU (docs/training.md)"
         )
+
+
+def cpu_fsdp(accelerator: Accelerator) -> None:
+    """An FSDP config launched on the CPU (tests; `ACCELERATE_USE_CPU=true`): accelerate 1.15 switches FSDP on only
+    for accelerator devices (AcceleratorState lists MULTI_GPU, MULTI_NPU, ...; a CPU launch stays MULTI_CPU, silently
+    plain DDP), though torch's fully_shard runs over gloo. Switch it on the way accelerate does on a GPU."""
+    state = accelerator.state
+    if os.environ.get("ACCELERATE_USE_FSDP") != "true" or state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables, as on a GPU
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    state.fsdp_plugin = plugin
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
 
 
 def configure_deepspeed(plugin: Any, recipe: Recipe) -> None:
@@ -401,14 +425,17 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         optimizer = accelerator.prepare_optimizer(optimizer)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if fsdp:  # fully_shard replaced the parameters (DTensors): clip those
+        params = [p for g in optimizer.param_groups for p in g["params"]]
     if not deepspeed:
-        register_lora_only_state(accelerator)
+        register_lora_only_state(accelerator, model)
     ema = LoraEMA(unwrapped(model), t.ema_decay, t.ema_on_cpu) if t.ema_decay else None
 
     pos = Position()
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
-        check_resumable(state, recipe, world, deepspeed)
+        check_resumable(state, recipe, world, deepspeed, fsdp)
         if deepspeed:
             accelerator.load_state(str(checkpoint), load_module_strict=False)
         else:
@@ -487,7 +514,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
                     state = {
                         "position": pos.state_dict(),
                         "scheduler": scheduler.state_dict(),
-                        **run_shape(recipe, world, deepspeed),
+                        **run_shape(recipe, world, deepspeed, fsdp),
                     }
                     saved = save_checkpoint(
                         accelerator, checkpoints, pos.step, model, meta, t.checkpoints_keep, state, ema

@@ -418,6 +418,12 @@ class Denoisers(nn.Module):
             self.routers[component].keep = batch.get(ROUTED)
         return self.family.predict(self.experts[component], noisy, sigmas, batch)
 
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The experts' block classes: accelerate's FSDP2 gives each block its own shard group (the transformer's
+        `_no_split_modules`, read from the prepared module, which is this one)."""
+        return sorted({name for m in self.experts.values() for name in getattr(m, "_no_split_modules", None) or []})
+
 
 def pad_stack(tensors: list[torch.Tensor], length: int | None = None) -> torch.Tensor:
     """Stack [L_i, ...] tensors, zero-padding dim 0 on the right to `length` (default: the longest)."""
