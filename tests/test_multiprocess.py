@@ -300,4 +300,6 @@ def test_launches_that_would_not_run_what_they_ask_for_stop_before_writing(prepa
     proc = train_run(recipe, ZERO2, check=False, env={"ACCELERATE_USE_CPU": "true"})
     assert proc.returncode != 0
     assert "asks for DeepSpeed, but ACCELERATE_USE_CPU=true (or --cpu) turns it into plain DDP" in proc.stderr
+    proc = train_run(recipe, FSDP2, "--set", "lora.kind=dora", check=False, env=CPU_FSDP)
+    assert proc.returncode != 0 and "lora.kind = 'dora' does not work under FSDP" in proc.stderr
     assert not (tmp_path / "run").exists()

@@ -294,6 +294,11 @@ def make_accelerator(recipe: Recipe, run: Path, mixed_precision: str, experts: i
         raise UserError(
             "train.fp8_base and train.block_offload do not work under DeepSpeed or FSDP (they own the weights)"
         )
+    if accelerator.distributed_type == DistributedType.FSDP and recipe.lora.kind == "dora":
+        raise UserError(
+            "lora.kind = 'dora' does not work under FSDP: its ComfyUI scale is computed from the whole base weights, "
+            "which FSDP keeps sharded; train DoRA with DDP"
+        )
     if t.block_offload and accelerator.num_processes > 1:
         raise UserError("train.block_offload is for one process (a model bigger than one GPU); use DeepSpeed ZeRO-3")
     if t.fp8_compute and (problem := fp8_compute_problem(accelerator.device)):
