@@ -3,17 +3,32 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT
-from trainer.perf import presets
+from tests.conftest import ROOT, cli_env
 
 spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "scripts/bench_memory.py")
 bench_memory = sys.modules["bench_memory"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench_memory)
-SIZE = (9, 64, 64)  # frames, height, width
+
+# Both counts in a fresh process: what autograd saves depends on process-wide state (the SDPA kernel PyTorch picks),
+# which earlier tests of a pytest process may have changed.
+COUNT = """
+import dataclasses, json, sys
+sys.path.insert(0, "scripts")
+import bench_memory
+from trainer.perf import presets
+preset = presets()[sys.argv[1]]
+out = {}
+for device, fused in (("meta", True), ("cpu", False)):
+    r = bench_memory.measure(preset, 9, 64, 64, "default", 4, device, fused=fused)
+    out[device] = {**dataclasses.asdict(r["saved"]), "weights": r["weights"], "lora": r["lora"]}
+print(json.dumps(out))
+"""
 
 
 @pytest.mark.parametrize("model", ["small", "hunyuan-small"])
@@ -21,10 +36,12 @@ def test_meta_count_is_what_a_real_cpu_forward_saves(model):
     """On the CPU, PyTorch's SDPA runs its fused flash kernel by itself, so a real forward saves what the meta count
     (with attention substituted by that kernel) says, tensor for tensor; HunyuanVideo's boolean mask is passed to the
     kernel as an additive one, a few bytes more per block."""
-    preset = presets()[model]
-    meta = bench_memory.measure(preset, *SIZE, "default", 4, "meta")
-    real = bench_memory.measure(preset, *SIZE, "default", 4, "cpu", fused=False)
-    m, r = meta["saved"], real["saved"]
+    proc = subprocess.run(
+        [sys.executable, "-c", COUNT, model], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    m, r = (bench_memory.Saved(**{k: c[k] for k in ("blocks", "inputs", "other")}) for c in counts.values())
     assert len(m.blocks) == len(r.blocks) > 1 and m.inputs == r.inputs
     if model == "small":
         assert m == r
@@ -32,7 +49,10 @@ def test_meta_count_is_what_a_real_cpu_forward_saves(model):
         assert m.full == pytest.approx(r.full, rel=1e-3)
     # checkpointing keeps the block inputs and one block's tensors: less than the whole, more than any one block
     assert max(m.blocks) < m.checkpointed < m.full
-    assert meta["weights"] == real["weights"] > 0 and meta["lora"] == real["lora"] > 0
+    assert (
+        counts["meta"]["weights"] == counts["cpu"]["weights"] > 0
+        and counts["meta"]["lora"] == counts["cpu"]["lora"] > 0
+    )
 
 
 def test_the_table_prints_a_row_per_case(capsys):

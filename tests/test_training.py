@@ -432,7 +432,8 @@ def test_deepspeed_config_follows_the_recipe():
 def test_shipped_accelerate_configs():
     folder = ROOT / "recipes/accelerate"
     configs = {p.stem: yaml.safe_load(p.read_text()) for p in folder.glob("*.yaml")}
-    assert set(configs) == {"single_gpu", "multi_gpu", "zero2", "zero3", "multi_node"}
+    assert set(configs) == {"single_gpu", "multi_gpu", "zero2", "zero3", "fsdp2", "multi_node"}
+    assert configs["fsdp2"]["distributed_type"] == "FSDP" and configs["fsdp2"]["fsdp_config"]["fsdp_version"] == 2
     for stage in (2, 3):
         cfg = configs[f"zero{stage}"]
         assert cfg["distributed_type"] == "DEEPSPEED"
