@@ -150,7 +150,21 @@ HV_DOUBLE = r"transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_pr
 HV_SINGLE = r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)"
 
 
-class HunyuanVideo(ModelFamily):
+class VideoStreamRouting:
+    """Token routing hooks of HunyuanVideo's and 1.5's blocks (with `ModelFamily`, which they override): a block
+    returns (video, text), and its attention takes the routed tokens' per-sample RoPE (`PerSampleRope`)."""
+
+    @classmethod
+    def route_block_output(cls, out: tuple[torch.Tensor, torch.Tensor], put_back) -> tuple[torch.Tensor, torch.Tensor]:
+        video, text = out  # the routed video tokens go back into the full sequence, the text stays
+        return put_back(video), text
+
+    @classmethod
+    def route_span(cls, blocks: list[nn.Module]) -> None:
+        route_attention(blocks)
+
+
+class HunyuanVideo(VideoStreamRouting, ModelFamily):
     name = "hunyuan_video"
     pipeline_class = HunyuanVideoPipeline
     transformer_class = HunyuanVideoTransformer3DModel
@@ -286,14 +300,6 @@ class HunyuanVideo(ModelFamily):
         n = mask.shape[-1] - text.shape[1]  # the key mask [B, 1, 1, video + text] of the joint attention
         mask = torch.cat([pick(mask[:, 0, 0, :n]), mask[:, 0, 0, n:]], 1)[:, None, None]
         return text, temb, mask, per_sample_rope(rope, pick), *rest
-
-    @classmethod
-    def route_block_output(cls, out, put_back):
-        return route_video_stream(out, put_back)
-
-    @classmethod
-    def route_span(cls, blocks):
-        route_attention(blocks)
 
     @staticmethod
     def prompt_template(tokenizer) -> dict:
@@ -435,12 +441,6 @@ def tiny_vae() -> AutoencoderKLHunyuanVideo:
 def per_sample_rope(rope: tuple[torch.Tensor, torch.Tensor], pick) -> tuple[torch.Tensor, torch.Tensor]:
     """The routed tokens' RoPE cos and sin ([N, D] for the batch): [B, k, D], each sample's own positions."""
     return tuple(pick(r[None]) for r in rope)
-
-
-def route_video_stream(out: tuple[torch.Tensor, torch.Tensor], put_back) -> tuple[torch.Tensor, torch.Tensor]:
-    """A block returns (video, text): the routed video tokens go back into the full sequence, the text stays."""
-    video, text = out
-    return put_back(video), text
 
 
 def route_attention(blocks: list[nn.Module]) -> None:

@@ -33,7 +33,7 @@ from torch import nn
 from trainer.config import UserError
 from trainer.formats import FamilyNames
 from trainer.models.base import ModelFamily, pad_stack
-from trainer.models.hunyuan_video import HUNYUAN_VIDEO_NAMES, per_sample_rope, route_attention, route_video_stream
+from trainer.models.hunyuan_video import HUNYUAN_VIDEO_NAMES, VideoStreamRouting, per_sample_rope
 from trainer.perf import Attention, Matmul, grid_tokens
 
 _DB = "transformer_blocks.{i}"
@@ -136,7 +136,7 @@ SYSTEM_MESSAGE = inspect.signature(HunyuanVideo15Pipeline._get_mllm_prompt_embed
 HV13B_DOUBLE_BLOCKS = 20  # HunyuanVideo (13B) has 20 double blocks, HunyuanVideo 1.5 has 54
 
 
-class HunyuanVideo15(ModelFamily):
+class HunyuanVideo15(VideoStreamRouting, ModelFamily):
     name = "hunyuan_video15"
     pipeline_class = HunyuanVideo15Pipeline
     transformer_class = HunyuanVideo15Transformer3DModel
@@ -372,14 +372,6 @@ class HunyuanVideo15(ModelFamily):
     def route_block_args(cls, args, pick):
         text, temb, mask, rope = args  # the mask is the text's: attention pads it with the video tokens' own
         return text, temb, mask, per_sample_rope(rope, pick)
-
-    @classmethod
-    def route_block_output(cls, out, put_back):
-        return route_video_stream(out, put_back)
-
-    @classmethod
-    def route_span(cls, blocks):
-        route_attention(blocks)
 
     # --- tiny model ----------------------------------------------------------------------------------
     @classmethod
