@@ -270,6 +270,7 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
     import accelerate  # noqa: F401  (every import before the memory baseline)
     import diffusers  # noqa: F401
     import peft  # noqa: F401
+    import psutil
     import torch
     from tqdm.auto import tqdm
 
@@ -313,14 +314,17 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
     compared = case not in ("vidlora", "context-parallel")  # a memory mode: timed against vidlora without it
     bar = tqdm(total=args.warmup * (1 + with_bare + compared) + args.steps, desc=case, leave=False)
     step, model, family = vidlora_step(recipe, preset, optimizer_kind, batch)
+    built = torch.cuda.memory_allocated() if cuda else psutil.Process().memory_info().rss  # weights, LoRA, batch
     for _ in range(args.warmup):
         timed(step)
         bar.update()
     memory = torch.cuda.max_memory_allocated() if cuda else rss_peak_bytes() - rss_before
+    # what the steps add on top of the built model: activations (and optimizer state, on the first step)
+    activations = max(0, (torch.cuda.max_memory_allocated() if cuda else rss_peak_bytes()) - built)
     if t.context_parallel > 1:  # the largest rank's
         every: list = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(every, memory)
-        memory = max(every)
+        torch.distributed.all_gather_object(every, (memory, activations))
+        memory, activations = max(m for m, _ in every), max(a for _, a in every)
     # name -> (step, recipe, optimizer): the case first, then what it is compared with in alternation
     entries = {case: (step, recipe, optimizer_kind)}
     if with_bare:  # the plain loop, for the overhead ratio
@@ -370,6 +374,7 @@ def run_case(args: argparse.Namespace, case: str, with_bare: bool) -> list[dict]
                 "tokens_per_s": per_step * video_tokens(preset, latent) / s,
                 # later entries share the case's frozen weights, so only the case has a memory figure
                 "peak_memory_bytes": memory if name == case else None,
+                "step_memory_bytes": activations if name == case else None,
                 "memory_kind": "cuda max_memory_allocated" if cuda else "peak RSS added by the case",
                 "model_flops": flops.model,
                 "hardware_flops": flops.hardware,
@@ -451,7 +456,9 @@ def report(args: argparse.Namespace, results: list[dict]) -> None:
     if base and cp:
         print(
             f"context parallel {args.context_parallel} vs vidlora: time ratio {cp['s_per_step'] / base['s_per_step']:.3f}, "
-            f"per-rank peak memory ratio {cp['peak_memory_bytes'] / max(1, base['peak_memory_bytes']):.3f}"
+            f"per-rank peak memory ratio {cp['peak_memory_bytes'] / max(1, base['peak_memory_bytes']):.3f}, "
+            f"per-rank step memory ratio {cp['step_memory_bytes'] / max(1, base['step_memory_bytes']):.3f} "
+            "(what the steps add to the built model: activations)"
         )
     for case in ("checkpointing", "adamw8bit", "routing"):
         r, ref = by_case.get(case), by_case.get(f"{case}-reference")

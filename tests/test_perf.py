@@ -282,7 +282,11 @@ def test_bench_small_prints_overhead_and_memory_ratios(tmp_path):
     )
     assert re.search(r"adamw8bit vs vidlora: time ratio \d+\.\d+.*, peak memory ratio \d+\.\d+", proc.stdout)
     # 2 processes (torchrun, gloo) sharing the sample: the largest rank's peak against one process's
-    assert re.search(r"context parallel 2 vs vidlora: time ratio \d+\.\d+, per-rank peak memory ratio", proc.stdout)
+    assert re.search(
+        r"context parallel 2 vs vidlora: time ratio \d+\.\d+, per-rank peak memory ratio \d+\.\d+, per-rank step "
+        r"memory ratio \d+\.\d+",
+        proc.stdout,
+    )
     results = {r["case"]: r for r in json.loads(out.read_text())["results"]}
     assert set(results) == {"vidlora", "bare", "checkpointing", "adamw8bit", "context-parallel"} | {
         "checkpointing-reference",
@@ -292,7 +296,7 @@ def test_bench_small_prints_overhead_and_memory_ratios(tmp_path):
     assert results["adamw8bit-reference"]["optimizer"] == "adamw"
     assert results["checkpointing"]["gradient_checkpointing"] and results["adamw8bit"]["optimizer"] == "adamw8bit"
     for case in ("vidlora", "checkpointing", "adamw8bit", "context-parallel"):
-        assert results[case]["peak_memory_bytes"] > 0
+        assert results[case]["peak_memory_bytes"] > 0 and results[case]["step_memory_bytes"] >= 0
     flops = perf.step_flops(perf.presets()["small"], perf.latent_shape(perf.presets()["small"], 9, 128, 128))
     assert results["vidlora"]["model_flops"] == flops.model
 
