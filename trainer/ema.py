@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from trainer.config import UserError
 
@@ -29,7 +30,7 @@ class LoraEMA:
         """``model``: the run's Denoisers (unwrapped), after accelerate prepared it."""
         self.decay = decay
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if any(p.numel() == 0 or type(p.data).__name__ == "DTensor" for p in self.params.values()):
+        if any(p.numel() == 0 or isinstance(p.data, DTensor) for p in self.params.values()):
             raise UserError(
                 "train.ema_decay does not work with DeepSpeed ZeRO-3 or FSDP (they shard the LoRA); use ZeRO-2 or DDP"
             )

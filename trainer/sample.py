@@ -46,8 +46,8 @@ def sample(
 ) -> Path:
     """Generate with `pipeline_class.from_pretrained` + `load_lora_weights`: exactly what a user of
     diffusers runs, so the sample shows what the exported adapter does outside vidlora (LoKr/LoHa, which diffusers
-    cannot read, load through peft). `lora` is an adapter file, several (one per expert), or a run folder; `image` is the first frame for image-to-video families; sizes
-    not given come from the recipe (`sample_size`)."""
+    cannot read, load through peft). `lora` is an adapter file, several (one per expert), or a run folder; `image` is
+    the first frame for image-to-video families; sizes not given come from the recipe (`sample_size`)."""
     family = get_family(recipe.model)
     width, height, frames = sample_size(recipe, width, height, frames)
     family.check_shapes([(width, height, frames)], "sample size")

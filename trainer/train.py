@@ -45,6 +45,7 @@ from trainer.checkpoint import (
     find_resume_checkpoint,
     finished,
     gather_lora,
+    is_fsdp,
     load_scheduler,
     load_trainer_state,
     lock_run_folder,
@@ -290,11 +291,11 @@ def make_accelerator(recipe: Recipe, run: Path, mixed_precision: str, experts: i
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         configure_deepspeed(plugin, recipe)
-    if (plugin is not None or accelerator.distributed_type == DistributedType.FSDP) and (t.fp8_base or t.block_offload):
+    if (plugin is not None or is_fsdp(accelerator)) and (t.fp8_base or t.block_offload):
         raise UserError(
             "train.fp8_base and train.block_offload do not work under DeepSpeed or FSDP (they own the weights)"
         )
-    if accelerator.distributed_type == DistributedType.FSDP and recipe.lora.kind == "dora":
+    if is_fsdp(accelerator) and recipe.lora.kind == "dora":
         raise UserError(
             "lora.kind = 'dora' does not work under FSDP: its ComfyUI scale is computed from the whole base weights, "
             "which FSDP keeps sharded; train DoRA with DDP"
@@ -430,7 +431,7 @@ def train(recipe: Recipe, resume: str | None = None) -> Path:
         optimizer = accelerator.prepare_optimizer(optimizer)
     else:
         model, optimizer = accelerator.prepare(model, optimizer)
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    fsdp = is_fsdp(accelerator)
     if fsdp:  # fully_shard replaced the parameters (DTensors): clip those
         params = [p for g in optimizer.param_groups for p in g["params"]]
     if not deepspeed:
